@@ -1,0 +1,3 @@
+"""Craft: build, train, evaluate and sample language models."""
+
+__version__ = "0.1.0"

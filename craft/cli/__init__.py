@@ -1,0 +1,1 @@
+"""The `craft` command line (Typer). Thin: parses arguments and calls the library layers."""

@@ -1,0 +1,43 @@
+"""`craft config show|validate|schema`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from craft.cli.errors import run_guarded
+
+app = typer.Typer(help="Inspect and validate recipes.", no_args_is_help=True)
+
+RECIPE = typer.Argument(..., help="Recipe TOML file.", show_default=False)
+OVERRIDES = typer.Argument(
+    None, help="Overrides: section.key=value (value parsed as TOML).", show_default=False
+)
+
+
+@app.command("show")
+def show(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
+    """Print the resolved, validated config as TOML."""
+    from craft.config import load_config, to_toml
+
+    cfg = run_guarded(lambda: load_config(recipe, overrides or []))
+    typer.echo(to_toml(cfg), nl=False)
+
+
+@app.command("validate")
+def validate_cmd(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
+    """Exit 0 when the recipe is valid, else print every problem and exit 2."""
+    from craft.config import load_config
+
+    run_guarded(lambda: load_config(recipe, overrides or []))
+    typer.echo(f"{recipe}: ok")
+
+
+@app.command("schema")
+def schema() -> None:
+    """Print the JSON Schema of recipes (for editor completion)."""
+    from craft.config import build_schema
+
+    typer.echo(json.dumps(build_schema().model_json_schema(), indent=2))

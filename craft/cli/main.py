@@ -1,0 +1,61 @@
+"""Entry point of the `craft` command. Heavy imports (torch) happen inside the commands."""
+
+from __future__ import annotations
+
+import typer
+
+from craft import __version__
+from craft.cli import (
+    bench_cmd,
+    config_cmd,
+    data_cmd,
+    eval_cmd,
+    generate_cmd,
+    model_cmd,
+    tokenizer_cmd,
+    train_cmd,
+)
+from craft.cli.errors import run_guarded
+
+app = typer.Typer(
+    name="craft",
+    help="Build, train, evaluate and sample language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"craft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Craft: config-driven language-model training with fused kernels and safe checkpoints."""
+
+
+train_cmd.register(app)
+app.add_typer(data_cmd.app, name="data")
+app.add_typer(data_cmd.app, name="dataset", hidden=True)
+app.add_typer(tokenizer_cmd.app, name="tokenizer")
+generate_cmd.register(app)
+eval_cmd.register(app)
+bench_cmd.register(app)
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(model_cmd.app, name="model")
+
+
+def main() -> None:
+    run_guarded(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Load a recipe: TOML files with includes, deep merge, `key=value` overrides, with provenance.
+
+Every leaf key remembers where it was set (a file and its include chain, or the command line) so
+that validation errors can point at it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from craft.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+COMMAND_LINE = "command line"
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+_POS_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
+
+
+def display_path(path: Path) -> str:
+    """A path relative to the working directory when it lies below it, for short messages."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+@dataclass
+class RawConfig:
+    """A merged, unvalidated config: the data, where each leaf came from, and modules to import."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    imports: list[str] = field(default_factory=list)
+    path: Path | None = None
+
+    def origin(self, dotted: str) -> str:
+        """Where `dotted` (or its nearest set ancestor or descendant) was set, else 'default'."""
+        key = dotted
+        while key:
+            if key in self.origins:
+                return self.origins[key]
+            key = key.rpartition(".")[0]
+        for k, v in self.origins.items():
+            if k.startswith(dotted + "."):
+                return v
+        return "default"
+
+
+def _leaves(data: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in data.items():
+        dotted = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.extend(_leaves(v, dotted + "."))
+        else:
+            out.append(dotted)
+    return out
+
+
+def _drop_origins(origins: dict[str, str], dotted: str) -> None:
+    for k in [k for k in origins if k == dotted or k.startswith(dotted + ".")]:
+        del origins[k]
+
+
+def deep_merge(
+    base: dict[str, Any],
+    over: dict[str, Any],
+    origins: dict[str, str],
+    over_origin: dict[str, str] | str,
+    prefix: str = "",
+) -> None:
+    """Merge `over` into `base` in place: tables merge key by key, anything else replaces."""
+    for k, v in over.items():
+        dotted = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_merge(base[k], v, origins, over_origin, dotted + ".")
+            continue
+        _drop_origins(origins, dotted)
+        base[k] = _copy(v)
+        leaves = _leaves(v, dotted + ".") if isinstance(v, dict) and v else [dotted]
+        for leaf in leaves:
+            origins[leaf] = over_origin if isinstance(over_origin, str) else over_origin[leaf]
+
+
+def _copy(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _copy(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_copy(x) for x in v]
+    return v
+
+
+def _parse_toml(path: Path, label: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label}: is a directory, expected a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{label}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = _POS_RE.search(msg)
+        if m:
+            reason = _POS_RE.sub("", msg).strip()
+            raise ConfigError(
+                f"{label}:{m.group(1)}:{m.group(2)}: TOML syntax error at line {m.group(1)}, "
+                f"column {m.group(2)}: {reason}"
+            ) from None
+        raise ConfigError(f"{label}: TOML syntax error: {msg}") from None
+
+
+def _string_list(value: Any, key: str, label: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(x, str) for x in value):
+        return list(value)
+    raise ConfigError(f"{label}: {key} = {value!r}: expected a list of strings")
+
+
+def load_file(path: Path, chain: tuple[Path, ...] = ()) -> RawConfig:
+    """Load one TOML file and, depth first, the files it includes (paths relative to it)."""
+    resolved = path.resolve()
+    label = display_path(path)
+    if chain:
+        label += "".join(f" (included from {display_path(p)})" for p in reversed(chain))
+    if resolved in chain:
+        cycle = " -> ".join(display_path(p) for p in (*chain, resolved))
+        raise ConfigError(f"include cycle: {cycle}")
+    data = _parse_toml(resolved, label)
+    includes = _string_list(data.pop("include", []), "include", label)
+    imports = _string_list(data.pop("imports", []), "imports", label)
+
+    raw = RawConfig(path=resolved)
+    for inc in includes:
+        inc_path = Path(inc).expanduser()
+        if not inc_path.is_absolute():
+            inc_path = resolved.parent / inc_path
+        if not inc_path.exists():
+            raise ConfigError(
+                f"{label}: include {inc!r} not found (looked for {display_path(inc_path)})"
+            )
+        sub = load_file(inc_path, (*chain, resolved))
+        deep_merge(raw.data, sub.data, raw.origins, sub.origins)
+        raw.imports += [m for m in sub.imports if m not in raw.imports]
+    deep_merge(raw.data, data, raw.origins, label)
+    raw.imports += [m for m in imports if m not in raw.imports]
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value); the value is TOML, and a bare word is a string."""
+    if "=" not in text:
+        raise ConfigError(f"{COMMAND_LINE}: override {text!r} is not of the form key=value")
+    key, _, value = text.partition("=")
+    key = key.strip().lstrip("+")
+    if not _KEY_RE.match(key):
+        raise ConfigError(f"{COMMAND_LINE}: override {text!r}: {key!r} is not a dotted key")
+    value = value.strip()
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        if value[:1] in "[{\"'":
+            raise ConfigError(
+                f"{COMMAND_LINE}: override {text!r}: value {value!r} is not valid TOML"
+            ) from None
+        parsed = value
+    return key, parsed
+
+
+def apply_overrides(raw: RawConfig, overrides: list[str]) -> None:
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "imports":
+            raw.imports += [
+                m for m in _string_list(value, key, COMMAND_LINE) if m not in raw.imports
+            ]
+            continue
+        parts = key.split(".")
+        node = raw.data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(
+                    f"{COMMAND_LINE}: override {text!r}: {where} is a value, not a table"
+                )
+            node = child
+        deep_merge(
+            node,
+            {parts[-1]: value},
+            raw.origins,
+            COMMAND_LINE,
+            ".".join(parts[:-1]) + "." if len(parts) > 1 else "",
+        )
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None) -> RawConfig:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"recipe {display_path(path)}: file not found")
+    raw = load_file(path)
+    apply_overrides(raw, overrides or [])
+    return raw

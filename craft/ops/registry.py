@@ -1,0 +1,134 @@
+"""Kernel backends of the ops layer: registration, availability and the `auto` choice.
+
+A backend is registered per op with one call to `register_backend`. `auto` takes, for the device of
+the inputs, the available backend with the highest priority whose `supports` accepts the inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from craft.errors import KernelError
+
+OPS = ("attention", "cross_entropy", "linear_cross_entropy", "norm")
+log = logging.getLogger("craft.ops")
+
+
+@dataclass
+class Backend:
+    op: str
+    name: str
+    fn: Callable[..., Any]
+    priority: int = 0
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    available: Callable[[], str | None] = lambda: None
+    supports: Callable[..., str | None] | None = None
+    _reason: str | None = field(default=None, init=False, repr=False)
+    _checked: bool = field(default=False, init=False, repr=False)
+
+    def unavailable_reason(self) -> str | None:
+        """None when the backend can run on this machine, else why not (computed once)."""
+        if not self._checked:
+            try:
+                self._reason = self.available()
+            except Exception as e:  # an import failing in an optional backend
+                self._reason = f"{type(e).__name__}: {e}"
+            self._checked = True
+        return self._reason
+
+    def rejects(self, *args: Any, **kwargs: Any) -> str | None:
+        """None when the backend accepts these inputs, else why not."""
+        return None if self.supports is None else self.supports(*args, **kwargs)
+
+
+_BACKENDS: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
+_SELECTED: dict[str, str] = dict.fromkeys(OPS, "auto")
+_LOGGED: set[tuple[str, str, str]] = set()
+
+
+def register_backend(
+    op: str,
+    name: str,
+    fn: Callable[..., Any],
+    *,
+    priority: int = 0,
+    devices: tuple[str, ...] = ("cpu", "cuda"),
+    available: Callable[[], str | None] | None = None,
+    supports: Callable[..., str | None] | None = None,
+) -> Backend:
+    """Register `fn` as backend `name` of `op`. Registering the same (op, name) twice raises."""
+    if op not in _BACKENDS:
+        raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    if name in _BACKENDS[op]:
+        raise ValueError(f"backend {name!r} of op {op!r} is already registered")
+    b = Backend(op, name, fn, priority, devices, available or (lambda: None), supports)
+    _BACKENDS[op][name] = b
+    return b
+
+
+def backends(op: str) -> dict[str, Backend]:
+    from craft.ops import _load_backends
+
+    _load_backends()
+    return _BACKENDS[op]
+
+
+def set_backend(op: str, name: str) -> None:
+    """Select the backend of `op` ("auto" or a registered name)."""
+    if op not in _SELECTED:
+        raise ValueError(f"unknown op {op!r}")
+    if name != "auto" and name not in backends(op):
+        raise KernelError(
+            f"kernels.{op} = {name!r}: no such backend; registered: {', '.join(sorted(backends(op)))}"
+        )
+    _SELECTED[op] = name
+
+
+def selected(op: str) -> str:
+    return _SELECTED[op]
+
+
+def availability(op: str) -> dict[str, str | None]:
+    """Backend name -> None if available here, else the reason it is not."""
+    return {n: b.unavailable_reason() for n, b in sorted(backends(op).items())}
+
+
+def resolve(op: str, device_type: str, *args: Any, **kwargs: Any) -> Backend:
+    """The backend that runs `op` for these inputs under the current selection."""
+    table = backends(op)
+    name = _SELECTED[op]
+    if name != "auto":
+        b = table[name]
+        reason = b.unavailable_reason()
+        if reason is None and device_type not in b.devices:
+            reason = f"does not run on {device_type}"
+        reason = reason or b.rejects(*args, **kwargs)
+        if reason:
+            raise KernelError(f"kernels.{op} = {name!r} cannot run these inputs: {reason}")
+        return b
+    for b in sorted(table.values(), key=lambda b: -b.priority):
+        if (
+            device_type in b.devices
+            and b.unavailable_reason() is None
+            and b.rejects(*args, **kwargs) is None
+        ):
+            key = (op, device_type, b.name)
+            if key not in _LOGGED:
+                _LOGGED.add(key)
+                log.info("ops.%s: auto chose backend %r on %s", op, b.name, device_type)
+            return b
+    raise KernelError(f"no backend of {op} can run these inputs on {device_type}")
+
+
+def choose(op: str, device_type: str) -> str:
+    """The backend `auto` would pick on `device_type` for typical inputs (for logging at start)."""
+    name = _SELECTED[op]
+    if name != "auto":
+        return name
+    for b in sorted(backends(op).values(), key=lambda b: -b.priority):
+        if device_type in b.devices and b.unavailable_reason() is None:
+            return b.name
+    return "none"

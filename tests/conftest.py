@@ -1,0 +1,36 @@
+"""Test-wide settings: offline data mirror, a private CRAFT_HOME, deterministic CPU threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# The suite never touches the network: named sources come from the shared mirror.
+os.environ.setdefault("CRAFT_DATA_MIRROR", str(SHARED_DATA))
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    # Triton kernels run in the interpreter on CPU tensors when there is no GPU.
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _craft_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test session gets its own cache so tests never see a user's prepared datasets."""
+    home = tmp_path_factory.getbasetemp() / "craft_home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("CRAFT_HOME", str(home))
+
+
+@pytest.fixture
+def shakespeare() -> Path:
+    path = Path(os.environ["CRAFT_DATA_MIRROR"]) / "tinyshakespeare" / "input.txt"
+    if not path.exists():
+        pytest.skip(f"tinyshakespeare mirror not found at {path}")
+    return path
