@@ -171,7 +171,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
-        if value[:1] in "[{\"'":
+        if value and value[0] in "[{\"'":
             raise ConfigError(
                 f"{COMMAND_LINE}: override {text!r}: value {value!r} is not valid TOML"
             ) from None

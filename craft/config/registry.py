@@ -39,6 +39,11 @@ class Component:
 
 
 _REGISTRY: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+_VERSION = [0]  # bumped on every change, so schemas built from the registry can be cached
+
+
+def version() -> int:
+    return _VERSION[0]
 
 
 def register(
@@ -62,6 +67,7 @@ def register(
             )
     comp = Component(kind, name, config, builder)
     _REGISTRY[kind][name] = comp
+    _VERSION[0] += 1
     return comp
 
 
@@ -122,4 +128,5 @@ def build(kind: str, cfg: BaseModel, *args: Any, **kwargs: Any) -> Any:
 
 def unregister(kind: str, name: str) -> None:
     """Remove a registration (tests use it to clean up plugins)."""
-    _REGISTRY[kind].pop(name, None)
+    if _REGISTRY[kind].pop(name, None) is not None:
+        _VERSION[0] += 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import os
+import sys
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Field, ValidationError, create_model
@@ -53,8 +55,18 @@ def _component_type(kind: str) -> Any:
     return Annotated[Union[tuple(classes)], Field(discriminator="type")]  # noqa: UP007
 
 
+_SCHEMA_CACHE: dict[int, type[BaseModel]] = {}
+
+
 def build_schema() -> type[BaseModel]:
-    """The Config model for what is registered now (plugins included)."""
+    """The Config model for what is registered now (plugins included).
+
+    Cached per registry state: configs validated against the same registrations share one class
+    (and so compare equal).
+    """
+    cached = _SCHEMA_CACHE.get(registry.version())
+    if cached is not None:
+        return cached
     fields: dict[str, Any] = {
         "imports": (
             list[str],
@@ -71,11 +83,19 @@ def build_schema() -> type[BaseModel]:
         else:
             default_cls = registry.get(name, components.DEFAULT_TYPES[name]).config_cls
             fields[name] = (_component_type(name), Field(default_factory=default_cls))
-    return create_model("Config", __base__=Section, **fields)
+    schema = create_model("Config", __base__=Section, **fields)
+    _SCHEMA_CACHE[registry.version()] = schema
+    return schema
 
 
 def import_plugins(modules: list[str], raw: RawConfig | None = None) -> None:
-    """Import the recipe's `imports` modules; this runs their code, like any Python import."""
+    """Import the recipe's `imports` modules; this runs their code, like any Python import.
+
+    The working directory is importable too (as with `python -m`), so a plugin file next to where
+    the command runs needs no install.
+    """
+    if modules and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     for mod in modules:
         try:
             importlib.import_module(mod)
@@ -126,6 +146,17 @@ def _model_at(
     return cls
 
 
+def _lookup(data: Any, loc: list[str]) -> Any:
+    for part in loc:
+        if isinstance(data, dict):
+            data = data.get(part)
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return None
+    return data
+
+
 def _describe(
     err: dict[str, Any], schema: type[BaseModel], data: dict[str, Any], raw: RawConfig
 ) -> str:
@@ -166,6 +197,9 @@ def _describe(
         return f"{origin}: {dotted}: {msg[len('Value error, ') :]}"
     msg = msg.replace("Input should be ", "expected ").replace("Input ", "value ")
     if etype == "missing":
+        if loc[-1].isdigit():  # a tuple with too few items
+            parent = ".".join(loc[:-1])
+            return f"{origin}: {parent} = {_fmt_value(_lookup(data, loc[:-1]))}: too few items"
         return f"{origin}: {dotted}: required key is missing"
     return f"{origin}: {dotted} = {_fmt_value(err.get('input'))}: {msg}"
 

@@ -7,8 +7,10 @@ call a backend directly.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,6 +60,23 @@ def configure(kernels: Any = None, device_type: str | None = None, **names: str)
     if chosen:
         log.info("kernels on %s: %s", device_type, ", ".join(f"{k}={v}" for k, v in chosen.items()))
     return chosen
+
+
+@contextlib.contextmanager
+def use_backends(**names: str) -> Iterator[None]:
+    """Select backends by op name (e.g. `attention="eager"`) inside a block, then restore them.
+
+    For tests and benchmarks that compare backends; a run selects them once with `configure`.
+    """
+    _load_backends()
+    previous = {op: selected(op) for op in names}
+    try:
+        for op, name in names.items():
+            set_backend(op, name)
+        yield
+    finally:
+        for op, name in previous.items():
+            set_backend(op, name)
 
 
 def attention(
@@ -134,4 +153,5 @@ __all__ = [
     "register_backend",
     "selected",
     "set_backend",
+    "use_backends",
 ]

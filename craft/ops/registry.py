@@ -120,7 +120,15 @@ def resolve(op: str, device_type: str, *args: Any, **kwargs: Any) -> Backend:
                 _LOGGED.add(key)
                 log.info("ops.%s: auto chose backend %r on %s", op, b.name, device_type)
             return b
-    raise KernelError(f"no backend of {op} can run these inputs on {device_type}")
+    reasons = "; ".join(f"{b.name}: {_why_not(b, device_type, args, kwargs)}" for b in table.values())
+    raise KernelError(f"no backend of {op} can run these inputs on {device_type} ({reasons})")
+
+
+def _why_not(b: Backend, device_type: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Why backend `b` cannot run these inputs on `device_type` (for error messages)."""
+    if device_type not in b.devices:
+        return f"does not run on {device_type}"
+    return b.unavailable_reason() or b.rejects(*args, **kwargs) or "?"
 
 
 def choose(op: str, device_type: str) -> str:

@@ -1,0 +1,226 @@
+"""Held-out metrics of a model on a token stream: loss, perplexity, bits per token/character/byte.
+
+The split is cut into consecutive windows of the model's context length: window i feeds tokens
+[i*W, (i+1)*W) and predicts tokens [i*W+1, (i+1)*W+1), so every token after the first is predicted
+exactly once, with between 1 and W tokens of context. The last, shorter window is kept, so by
+default the whole split is scored; `max_batches` scores a prefix of it. The windows are fixed, so
+two evaluations of the same model and data give the same numbers.
+
+Bits per character (byte) divide the total negative log-likelihood, in bits, by the number of
+characters (UTF-8 bytes) of the decoded targets, which makes models with different tokenizers
+comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from craft.errors import DataError
+
+_DECODE_CHUNK = 1 << 22  # tokens decoded at once when counting characters
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of one evaluation; `tokens` is the number of predicted (scored) tokens."""
+
+    split: str
+    loss: float
+    perplexity: float
+    bits_per_token: float
+    bits_per_char: float
+    bits_per_byte: float
+    tokens: int
+    characters: int
+    bytes: int
+    windows: int
+    batches: int
+    window: int
+    complete: bool  # the whole split was scored (no max_batches cut)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_windows(n_tokens: int, window: int) -> list[tuple[int, int]]:
+    """(start, length) of each window over a stream of `n_tokens` tokens (length = predictions)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return [(s, min(window, n_tokens - 1 - s)) for s in range(0, max(n_tokens - 1, 0), window)]
+
+
+def plan_batches(
+    windows: Sequence[tuple[int, int]], batch_size: int
+) -> list[list[tuple[int, int]]]:
+    """Consecutive windows grouped into batches; windows of unequal length never share one."""
+    batches: list[list[tuple[int, int]]] = []
+    for w in windows:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0][1] == w[1]:
+            batches[-1].append(w)
+        else:
+            batches.append([w])
+    return batches
+
+
+def count_text(tokenizer: Any, ids: np.ndarray) -> tuple[int, int]:
+    """Characters and UTF-8 bytes of the decoded ids (decoded in large chunks)."""
+    chars = nbytes = 0
+    for s in range(0, len(ids), _DECODE_CHUNK):
+        text = tokenizer.decode(ids[s : s + _DECODE_CHUNK].tolist())
+        chars += len(text)
+        nbytes += len(text.encode("utf-8", errors="surrogatepass"))
+    return chars, nbytes
+
+
+class _Progress:
+    """A rich bar on a terminal, a plain line every ~10% otherwise, or nothing."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self._bar: Any = None
+        self._plain = enabled and not sys.stderr.isatty()
+        self._next_plain = 0.1
+        self._t0 = time.perf_counter()
+        if enabled and not self._plain:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                ProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.text import Text
+
+            class _Rate(ProgressColumn):
+                def render(self, task: Any) -> Text:
+                    speed = task.speed
+                    return Text(f"{speed:.1f} batch/s" if speed else "? batch/s")
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                _Rate(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(label, total=total)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.advance(self._task)
+        elif self._plain and self.done >= self._next_plain * self.total:
+            elapsed = time.perf_counter() - self._t0
+            rate = self.done / max(elapsed, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            sys.stderr.write(
+                f"{self.label}: {self.done}/{self.total} batches, "
+                f"{rate:.1f} batch/s, eta {eta:.0f}s\n"
+            )
+            sys.stderr.flush()
+            while self._next_plain * self.total <= self.done:
+                self._next_plain += 0.1
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _batches(
+    tokens: np.ndarray, plan: list[list[tuple[int, int]]], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in plan:
+        length = batch[0][1]
+        rows = np.stack([tokens[s : s + length + 1] for s, _ in batch]).astype(np.int64)
+        xy = torch.from_numpy(rows).to(device)  # (B, L+1)
+        yield xy[:, :-1], xy[:, 1:]  # (B, L), (B, L)
+
+
+@torch.no_grad()
+def evaluate_tokens(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tokens: np.ndarray | Sequence[int],
+    *,
+    window: int,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    split: str = "val",
+    progress: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> EvalResult:
+    """Score `tokens` (a 1-D id stream) with `model` in fixed windows of `window` predictions.
+
+    The model stays on its device and dtype; `autocast_dtype` runs the forward under autocast.
+    `on_batch(i, loss)` sees the mean loss of each batch.
+    """
+    toks = np.asarray(tokens)
+    if toks.ndim != 1:
+        raise DataError(f"{split} split: expected a 1-D token stream, got shape {toks.shape}")
+    if len(toks) < 2:
+        raise DataError(f"{split} split has {len(toks)} tokens; at least 2 are needed to score")
+    if max_batches is not None and max_batches < 1:
+        raise DataError(f"max_batches = {max_batches}: expected an integer >= 1")
+    plan = plan_batches(plan_windows(len(toks), window), batch_size)
+    complete = max_batches is None or max_batches >= len(plan)
+    plan = plan if complete else plan[:max_batches]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0  # nats, summed over predicted tokens
+    n_pred = 0
+    bar = _Progress(len(plan), f"eval {split}", progress)
+    try:
+        for i, (x, y) in enumerate(_batches(toks, plan, device)):
+            if autocast_dtype is not None and autocast_dtype != torch.float32:
+                with torch.autocast(device.type, dtype=autocast_dtype):
+                    _, loss = model(x, targets=y)
+            else:
+                _, loss = model(x, targets=y)
+            value = float(loss.float())
+            if not math.isfinite(value):
+                raise DataError(f"{split} split: the loss of batch {i} is {value}")
+            total_nll += value * y.numel()
+            n_pred += y.numel()
+            if on_batch is not None:
+                on_batch(i, value)
+            bar.advance()
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    chars, nbytes = count_text(tokenizer, toks[1 : 1 + n_pred])
+    loss = total_nll / n_pred
+    bits = total_nll / math.log(2)
+    return EvalResult(
+        split=split,
+        loss=loss,
+        perplexity=math.exp(loss) if loss < 700 else math.inf,
+        bits_per_token=loss / math.log(2),
+        bits_per_char=bits / chars if chars else math.nan,
+        bits_per_byte=bits / nbytes if nbytes else math.nan,
+        tokens=n_pred,
+        characters=chars,
+        bytes=nbytes,
+        windows=sum(len(b) for b in plan),
+        batches=len(plan),
+        window=window,
+        complete=complete,
+    )

@@ -1,0 +1,301 @@
+"""A decoder-only transformer language model (GPT), readable in one file.
+
+Configured by `GPTConfig` (the `model` section): pre-norm blocks with LayerNorm or RMSNorm,
+learned or rotary positions, a GELU or SwiGLU feed-forward, grouped-query attention, optional
+biases, tied embeddings and GPT-2 initialisation. Every op with more than one implementation
+(attention, norm, the loss) goes through `craft.ops`, which picks the kernel backend.
+
+Shapes: B batch, T tokens, C d_model, H query heads, Hkv key/value heads, hs head size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from craft import ops
+from craft.config.components import GPTConfig
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` sequences, preallocated to `max_len`.
+
+    `pos` is the number of tokens already stored; a forward pass with the cache writes its keys
+    and values at positions pos .. pos + T - 1 of every layer and then advances `pos` by T.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        max_len: int,
+        head_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, max_len, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, max_len, hs)
+        self.pos = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, hs) of `layer` at pos and return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        # (B, Hkv, pos + T, hs) each, in the dtype the queries have (autocast may differ)
+        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
+
+    def reset(self) -> None:
+        """Forget every stored token (the memory is reused)."""
+        self.pos = 0
+
+
+class Norm(nn.Module):
+    """LayerNorm (with an optional bias) or RMSNorm (never a bias) over the last dim."""
+
+    def __init__(self, dim: int, kind: str, bias: bool, eps: float) -> None:
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # type: ignore[override]
+        """norm(x), or with `residual`: (norm(x + residual), x + residual) in one op."""
+        return ops.norm(x, self.weight, self.bias, self.kind, self.eps, residual)
+
+
+def rope_tables(
+    max_len: int, head_size: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (max_len, hs/2) of the rotation angles pos * theta^(-2i/hs), in float32."""
+    inv_freq = theta ** (-torch.arange(0, head_size, 2, device=device).float() / head_size)
+    angles = torch.outer(torch.arange(max_len, device=device).float(), inv_freq)  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head of x (B, h, T, hs) by the angles in cos/sin (T, hs/2)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, h, T, hs/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, h, T, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with grouped key/value heads and optional RoPE."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_size = cfg.d_model // cfg.n_head
+        qkv = (self.n_head + 2 * self.n_kv_head) * self.head_size
+        self.c_attn = nn.Linear(cfg.d_model, qkv, bias=cfg.bias)  # q, k and v in one matmul
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        b, t, c = x.shape  # (B, T, C)
+        hs, h, hkv = self.head_size, self.n_head, self.n_kv_head
+        q, k, v = self.c_attn(x).split([h * hs, hkv * hs, hkv * hs], dim=2)
+        q = q.view(b, t, h, hs).transpose(1, 2)  # (B, H, T, hs)
+        k = k.view(b, t, hkv, hs).transpose(1, 2)  # (B, Hkv, T, hs)
+        v = v.view(b, t, hkv, hs).transpose(1, 2)  # (B, Hkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, pos + T, hs)
+        y = ops.attention(q, k, v, causal=True)  # (B, H, T, hs); bottom-right aligned mask
+        y = y.transpose(1, 2).contiguous().view(b, t, c)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def mlp_hidden_size(cfg: GPTConfig) -> int:
+    """cfg.mlp_hidden, else 4*C for GELU and 8/3*C rounded up to a multiple of 64 for SwiGLU."""
+    if cfg.mlp_hidden is not None:
+        return cfg.mlp_hidden
+    if cfg.mlp == "gelu":
+        return 4 * cfg.d_model
+    return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+
+
+class MLP(nn.Module):
+    """Feed-forward block: GELU(x W1) W2, or SwiGLU: (SiLU(x Wg) * x Wu) W2."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = mlp_hidden_size(cfg)
+        width = hidden if cfg.mlp == "gelu" else 2 * hidden  # SwiGLU: gate and up in one matmul
+        self.c_fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = Norm(cfg.d_model, cfg.norm, cfg.bias, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = Norm(cfg.d_model, cfg.norm, cfg.bias, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        a = self.attn(self.ln_1(x), rope, cache, layer)  # (B, T, C)
+        h, x = self.ln_2(a, residual=x)  # x <- x + a;  h = ln_2(x)  (one fused op)
+        return x + self.mlp(h)  # (B, T, C)
+
+
+class GPT(nn.Module):
+    """The language model: token (+ position) embedding, blocks, final norm, output layer.
+
+    `forward(idx, targets=None, cache=None) -> (logits, loss)`. With `fused_loss` and targets the
+    loss comes from `ops.linear_cross_entropy` on the last hidden state and logits is None.
+    """
+
+    def __init__(self, cfg: GPTConfig, vocab_size: int, fused_loss: bool = False) -> None:
+        super().__init__()
+        self.config = cfg
+        self.vocab_size = vocab_size
+        self.block_size = cfg.block_size
+        self.fused_loss = fused_loss
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_size = cfg.d_model // cfg.n_head
+
+        self.wte = nn.Embedding(vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.positions == "rope":
+            cos, sin = rope_tables(cfg.block_size, self.head_size, cfg.rope_theta)
+            # not in the state dict: recomputed from the config, kept in float32
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
+            self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs/2)
+        else:
+            self.rope_cos = self.rope_sin = None
+
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=resid_std)
+            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=resid_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one (V, C) tensor, initialised as embedding
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self, exclude_position_embeddings: bool = False) -> int:
+        """Parameters counted once each (tied weights once); optionally without wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_position_embeddings and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def new_cache(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty KV cache for up to block_size tokens (default: the model's device/dtype)."""
+        w = self.wte.weight
+        return KVCache(
+            len(self.blocks),
+            batch_size,
+            self.n_kv_head,
+            self.block_size,
+            self.head_size,
+            device=w.device if device is None else device,
+            dtype=w.dtype if dtype is None else dtype,
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx (B, T) int64 -> logits (B, T, V) (None when the loss is fused) and the mean loss."""
+        b, t = idx.shape
+        start = 0 if cache is None else cache.pos
+        if start + t > self.block_size:
+            where = f"{start} cached + {t} new" if cache is not None else f"{t}"
+            raise ValueError(f"sequence of {where} tokens exceeds block_size {self.block_size}")
+        if cache is not None and cache.batch_size != b:
+            raise ValueError(f"cache holds {cache.batch_size} sequences, input has {b}")
+
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + t, device=idx.device))  # + (T, C)
+        x = self.drop(x)
+        rope = None
+        if self.rope_cos is not None:
+            rope = (self.rope_cos[start : start + t], self.rope_sin[start : start + t])  # (T, hs/2)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)  # (B, T, C)
+        x = self.ln_f(x)  # (B, T, C)
+        if cache is not None:
+            cache.pos += t
+
+        if targets is None:
+            return self.lm_head(x), None  # (B, T, V)
+        if self.fused_loss:
+            loss = ops.linear_cross_entropy(
+                x.reshape(b * t, -1), self.lm_head.weight, targets.reshape(b * t)
+            )
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = ops.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t))
+        return logits, loss
+
+
+def build(cfg: GPTConfig, vocab_size: int, *, fused_loss: bool = False) -> GPT:
+    """The model builder of the registry; `cfg.vocab_size` wins over `vocab_size` when set."""
+    return GPT(cfg, cfg.vocab_size or vocab_size, fused_loss=fused_loss)

@@ -1,0 +1,49 @@
+"""Shared helpers of the Triton kernels: interpreter detection, config lists, dtype mapping.
+
+The interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors with numpy; it is how the
+test suite checks them without a GPU. It is read once at import, as `triton.jit` does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# CRAFT_TRITON_AUTOTUNE=0 keeps only the first (default) config of every autotuned kernel: the
+# GPU correctness grid uses it so that it compiles a handful of kernels instead of every config.
+AUTOTUNE: bool = os.environ.get("CRAFT_TRITON_AUTOTUNE", "1") != "0"
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def configs(
+    full: list[tuple[dict[str, int], int, int]], interpret: dict[str, int]
+) -> list[triton.Config]:
+    """Autotune configs: the full list on a GPU, one small config under the interpreter.
+
+    Each entry of `full` is (meta-parameters, num_warps, num_stages); the first is the default.
+    """
+    if INTERPRET:
+        return [triton.Config(interpret, num_warps=1, num_stages=1)]
+    chosen = full if AUTOTUNE else full[:1]
+    return [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in chosen]
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Whether tl.dot inputs must be widened to fp32: the interpreter's bf16 dot is wrong.
+
+    On a GPU the kernels always multiply in the input dtype with fp32 accumulation; widening bf16
+    to fp32 under the interpreter computes the same exact products, so results match.
+    """
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for fp32 inputs: tf32 only when torch allows it for matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"

@@ -1,0 +1,99 @@
+"""Sampling filters: greedy, top-k, top-p, temperature and seeding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from craft.errors import ConfigError
+from craft.generation import SamplingParams, filter_logits, sample_next
+
+
+def _kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits[0]).nonzero().flatten().tolist()
+
+
+def test_temperature_zero_is_argmax() -> None:
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next(logits, temperature=0.0), logits.argmax(-1))
+
+
+def test_top_k_one_equals_greedy_argmax() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 100, generator=g)
+    for _ in range(5):
+        out = sample_next(logits, temperature=1.5, top_k=1, generator=g)
+        assert torch.equal(out, logits.argmax(-1))
+
+
+def test_top_k_keeps_the_k_largest() -> None:
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
+    assert _kept(filter_logits(logits, top_k=2)) == [1, 3]
+    assert _kept(filter_logits(logits, top_k=10)) == [0, 1, 2, 3, 4]
+
+
+# probabilities 0.4, 0.3, 0.2, 0.1 on tokens 2, 0, 3, 1
+_PROBS = torch.tensor([[0.3, 0.1, 0.4, 0.2]])
+
+
+@pytest.mark.parametrize(
+    ("p", "kept"),
+    [
+        (0.05, [2]),  # the most probable token alone already exceeds p
+        (0.39, [2]),
+        (0.41, [0, 2]),  # 0.4 < p <= 0.7: two tokens
+        (0.69, [0, 2]),
+        (0.71, [0, 2, 3]),  # 0.7 < p <= 0.9: three
+        (0.89, [0, 2, 3]),
+        (0.91, [0, 1, 2, 3]),
+        (1.0, [0, 1, 2, 3]),
+    ],
+)
+def test_top_p_keeps_smallest_set_reaching_p(p: float, kept: list[int]) -> None:
+    assert _kept(filter_logits(_PROBS.log(), top_p=p)) == kept
+
+
+def test_top_p_samples_only_from_the_nucleus() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = _PROBS.log().expand(4000, 4)
+    out = sample_next(logits, temperature=1.0, top_p=0.6, generator=g)
+    counts = torch.bincount(out, minlength=4).tolist()
+    assert counts[1] == counts[3] == 0
+    # renormalised nucleus: 0.4/0.7 and 0.3/0.7
+    assert math.isclose(counts[2] / 4000, 4 / 7, abs_tol=0.04)
+
+
+def test_top_k_then_top_p_compose() -> None:
+    logits = _PROBS.log()
+    # top_k=2 leaves {2: 4/7, 0: 3/7}; top_p=0.5 then keeps token 2 only
+    assert _kept(filter_logits(logits, top_k=2, top_p=0.5)) == [2]
+
+
+def test_same_seed_same_samples_different_seed_differs() -> None:
+    logits = torch.zeros(1, 1000)
+    a = [sample_next(logits, generator=torch.Generator().manual_seed(7)) for _ in range(3)]
+    b = [sample_next(logits, generator=torch.Generator().manual_seed(7)) for _ in range(3)]
+    assert a == b
+    c = sample_next(logits.expand(16, 1000), generator=torch.Generator().manual_seed(7))
+    d = sample_next(logits.expand(16, 1000), generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(c, d)
+
+
+def test_temperature_sharpens() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[1.0, 0.0]]).expand(2000, 2)
+    cold = sample_next(logits, temperature=0.2, generator=g).eq(0).float().mean().item()
+    warm = sample_next(logits, temperature=5.0, generator=g).eq(0).float().mean().item()
+    assert cold > 0.97  # sigmoid(5) = 0.993
+    assert 0.5 < warm < 0.65  # sigmoid(0.2) = 0.55
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": -0.1}, {"temperature": math.nan}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}],
+)
+def test_invalid_parameters_are_config_errors(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        SamplingParams(**kwargs)
