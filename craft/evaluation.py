@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -223,4 +224,89 @@ def evaluate_tokens(
         batches=len(plan),
         window=window,
         complete=complete,
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _describe(tok: Any) -> str:
+    return f"{getattr(tok, 'type', type(tok).__name__)} tokenizer of {tok.vocab_size} ids"
+
+
+def check_same_vocabulary(model_tokenizer: Any, model_vocab: int, dataset: Any) -> None:
+    """Raise DataError unless `dataset` was tokenized with the model's tokenizer."""
+    data_tok = dataset.tokenizer
+    where = f"{dataset.path}: vocabulary mismatch"
+    if dataset.vocab_size != model_vocab or data_tok.vocab_size != model_tokenizer.vocab_size:
+        raise DataError(
+            f"{where}: the dataset uses a {_describe(data_tok)}, the checkpoint's model has "
+            f"{model_vocab} outputs with a {_describe(model_tokenizer)}"
+        )
+    same_type = getattr(data_tok, "type", None) == getattr(model_tokenizer, "type", None)
+    if not same_type or (
+        hasattr(data_tok, "artifact") and data_tok.artifact() != model_tokenizer.artifact()
+    ):
+        raise DataError(
+            f"{where}: the dataset's {_describe(data_tok)} and the checkpoint's "
+            f"{_describe(model_tokenizer)} map ids to different text"
+        )
+
+
+def open_eval_data(cfg: Any, data: str | Path | None) -> Any:
+    """The PreparedDataset to score: `data` when given, else the checkpoint config's own data."""
+    from craft.data.datasets import PreparedDataset
+
+    if data is not None:
+        return PreparedDataset(data)
+    if getattr(cfg.data, "type", None) != "tokens":
+        raise DataError(
+            f"the checkpoint was trained on data.type = {cfg.data.type!r}, which has no text to "
+            "score; pass --data DIR (a prepared dataset)"
+        )
+    from craft.training.builders import build_data
+
+    module = build_data(cfg, rank=0, world_size=1, is_main=True, wait=lambda: None)
+    return module.dataset
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data: str | Path | None = None,
+    split: str = "val",
+    max_batches: int | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Score a checkpoint (run, checkpoint or export directory) on a split of prepared data.
+
+    The data is the checkpoint's own prepared dataset unless `data` names another one, which
+    must use the same tokenizer. `dtype` bfloat16/float16 runs the forward under autocast.
+    """
+    from craft.generation import resolve_device, resolve_dtype
+    from craft.training.builders import model_block_size
+    from craft.training.checkpoint import load_model
+
+    if split not in ("train", "val"):
+        raise DataError(f"split = {split!r}: expected val or train")
+    if batch_size is not None and batch_size < 1:
+        raise DataError(f"batch_size = {batch_size}: expected an integer >= 1")
+    autocast = resolve_dtype(dtype)
+    model, tokenizer, cfg = load_model(checkpoint, device=resolve_device(device))
+    dataset = open_eval_data(cfg, data)
+    check_same_vocabulary(tokenizer, model.vocab_size, dataset)
+    window = getattr(model, "block_size", None) or model_block_size(cfg)
+    return evaluate_tokens(
+        model,
+        tokenizer,
+        dataset.split(split),
+        window=window,
+        batch_size=batch_size or cfg.eval.batch_size or cfg.training.batch_size,
+        max_batches=max_batches,
+        split=split,
+        progress=progress,
+        autocast_dtype=autocast,
     )

@@ -3,8 +3,8 @@
 The CLI (`craft generate`) and the training sample callback both call `generate`. Lower layers:
 `iter_tokens` yields one token per step (GPT: one prefill of the prompt, then one token per forward
 through the KV cache; recurrent models: the hidden state is the cache), `sample_next` turns logits
-into a token, and `IncrementalDecoder` turns the token stream into text pieces that are safe to
-print as they arrive.
+into a token, and the tokenizer's incremental decoder turns the token stream into text pieces that
+are safe to print as they arrive (no half UTF-8 characters, SentencePiece spaces kept).
 
 Context window (models with a `block_size`): a prompt longer than the window is cropped from the
 left with a warning. When the KV cache is full, the last `refill_tokens` tokens (default three
@@ -18,7 +18,7 @@ exactly, at the cost of a full forward per token.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +27,6 @@ import torch
 from craft.errors import ConfigError, TokenizerError
 
 log = logging.getLogger("craft.generation")
-
-_REPLACEMENT = "\ufffd"  # what decoding an incomplete UTF-8 sequence ends with
 
 
 @dataclass(frozen=True)
@@ -197,47 +195,16 @@ def _iter_tokens(
             seq = seq[:, -block:]
         if use_cache:
             if block is not None and filled >= block:
-                # The cache is full: start a fresh one from the most recent `keep` tokens.
-                cache = model.new_cache(batch, device, dtype)
+                # The cache is full: refill it from the most recent `keep` tokens.
+                if callable(getattr(cache, "reset", None)):
+                    cache.reset()  # reuses the memory
+                else:
+                    cache = model.new_cache(batch, device, dtype)
                 logits = _last_logits(model(seq[:, -keep:], cache=cache))
                 filled = keep
             else:
                 logits = _last_logits(model(nxt[:, None], cache=cache))
                 filled += 1
-
-
-class IncrementalDecoder:
-    """Turns a growing list of token ids into text pieces that are final when emitted.
-
-    Each new piece is the difference between decoding a short window of recent ids with and
-    without the new ones, so SentencePiece word boundaries ("▁the" after a word gives " the") come
-    out right. A piece that ends in an incomplete UTF-8 sequence (decoded as U+FFFD) is held back
-    until the following ids complete it; `flush()` returns whatever is still held.
-    """
-
-    def __init__(self, tokenizer: Any, context: Sequence[int] = ()) -> None:
-        self._tok = tokenizer
-        self._ids: list[int] = list(context)
-        # ids[prefix:read] were already emitted; decoding from `prefix` gives the word boundary.
-        self._read = len(self._ids)
-        self._prefix = max(0, self._read - 4)
-
-    def push(self, ids: Sequence[int]) -> str:
-        """Add ids; return the text that became final (possibly empty)."""
-        self._ids.extend(int(i) for i in ids)
-        before = self._tok.decode(self._ids[self._prefix : self._read])
-        text = self._tok.decode(self._ids[self._prefix :])
-        if len(text) <= len(before) or text.endswith(_REPLACEMENT):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(before) :]
-
-    def flush(self) -> str:
-        """The held-back text, emitted as is (it may hold U+FFFD for invalid bytes)."""
-        before = self._tok.decode(self._ids[self._prefix : self._read])
-        text = self._tok.decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
-        return text[len(before) :]
 
 
 # ---------------------------------------------------------------------------------- prompt + API
@@ -246,7 +213,8 @@ class IncrementalDecoder:
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids of `prompt`; an empty prompt starts from the start token, else from a newline.
 
-    Characters the vocabulary cannot encode are a TokenizerError that lists all of them.
+    Characters a vocabulary cannot encode are the tokenizer's TokenizerError (the char tokenizer
+    lists all of them), prefixed with "prompt: ".
     """
     if prompt == "":
         if getattr(tokenizer, "bos_id", None) is not None:
@@ -264,28 +232,10 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     try:
         ids = list(tokenizer.encode(prompt))
     except TokenizerError as e:
-        missing = _unencodable_chars(tokenizer, prompt)
-        if not missing:
-            raise
-        listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in missing)
-        n = len(missing)
-        raise TokenizerError(
-            f"prompt has {n} character{'s' if n != 1 else ''} missing from the tokenizer's "
-            f"vocabulary: {listed}"
-        ) from e
+        raise TokenizerError(f"prompt: {e.message}") from None
     if not ids:
         raise TokenizerError(f"prompt {prompt[:40]!r} encodes to no tokens")
     return ids
-
-
-def _unencodable_chars(tokenizer: Any, text: str) -> list[str]:
-    missing = []
-    for ch in dict.fromkeys(text):
-        try:
-            tokenizer.encode(ch)
-        except TokenizerError:
-            missing.append(ch)
-    return missing
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -377,7 +327,8 @@ def generate(
     texts: list[str] = []
     try:
         for i in range(num_samples):
-            decoder = IncrementalDecoder(tokenizer, context=ids)
+            decoder = tokenizer.decoder()
+            decoder.push(ids)  # the prompt is context: the first piece gets its word boundary
             pieces: list[str] = []
 
             def emit(piece: str, i: int = i, pieces: list[str] = pieces) -> None:
@@ -408,7 +359,6 @@ def generate(
 
 __all__ = [
     "DTYPES",
-    "IncrementalDecoder",
     "SamplingParams",
     "crop_prompt",
     "encode_prompt",

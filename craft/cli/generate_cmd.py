@@ -1,14 +1,172 @@
-"""`craft generate`."""
+"""`craft generate --checkpoint PATH --prompt TEXT [options]`: sample text from a trained model."""
 
 from __future__ import annotations
 
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+
 import typer
+
+SEPARATOR = "---------------"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def stderr_logging() -> None:
+    """Show Craft's warnings (e.g. a cropped prompt) as `warning: ...` lines on stderr."""
+    logger = logging.getLogger("craft")
+    if any(getattr(h, "_craft_cli", False) for h in logger.handlers):
+        return
+
+    class _Lower(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"{record.levelname.lower()}: {record.getMessage()}"
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Lower())
+    handler.setLevel(logging.WARNING)
+    handler._craft_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(min(logger.level or logging.WARNING, logging.WARNING))
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt text from --prompt or --prompt-file (UTF-8); empty when neither is given."""
+    from craft.errors import ConfigError
+
+    if prompt is not None and prompt_file is not None:
+        raise ConfigError("--prompt and --prompt-file: give one of them, not both")
+    if prompt_file is None:
+        return prompt or ""
+    try:
+        return prompt_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--prompt-file {prompt_file}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"--prompt-file {prompt_file}: not UTF-8 text (byte offset {e.start})"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"--prompt-file {prompt_file}: cannot read it ({e.strerror})") from None
 
 
 def register(app: typer.Typer) -> None:
     @app.command("generate")
-    def _cmd() -> None:
-        """Not built yet."""
-        from craft.cli.errors import fail
+    def generate(
+        checkpoint: Path = typer.Option(
+            ...,
+            "--checkpoint",
+            help="Run directory (its latest checkpoint), checkpoint directory or exported model.",
+            show_default=False,
+        ),
+        prompt: str | None = typer.Option(
+            None,
+            "--prompt",
+            help="Text to continue; empty starts from the start token or a newline.",
+            show_default=False,
+        ),
+        prompt_file: Path | None = typer.Option(
+            None, "--prompt-file", help="Read the prompt from this UTF-8 file.", show_default=False
+        ),
+        max_new_tokens: int = typer.Option(
+            200, "--max-new-tokens", min=0, help="Tokens to generate per sample."
+        ),
+        temperature: float = typer.Option(
+            1.0, "--temperature", min=0.0, help="Softmax temperature; 0 is greedy (argmax)."
+        ),
+        top_k: int | None = typer.Option(
+            None, "--top-k", min=1, help="Sample from the k most likely tokens only."
+        ),
+        top_p: float | None = typer.Option(
+            None,
+            "--top-p",
+            help="Sample from the smallest set of tokens whose probability reaches p (0 < p <= 1).",
+        ),
+        seed: int | None = typer.Option(
+            None, "--seed", min=0, help="Random seed; without one a seed is drawn and printed."
+        ),
+        num_samples: int = typer.Option(1, "--num-samples", min=1, help="Samples to draw."),
+        stream: bool | None = typer.Option(
+            None,
+            "--stream/--no-stream",
+            help="Print text as it is generated (default: stream when stdout is a terminal).",
+            show_default=False,
+        ),
+        device: Device = typer.Option(Device.auto, "--device", help="Where to run."),
+        dtype: DType = typer.Option(DType.float32, "--dtype", help="Weights and cache dtype."),
+    ) -> None:
+        """Sample text from a checkpoint (KV-cached decoding; stops at max tokens or end-of-text)."""
+        from craft.cli.errors import run_guarded
 
-        fail("craft generate is not built yet")
+        def run() -> None:
+            import random
+
+            stderr_logging()
+            text = read_prompt(prompt, prompt_file)  # before the slow torch import
+
+            from craft.generation import SamplingParams, resolve_device, resolve_dtype
+            from craft.generation import generate as sample
+            from craft.training.checkpoint import load_model
+
+            SamplingParams(temperature, top_k, top_p)  # bad values fail before loading
+            dev = resolve_device(device.value)
+            model, tokenizer, _ = load_model(
+                checkpoint, device=dev, dtype=resolve_dtype(dtype.value)
+            )
+            use_seed = seed
+            if use_seed is None:
+                use_seed = random.SystemRandom().randrange(2**31)
+                sys.stderr.write(f"seed: {use_seed}\n")
+            streaming = sys.stdout.isatty() if stream is None else stream
+            out = sys.stdout
+
+            def header(i: int) -> None:
+                if i > 0:
+                    out.write(f"\n{SEPARATOR}\n")
+                out.write(text)
+
+            current = [-1]
+
+            def on_text(i: int, piece: str) -> None:
+                while current[0] < i:
+                    current[0] += 1
+                    header(current[0])
+                out.write(piece)
+                out.flush()
+
+            texts = sample(
+                model,
+                tokenizer,
+                text,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=use_seed,
+                num_samples=num_samples,
+                on_text=on_text if streaming else None,
+            )
+            if streaming:
+                while current[0] < num_samples - 1:  # samples that produced no text
+                    current[0] += 1
+                    header(current[0])
+            else:
+                for i, t in enumerate(texts):
+                    header(i)
+                    out.write(t)
+            out.write("\n")
+            out.flush()
+
+        run_guarded(run)

@@ -81,6 +81,10 @@ class CheckpointConfig(Section):
     keep_best: bool = Field(
         False, description="Also keep the checkpoint with the best validation loss as `best`."
     )
+    export: bool = Field(
+        True,
+        description="At the end of a run, write the model weights, config and tokenizer to <run>/model/ (enough for craft generate).",
+    )
 
 
 class LoggingConfig(Section):

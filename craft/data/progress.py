@@ -5,6 +5,7 @@ Both show bytes done, MB/s and the remaining time, on stderr so that stdout stay
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import time
 from collections.abc import Iterator
@@ -12,6 +13,21 @@ from contextlib import contextmanager
 from types import TracebackType
 
 PLAIN_INTERVAL_S = 10.0
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("craft_data_progress", default=True)
+
+
+@contextmanager
+def quiet(disable: bool = True) -> Iterator[None]:
+    """Silence every progress display inside the block (when `disable`)."""
+    token = _ENABLED.set(_ENABLED.get() and not disable)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def enabled() -> bool:
+    return _ENABLED.get()
 
 
 def _is_tty() -> bool:
@@ -25,10 +41,10 @@ def _mb(n: float) -> str:
 class ByteProgress:
     """Count bytes processed; `with ByteProgress("encoding", total) as p: p.advance(n)`."""
 
-    def __init__(self, description: str, total: int | None, enabled: bool = True) -> None:
+    def __init__(self, description: str, total: int | None) -> None:
         self.description = description
         self.total = total
-        self.enabled = enabled
+        self.enabled = enabled()
         self.done = 0
         self._rich = None
         self._task = None
@@ -100,10 +116,10 @@ class ByteProgress:
 
 
 @contextmanager
-def status(message: str, enabled: bool = True) -> Iterator[None]:
+def status(message: str) -> Iterator[None]:
     """A spinner (terminal) or a start and a finish line (log) around work of unknown length."""
     start = time.monotonic()
-    if not enabled:
+    if not enabled():
         yield
         return
     if _is_tty():

@@ -32,6 +32,7 @@ _BACKEND_MODULES = (
     "craft.ops.cuda",
 )
 _loaded = False
+_UNLOADED: dict[str, str] = {}  # backend module -> why it could not be imported
 log = logging.getLogger("craft.ops")
 
 
@@ -45,8 +46,15 @@ def _load_backends() -> None:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
+            _UNLOADED[mod] = "not installed" if e.name == mod else f"{type(e).__name__}: {e}"
             if e.name != mod:
                 log.debug("backend module %s not importable: %s", mod, e)
+
+
+def unloaded_backends() -> dict[str, str]:
+    """Backend modules that could not be imported here, with the reason (for `craft model info`)."""
+    _load_backends()
+    return dict(_UNLOADED)
 
 
 def configure(kernels: Any = None, device_type: str | None = None, **names: str) -> dict[str, str]:
@@ -153,5 +161,6 @@ __all__ = [
     "register_backend",
     "selected",
     "set_backend",
+    "unloaded_backends",
     "use_backends",
 ]

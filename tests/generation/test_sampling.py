@@ -92,7 +92,13 @@ def test_temperature_sharpens() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"temperature": -0.1}, {"temperature": math.nan}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}],
+    [
+        {"temperature": -0.1},
+        {"temperature": math.nan},
+        {"top_k": 0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+    ],
 )
 def test_invalid_parameters_are_config_errors(kwargs: dict) -> None:
     with pytest.raises(ConfigError):

@@ -111,7 +111,9 @@ class CharTokenizer(Tokenizer):
             raise TokenizerError(f"{directory / 'tokenizer.json'}: {e.message}") from None
 
 
-def build(cfg: Any, texts: Iterable[str] | None = None, workdir: Path | None = None) -> CharTokenizer:
+def build(
+    cfg: Any, texts: Iterable[str] | None = None, workdir: Path | None = None
+) -> CharTokenizer:
     """Registry builder: learn the vocabulary from `texts` (`workdir` is unused)."""
     if texts is None:
         raise TokenizerError(

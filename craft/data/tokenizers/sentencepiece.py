@@ -95,7 +95,6 @@ class SentencePieceTokenizer(Tokenizer):
         byte_fallback: bool = True,
         character_coverage: float = 1.0,
         input_sentence_size: int = INPUT_SENTENCE_SIZE,
-        progress: bool = True,
     ) -> SentencePieceTokenizer:
         """Train a model on text chunks (streamed; see the module docstring for the defaults)."""
         from craft.data.progress import status
@@ -106,7 +105,7 @@ class SentencePieceTokenizer(Tokenizer):
         label = f"training sentencepiece {model_type} (vocab {vocab_size})"
         try:
             spm.set_random_generator_seed(TRAIN_SEED)
-            with status(label, enabled=progress):
+            with status(label):
                 spm.SentencePieceTrainer.train(
                     sentence_iterator=iter(counter),
                     model_writer=model,
@@ -184,7 +183,9 @@ class SentencePieceTokenizer(Tokenizer):
         name = data.get("model_file", MODEL_FILE)
         path = directory / str(name)
         if not path.is_file():
-            raise TokenizerError(f"{path}: SentencePiece model file named in tokenizer.json is missing")
+            raise TokenizerError(
+                f"{path}: SentencePiece model file named in tokenizer.json is missing"
+            )
         expected = data.get("model_sha256")
         if expected is not None and sha256_file(path) != expected:
             raise TokenizerError(
@@ -233,5 +234,4 @@ def build(
         model_type=cfg.model_type,
         byte_fallback=cfg.byte_fallback,
         character_coverage=cfg.character_coverage,
-        progress=bool(getattr(cfg, "progress", True)),
     )

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# GPU check of the Triton kernels in one call: correctness on CUDA over a real shape grid, speed and
+# memory against PyTorch, `craft bench` for the kernel families, a short char_gpt training run
+# on the triton backend next to the torch backend, and a summary table printed last.
+#
+#   bench/gpu_check.sh              # on a CUDA machine; logs and JSON under $OUT (default outputs/gpu_check)
+#   bench/gpu_check.sh --dry-run    # on a CPU: every step on tiny shapes, kernels in the Triton interpreter
+#
+# Works with Triton 3.6 and later. Without pydantic installed it installs the wheels found in .whl/
+# (offline machines). Each step's exit status lands in the summary; the script exits non-zero when
+# a step failed.
+set -u
+cd "$(dirname "$0")/.."
+REPO=$PWD
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+OUT=${OUT:-$REPO/outputs/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! "$PY" -c "import pydantic" >/dev/null 2>&1; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+fi
+
+if [ "$DRY" = 1 ]; then
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    GRID=0
+else
+    GRID=1
+fi
+
+STEPS=()
+STATUS=()
+NOTES=()
+FAILED=0
+record() {  # name status note
+    STEPS+=("$1")
+    STATUS+=("$2")
+    NOTES+=("$3")
+    [ "$2" = FAIL ] && FAILED=1
+    return 0
+}
+elapsed() { echo "$(($(date +%s) - $1))s"; }
+
+# ---------------------------------------------------------------------------- environment
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "mode: $([ "$DRY" = 1 ] && echo 'dry run (CPU, Triton interpreter)' || echo GPU)"
+    "$PY" - <<'EOF'
+import platform, torch
+try:
+    import triton
+    tv = triton.__version__
+except Exception as e:  # reported, the kernel steps will fail with the reason
+    tv = f"not importable ({e})"
+print("python:", platform.python_version())
+print("torch:", torch.__version__, "cuda:", torch.version.cuda)
+print("triton:", tv)
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+EOF
+    command -v nvidia-smi >/dev/null && [ "$DRY" = 0 ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# ---------------------------------------------------------------------------- 1. kernel tests
+# Compiled on CUDA (TRITON_INTERPRET unset) with the large grid; one config per kernel so the grid
+# compiles a handful of kernels instead of every autotune config (step 2 autotunes).
+t0=$(date +%s)
+CRAFT_GPU_GRID=$GRID CRAFT_TRITON_AUTOTUNE=$([ "$DRY" = 1 ] && echo 1 || echo 0) \
+    "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_attention.py \
+    tests/kernels/test_triton_cross_entropy.py tests/kernels/test_triton_linear_cross_entropy.py \
+    tests/kernels/test_triton_gpt.py --junitxml="$OUT/kernel_tests.xml" >"$OUT/kernel_tests.log" 2>&1
+rc=$?
+line=$(grep -E '(passed|failed|error)' "$OUT/kernel_tests.log" | tail -1)
+record "kernel tests (grid=$GRID)" "$([ $rc = 0 ] && echo PASS || echo FAIL)" "$line, $(elapsed "$t0")"
+
+# ---------------------------------------------------------------------------- 2. speed / memory
+t0=$(date +%s)
+"$PY" bench/triton_ops.py --out "$OUT/triton_ops.json" $([ "$DRY" = 1 ] && echo --dry-run) \
+    >"$OUT/triton_ops.log" 2>&1
+rc=$?
+if [ $rc = 0 ]; then
+    met=$(grep -c ' MET$' "$OUT/triton_ops.log")
+    missed=$(grep -c ' MISSED$' "$OUT/triton_ops.log")
+    record "triton vs torch (bench/triton_ops.py)" PASS "targets met $met, missed $missed, $(elapsed "$t0")"
+else
+    record "triton vs torch (bench/triton_ops.py)" FAIL "exit $rc, see triton_ops.log"
+fi
+
+# ---------------------------------------------------------------------------- 3. craft bench
+if "$PY" -m craft bench --help >"$OUT/craft_bench_help.log" 2>&1; then
+    for fam in attention cross-entropy linear-cross-entropy; do
+        t0=$(date +%s)
+        if [ "$DRY" = 1 ]; then args=(--quick --device cpu); else args=(--device cuda --dtype bfloat16); fi
+        "$PY" -m craft bench "$fam" "${args[@]}" --json "$OUT/craft_bench_$fam.json" \
+            >"$OUT/craft_bench_$fam.log" 2>&1
+        rc=$?
+        record "craft bench $fam" "$([ $rc = 0 ] && echo PASS || echo FAIL)" "exit $rc, $(elapsed "$t0")"
+    done
+else
+    record "craft bench" SKIP "not available: $(tail -1 "$OUT/craft_bench_help.log")"
+fi
+
+# ---------------------------------------------------------------------------- 4. training run
+# char_gpt on tinyshakespeare when the data mirror is reachable, else on this repository's own
+# Python sources as characters (the machine may have no network); triton kernels vs torch.
+MIRROR=${CRAFT_DATA_MIRROR:-}
+if [ -n "$MIRROR" ] && [ -f "$MIRROR/tinyshakespeare/input.txt" ]; then
+    DATA='source = "tinyshakespeare"'
+else
+    DATA="files = [\"$REPO/craft\"]"
+fi
+if [ "$DRY" = 1 ]; then
+    MODEL=gpt-debug; TRAIN='max_steps = 4
+batch_size = 4
+precision = "no"'; EVAL='interval = 2
+batches = 2'; RUN='cpu = true'
+else
+    MODEL=gpt-char; TRAIN='max_steps = 300
+batch_size = 64
+precision = "bf16"'; EVAL='interval = 150
+batches = 20'; RUN=''
+fi
+for kern in triton torch; do
+    recipe="$OUT/train_$kern.toml"
+    cat >"$recipe" <<EOF
+include = ["$REPO/configs/model/$MODEL.toml", "$REPO/configs/optim/adamw-cosine.toml"]
+[run]
+name = "gpu_check_$kern"
+output_dir = "$OUT/runs"
+$RUN
+[data]
+type = "tokens"
+$DATA
+[tokenizer]
+type = "char"
+[training]
+$TRAIN
+[eval]
+$EVAL
+[checkpoint]
+interval = 100000
+save_at_end = false
+[logging]
+plot = false
+sample_interval = 0
+progress = "plain"
+[kernels]
+attention = "$kern"
+cross_entropy = "$kern"
+EOF
+    t0=$(date +%s)
+    "$PY" -m craft train "$recipe" >"$OUT/train_$kern.log" 2>&1
+    rc=$?
+    last=$(grep -iE 'val|loss' "$OUT/train_$kern.log" | tail -1 | tr -s ' ' | cut -c1-90)
+    record "train char_gpt kernels=$kern" "$([ $rc = 0 ] && echo PASS || echo FAIL)" \
+        "exit $rc, $(elapsed "$t0"); $last"
+done
+
+# ---------------------------------------------------------------------------- summary
+{
+    echo
+    echo "== gpu_check summary ($(grep -E '^device:' "$OUT/env.txt" | cut -d' ' -f2-), $(grep -E '^triton:' "$OUT/env.txt")) =="
+    printf '%-42s %-5s %s\n' step status notes
+    for i in "${!STEPS[@]}"; do
+        printf '%-42s %-5s %s\n' "${STEPS[$i]}" "${STATUS[$i]}" "${NOTES[$i]}"
+    done
+    if [ -f "$OUT/triton_ops.log" ]; then
+        echo
+        grep -vE '^(Traceback|  )' "$OUT/triton_ops.log" | tail -12
+    fi
+} | tee "$OUT/summary.txt"
+exit $FAILED

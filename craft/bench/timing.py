@@ -1,0 +1,189 @@
+"""Timing and peak memory of one benchmark step.
+
+Timing: on CUDA `triton.testing.do_bench` (CUDA events, L2 flushed between calls, gradients reset
+outside the timed region); on the CPU `torch.utils.benchmark.Timer.blocked_autorange`. Both after
+a warm-up, and both report the median.
+
+Peak memory: the most bytes the step allocates above what was allocated when it started (inputs
+and, in bwd mode, the saved forward graph excluded). On CUDA it is read from the caching
+allocator's counters (`torch.cuda.max_memory_allocated`). The CPU has no such counters, and
+`tracemalloc` does not see torch's allocator, so on the CPU the step runs once more under
+`torch.profiler` with `profile_memory=True`: every allocation and free of torch's CPU allocator is
+recorded, and the peak is the maximum of their running sum. These probes are batched into one
+profiler session per benchmark family (starting and stopping the profiler costs about a second).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Warm-up calls before timing on the CPU, and the least total time the CPU timer measures for.
+CPU_WARMUP = (2, 3)  # (quick, full)
+CPU_MIN_RUN_S = (0.05, 0.4)
+# do_bench budgets in milliseconds: (warm-up, repetition).
+GPU_BUDGET_MS = ((5, 20), (25, 100))
+
+MEM_CUDA = "torch.cuda.max_memory_allocated"
+MEM_CPU = "torch.profiler allocator events"
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    iqr_ms: float  # spread: interquartile range (CPU) or p75 - p25 (CUDA)
+    runs: int | None  # calls measured (CPU); do_bench does not say
+
+
+def measure(
+    step: Callable[[], Any],
+    device: torch.device,
+    *,
+    quick: bool = False,
+    grads: list[torch.Tensor] | None = None,
+) -> Timing:
+    """Median time of `step()` after a warm-up."""
+    if device.type == "cuda":
+        try:
+            import triton.testing
+        except ImportError:
+            return _measure_timer(step, quick, sync_cuda=True)
+        warmup, rep = GPU_BUDGET_MS[0 if quick else 1]
+        med, p25, p75 = triton.testing.do_bench(
+            step,
+            warmup=warmup,
+            rep=rep,
+            grad_to_none=grads or None,
+            quantiles=[0.5, 0.25, 0.75],
+        )
+        return Timing(float(med), float(p75 - p25), None)
+    return _measure_timer(step, quick, sync_cuda=False)
+
+
+def _measure_timer(step: Callable[[], Any], quick: bool, sync_cuda: bool) -> Timing:
+    from torch.utils.benchmark import Timer
+
+    for _ in range(CPU_WARMUP[0 if quick else 1]):
+        step()
+    if sync_cuda:
+        torch.cuda.synchronize()
+    timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=CPU_MIN_RUN_S[0 if quick else 1])
+    runs = len(m.times) * m.number_per_run
+    return Timing(m.median * 1e3, m.iqr * 1e3, runs)
+
+
+# --------------------------------------------------------------------------------- memory
+
+
+class MemoryMeter:
+    """Peak memory of benchmark steps: at once on CUDA, batched into one profiler run on the CPU.
+
+    `request(result, step, leaves)` sets `result.peak_mem_bytes` and `result.mem_method` (on the
+    CPU when `flush()` runs).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pending: list[tuple[Any, Callable[[], Any], list[torch.Tensor]]] = []
+
+    def request(self, result: Any, step: Callable[[], Any], leaves: list[torch.Tensor]) -> None:
+        if self.device.type == "cuda":
+            result.peak_mem_bytes = cuda_peak(step, leaves)
+            result.mem_method = MEM_CUDA
+        elif self.device.type == "cpu":
+            self._pending.append((result, step, leaves))
+        else:
+            result.mem_method = f"n/a: no allocator statistics on {self.device.type}"
+
+    def flush(self) -> None:
+        """Measure every pending CPU step in one profiler session."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            peaks = cpu_peaks([(step, leaves) for _, step, leaves in pending])
+        except Exception as e:  # the profiler is optional machinery; never fail the benchmark
+            for result, _, _ in pending:
+                result.mem_method = f"n/a: profiler failed ({type(e).__name__}: {e})"
+            return
+        for (result, _, _), peak in zip(pending, peaks, strict=True):
+            result.peak_mem_bytes = peak
+            result.mem_method = MEM_CPU if peak is not None else "n/a: no allocator events"
+
+
+def _reset_grads(leaves: list[torch.Tensor]) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def cuda_peak(step: Callable[[], Any], leaves: list[torch.Tensor]) -> int:
+    """Bytes allocated at the peak of one call of `step`, above what was allocated before it."""
+    _reset_grads(leaves)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return int(peak)
+
+
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """Silence native writes to stderr (the profiler library logs its start and stop there)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_peaks(steps: list[tuple[Callable[[], Any], list[torch.Tensor]]]) -> list[int | None]:
+    """Peak CPU-allocator bytes of each step, above what was allocated when it started."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    labels = [f"craft.bench.mem.{i}" for i in range(len(steps))]
+    # Quiet for the whole session: the profiler also warns about frees of older blocks.
+    with _quiet_fd2():
+        prof.start()
+        try:
+            for label, (step, leaves) in zip(labels, steps, strict=True):
+                _reset_grads(leaves)
+                with record_function(label):
+                    out = step()
+                    del out
+        finally:
+            prof.stop()
+    events = prof.profiler.kineto_results.events()
+    spans = {e.name(): (e.start_ns(), e.end_ns()) for e in events if e.name() in set(labels)}
+    allocs = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    times = [t for t, _ in allocs]
+    peaks: list[int | None] = []
+    for label in labels:
+        if label not in spans:
+            peaks.append(None)
+            continue
+        start, end = spans[label]
+        cur = peak = 0
+        for _, nbytes in allocs[bisect.bisect_left(times, start) : bisect.bisect_right(times, end)]:
+            cur += nbytes
+            peak = max(peak, cur)
+        peaks.append(int(peak))
+    return peaks

@@ -1,0 +1,277 @@
+"""Training throughput: real optimizer steps of the Trainer on a recipe, timed step by step.
+
+The run is the Trainer's own loop (model, data, optimizer and scheduler built through the
+registry, Accelerate, mixed precision, clipping, compile) with evaluation, checkpoints, samples and
+plots switched off and its run directory in a temporary folder. A callback times each step
+between consecutive `on_step_end` hooks. The first `warmup` steps (allocator, autotuning,
+compilation) are not counted.
+
+- tokens/s: tokens of the timed steps divided by their total time; ms/step: the median step.
+- MFU (CUDA, known device): FLOPs per token (6N + 12 * L * H * hs * T, see
+  `craft.models.flops`) times tokens/s, over the device's dense bf16 peak.
+- peak memory: on CUDA `torch.cuda.max_memory_allocated` over the timed steps (weights, gradients,
+  optimizer state and activations). On the CPU one extra step runs under the profiler: the peak
+  of torch's allocator during that step plus the parameters and optimizer state held between
+  steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from craft.bench.hardware import device_name, peak_for
+from craft.bench.timing import _quiet_fd2
+from craft.errors import ConfigError, TrainingError
+
+# A small GPT on random tokens: what `craft bench all` trains when no recipe is given.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "run": {"name": "bench"},
+    "model": {"type": "gpt", "n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 128},
+    "data": {"type": "random", "vocab_size": 256},
+    "optimizer": {"type": "adamw", "lr": 3e-4},
+    "training": {"batch_size": 8},
+}
+QUICK_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32}
+
+# Settings that keep a benchmark run to training steps only. Applied when the schema has the key.
+_QUIET = {
+    ("eval", "at_end"): False,
+    ("checkpoint", "save_at_end"): False,
+    ("checkpoint", "export"): False,
+    ("checkpoint", "keep_best"): False,
+    ("logging", "progress"): "none",
+    ("logging", "plot"): False,
+    ("logging", "sample_interval"): 0,
+    ("logging", "trackers"): [],
+}
+
+
+def load_bench_config(
+    recipe: str | Path | None, overrides: list[str], quick: bool = False
+) -> Any:
+    """The validated config of a recipe (or the built-in one) with `key=value` overrides.
+
+    With `data.type=random` the other keys of the recipe's data section are dropped, so any recipe
+    can be benchmarked without its dataset.
+    """
+    from craft.config import RawConfig, from_dict
+    from craft.config.loader import apply_overrides, load_raw
+    from craft.config.schema import validate
+
+    if recipe is None:
+        data = {k: dict(v) for k, v in DEFAULT_CONFIG.items()}
+        if quick:
+            data["model"].update(QUICK_MODEL)
+            data["training"]["batch_size"] = 4
+        raw = RawConfig(data=data, path=Path("built-in bench config"))
+        apply_overrides(raw, overrides)
+    else:
+        raw = load_raw(recipe, overrides)
+    section = raw.data.get("data")
+    if isinstance(section, dict) and section.get("type") == "random":
+        from craft.config import registry
+
+        allowed = registry.get("data", "random").config_cls.model_fields  # type: ignore[union-attr]
+        raw.data["data"] = {k: v for k, v in section.items() if k in allowed}
+    if recipe is None:
+        return from_dict(raw.data, label="built-in bench config")
+    return validate(raw)
+
+
+def _quiet_config(cfg: Any, total_steps: int, output_dir: str) -> Any:
+    """The config with evaluation, checkpoints and side outputs off, for `total_steps` steps."""
+    from craft.config import from_dict, to_dict
+
+    data = to_dict(cfg)
+    never = total_steps + 1
+    updates = {
+        ("run", "output_dir"): output_dir,
+        ("training", "max_steps"): total_steps,
+        ("training", "log_interval"): never,
+        ("eval", "interval"): never,
+        ("checkpoint", "interval"): never,
+        **_QUIET,
+    }
+    for (section, key), value in updates.items():
+        fields = type(getattr(cfg, section)).model_fields
+        if key in fields:
+            data.setdefault(section, {})[key] = value
+    if "early_stopping_patience" in data.get("training", {}):
+        del data["training"]["early_stopping_patience"]
+    return from_dict(data, label="bench config")
+
+
+def _resident_bytes(model: torch.nn.Module, optimizer: Any) -> int:
+    """Bytes of parameters and optimizer state: what a step starts with besides the batch."""
+    seen: set[int] = set()
+    total = 0
+    tensors = list(model.parameters())
+    opt = getattr(optimizer, "optimizer", optimizer)
+    for state in getattr(opt, "state", {}).values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def run_train_bench(
+    cfg: Any,
+    *,
+    steps: int,
+    warmup: int,
+    label: str = "",
+) -> dict[str, Any]:
+    """Run warmup + steps Trainer steps of `cfg` and return the throughput record."""
+    from craft.training.callbacks import Callback
+    from craft.training.trainer import Trainer
+
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"--steps {steps} / --warmup {warmup}: need steps >= 1 and warmup >= 0")
+
+    class StepTimer(Callback):
+        """Times each optimizer step; profiles one extra step on the CPU for its memory peak."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.losses: list[float] = []
+            self.t_last = 0.0
+            self.prof: Any = None
+            self.cpu_step_peak: int | None = None
+            self.resident: int | None = None
+
+        def _now(self, trainer: Any) -> float:
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
+            return time.perf_counter()
+
+        def on_train_start(self, trainer: Any) -> None:
+            self.t_last = self._now(trainer)
+
+        def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+            now = self._now(trainer)
+            if self.prof is not None:
+                self._stop_profile()
+            self.times.append(now - self.t_last)
+            self.losses.append(float(metrics["loss"]))
+            done = len(self.times)
+            if done == warmup and trainer.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(trainer.device)
+            if done == warmup + steps and trainer.device.type == "cpu":
+                self.resident = _resident_bytes(trainer.unwrapped_model, trainer.optimizer)
+                self._start_profile()
+            self.t_last = self._now(trainer)
+
+        def _start_profile(self) -> None:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            with _quiet_fd2():
+                self.prof.start()
+
+        def _stop_profile(self) -> None:
+            with _quiet_fd2():
+                self.prof.stop()
+            events = self.prof.profiler.kineto_results.events()
+            allocs = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+            cur = peak = 0
+            for _, n in allocs:
+                cur += n
+                peak = max(peak, cur)
+            self.cpu_step_peak = peak
+            self.prof = None
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory(prefix="craft-bench-train-") as tmp:
+        on_cpu_extra = 1  # the profiled step on the CPU (ignored on CUDA: one more timed step)
+        run_cfg = _quiet_config(cfg, warmup + steps + on_cpu_extra, tmp)
+        trainer = Trainer(run_cfg, callbacks=[timer])
+        device = trainer.device
+        model = trainer.unwrapped_model
+        tokens_per_step = int(trainer.tokens_per_step)
+        seq_len = int(getattr(cfg.model, "block_size", 0) or 0)
+        result = trainer.fit()
+        if result.status != "completed":
+            raise TrainingError(f"benchmark run {result.status} at step {result.step}")
+    timed = timer.times[warmup : warmup + steps]
+    if len(timed) < steps:
+        raise TrainingError(f"benchmark run ended after {len(timer.times)} of {warmup + steps} steps")
+    total = sum(timed)
+    tokens_per_s = tokens_per_step * steps / total
+    record: dict[str, Any] = {
+        "recipe": label,
+        "device": str(device),
+        "device_name": device_name(device),
+        "model": cfg.model.type,
+        "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "precision": cfg.training.precision,
+        "compile": bool(cfg.training.compile),
+        "kernels": _kernels(device.type),
+        "batch_size": cfg.training.batch_size,
+        "grad_accum_steps": cfg.training.grad_accum_steps,
+        "seq_len": seq_len,
+        "tokens_per_step": tokens_per_step,
+        "warmup_steps": warmup,
+        "steps": steps,
+        "ms_per_step": 1e3 * statistics.median(timed),
+        "ms_per_step_mean": 1e3 * total / steps,
+        "step_ms": [round(1e3 * t, 3) for t in timed],
+        "tokens_per_s": tokens_per_s,
+        "loss_first": timer.losses[0],
+        "loss_last": timer.losses[warmup + steps - 1],
+    }
+    record.update(_mfu(model, seq_len, tokens_per_s, device))
+    if device.type == "cuda":
+        record["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        record["mem_method"] = "torch.cuda.max_memory_allocated over the timed steps"
+    elif timer.cpu_step_peak is not None and timer.resident is not None:
+        record["peak_mem_bytes"] = timer.resident + timer.cpu_step_peak
+        record["mem_method"] = (
+            "parameters + optimizer state + torch.profiler allocator peak of one extra step"
+        )
+    else:
+        record["peak_mem_bytes"] = None
+        record["mem_method"] = f"n/a on {device.type}"
+    return record
+
+
+def _kernels(device_type: str) -> dict[str, str]:
+    from craft.ops import OPS
+    from craft.ops.registry import choose
+
+    return {op: choose(op, device_type) for op in OPS}
+
+
+def _mfu(
+    model: torch.nn.Module, seq_len: int, tokens_per_s: float, device: torch.device
+) -> dict[str, Any]:
+    try:
+        from craft.models.flops import flops_per_token
+
+        fpt = float(flops_per_token(model, seq_len))
+        formula = "6N + 12*L*H*hs*T (craft.models.flops)"
+    except (ImportError, TypeError):
+        n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        fpt, formula = 6.0 * n, "6N"
+    out: dict[str, Any] = {"flops_per_token": fpt, "flops_formula": formula}
+    if device.type != "cuda":
+        out.update(mfu=None, mfu_note="MFU is reported on CUDA devices only")
+        return out
+    peak = peak_for(device_name(device))
+    if peak is None:
+        out.update(mfu=None, mfu_note=f"no peak FLOP/s known for {device_name(device)}")
+        return out
+    out.update(
+        mfu=fpt * tokens_per_s / peak.bf16_flops,
+        peak_tflops=peak.bf16_flops / 1e12,
+        mfu_note="achieved model FLOP/s over the dense bf16 peak",
+    )
+    return out

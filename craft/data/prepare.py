@@ -1,0 +1,535 @@
+"""Streaming dataset preparation: text files -> tokenizer -> `train.bin`, `val.bin`, `meta.json`.
+
+Memory stays bounded whatever the input size: files are read and decoded in chunks (cut after a
+newline so that every tokenizer encodes a chunk exactly as it would encode the whole text), chunks
+are encoded by a pool of worker processes with a bounded window of chunks in flight, and ids are
+appended to a file. Everything is written into a hidden temporary directory next to the output,
+fsynced, and renamed into place at the end, so an interrupted run never leaves a directory that
+loads as a dataset. The validation split is the last `val_fraction` of the token stream.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import os
+import secrets
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from craft.data._io import atomic_write_json, fsync_dir, sha256_file
+from craft.data.progress import ByteProgress, quiet
+from craft.data.sources import is_source, resolve_source
+from craft.data.tokenizers import Tokenizer, load_tokenizer
+from craft.errors import DataError, TokenizerError
+
+META_FILE = "meta.json"
+FORMAT = "craft-tokens"
+FORMAT_VERSION = 1
+SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".tex")
+CHUNK_BYTES = 1 << 20  # bytes read per chunk
+UINT16_VOCAB_LIMIT = 1 << 16  # ids 0..65535 fit uint16
+_COPY_BLOCK = 1 << 24
+_TMP_MARK = ".preparing-"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One text file to prepare; `label` names it in messages and meta.json."""
+
+    path: Path
+    size: int
+    label: str
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= UINT16_VOCAB_LIMIT else np.dtype(np.uint32)
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------------- inputs
+
+
+def _file_input(path: Path, label: str) -> InputFile:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"{label}: cannot read ({e.strerror})") from None
+    return InputFile(path=path, size=size, label=label)
+
+
+def _dir_files(path: Path) -> list[Path]:
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in TEXT_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise DataError(
+            f"{path}: directory holds no text files (looked for {', '.join(TEXT_SUFFIXES)}, "
+            "hidden files skipped)"
+        )
+    return files
+
+
+def resolve_inputs(inputs: Sequence[str | Path]) -> list[InputFile]:
+    """Expand named sources, files, directories (recursive, text suffixes) and globs, in order."""
+    if not inputs:
+        raise DataError(
+            "no input given; pass --input PATH (a file, directory, glob or source name)"
+        )
+    out: list[InputFile] = []
+    seen: set[Path] = set()
+
+    def add(path: Path, label: str) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(_file_input(path, label))
+
+    for item in inputs:
+        text = str(item)
+        path = Path(text).expanduser()
+        if path.is_file():
+            add(path, text)
+        elif path.is_dir():
+            for p in _dir_files(path):
+                add(p, str(p))
+        elif any(c in text for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            files = [p for p in matches if p.is_file()]
+            if not files:
+                raise DataError(f"{text}: glob matches no files")
+            for p in files:
+                add(p, str(p))
+        elif not isinstance(item, Path) and is_source(text):
+            add(resolve_source(text), text)
+        elif path.exists():
+            raise DataError(f"{text}: not a regular file or directory")
+        else:
+            raise DataError(f"{text}: no such file, directory or named source")
+    if sum(f.size for f in out) == 0:
+        names = ", ".join(f.label for f in out[:5])
+        raise DataError(f"input is empty: {names} hold no text")
+    return out
+
+
+def iter_file_chunks(
+    f: InputFile,
+    errors: str = "strict",
+    chunk_bytes: int = CHUNK_BYTES,
+    hasher: Any = None,
+) -> Iterator[tuple[str, int]]:
+    """Yield `(text, raw_bytes)` chunks of one file, each ending after a newline when possible.
+
+    Cutting after a newline (or, for a very long line, after a space) keeps the chunks safe for
+    every tokenizer; `raw_bytes` adds up to the file size (for progress). A leading BOM is dropped.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    carry, offset, pending_bytes, first = "", 0, 0, True
+    max_carry = max(chunk_bytes, 1024)
+    with open(f.path, "rb") as fh:
+        while True:
+            raw = fh.read(chunk_bytes)
+            final = not raw
+            if hasher is not None and raw:
+                hasher.update(raw)
+            held = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(raw, final=final)
+            except UnicodeDecodeError as e:
+                at = offset - held + e.start
+                raise DataError(
+                    f"{f.label}: not valid UTF-8 at byte offset {at} ({e.reason}); fix the file "
+                    "or replace bad bytes with U+FFFD (--errors replace, data.errors = 'replace')"
+                ) from None
+            offset += len(raw)
+            pending_bytes += len(raw)
+            if first and text:
+                text = text.removeprefix("\ufeff")
+                first = False
+            buf = carry + text
+            if final:
+                if buf or pending_bytes:
+                    yield buf, pending_bytes
+                return
+            cut = buf.rfind("\n") + 1
+            if cut == 0 and len(buf) > max_carry:
+                cut = buf.rfind(" ", len(buf) // 2) + 1 or len(buf)
+            if cut == 0:
+                carry = buf
+                continue
+            yield buf[:cut], pending_bytes
+            carry, pending_bytes = buf[cut:], 0
+
+
+class TextStream:
+    """Re-iterable text chunks of all inputs, read lazily (a tokenizer that needs no text never
+    reads it); each full pass shows a progress bar."""
+
+    def __init__(
+        self, files: Sequence[InputFile], errors: str, chunk_bytes: int, label: str
+    ) -> None:
+        self.files, self.errors, self.chunk_bytes, self.label = files, errors, chunk_bytes, label
+
+    def __iter__(self) -> Iterator[str]:
+        with ByteProgress(self.label, sum(f.size for f in self.files)) as bar:
+            for f in self.files:
+                for text, n in iter_file_chunks(f, self.errors, self.chunk_bytes):
+                    bar.advance(n)
+                    yield text
+
+
+# ---------------------------------------------------------------------------------- tokenizer
+
+
+def _sp_model_path(model: str) -> Path:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer.model = {model!r}: SentencePiece model file not found")
+    return path
+
+
+def tokenizer_fingerprint(cfg: Any) -> dict[str, Any]:
+    """What determines the ids a tokenizer config produces (a given model file counts by its
+    sha256, not its path). Stored in meta.json and hashed into default dataset directory names."""
+    data = cfg.model_dump(mode="json")
+    if data.get("type") == "sentencepiece" and data.get("model"):
+        return {"type": "sentencepiece", "model_sha256": sha256_file(_sp_model_path(data["model"]))}
+    return data
+
+
+def tokenizer_matches(meta: dict[str, Any], cfg: Any) -> bool:
+    """Whether a prepared dataset's tokenizer is the one `cfg` describes."""
+    tok = meta.get("tokenizer", {})
+    fp = tokenizer_fingerprint(cfg)
+    if fp == tok.get("fingerprint"):
+        return True
+    sha = fp.get("model_sha256")
+    return sha is not None and sha == tok.get("config", {}).get("model_sha256")
+
+
+def build_tokenizer(cfg: Any, texts: Iterable[str] | None, workdir: Path | None) -> Tokenizer:
+    """Build the tokenizer of `cfg` through the registry (plugins included)."""
+    from craft.config import registry
+
+    if cfg.model_dump().get("type") == "sentencepiece" and getattr(cfg, "model", None):
+        path = Path(cfg.model).expanduser()
+        if path.is_dir():
+            tok = load_tokenizer(path)
+            if tok.type != "sentencepiece":
+                raise TokenizerError(
+                    f"tokenizer.model = {cfg.model!r}: holds a {tok.type} tokenizer"
+                )
+            return tok
+    return registry.build("tokenizer", cfg, texts, workdir)
+
+
+# ------------------------------------------------------------------------------------- encode
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+_WORKER_DTYPE: np.dtype | None = None
+
+
+def _init_worker(tokenizer_dir: str, dtype: str) -> None:
+    global _WORKER_TOKENIZER, _WORKER_DTYPE
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
+    _WORKER_DTYPE = np.dtype(dtype)
+
+
+def _encode_in_worker(text: str) -> bytes:
+    assert _WORKER_TOKENIZER is not None and _WORKER_DTYPE is not None
+    return _WORKER_TOKENIZER.encode_array(text).astype(_WORKER_DTYPE).tobytes()
+
+
+def _encode_stream(
+    tokenizer: Tokenizer,
+    tokenizer_dir: Path,
+    chunks: Iterable[tuple[str, int]],
+    dtype: np.dtype,
+    workers: int,
+    out: Any,
+    bar: ByteProgress,
+) -> int:
+    """Encode chunks in order and append the ids to `out`; returns the number of tokens."""
+    n_tokens = 0
+    if workers <= 1:
+        for text, nbytes in chunks:
+            ids = tokenizer.encode_array(text).astype(dtype)
+            out.write(ids.tobytes())
+            n_tokens += ids.size
+            bar.advance(nbytes)
+        return n_tokens
+    import multiprocessing as mp
+
+    # spawn: safe whatever threads the parent runs (torch, accelerate); workers load the saved
+    # tokenizer artifacts. At most 2 chunks per worker are in flight, so memory stays bounded.
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(
+        workers, initializer=_init_worker, initargs=(str(tokenizer_dir), dtype.str)
+    ) as pool:
+        pending: deque[tuple[Any, int]] = deque()
+
+        def drain_one() -> None:
+            nonlocal n_tokens
+            result, nbytes = pending.popleft()
+            data = result.get()
+            out.write(data)
+            n_tokens += len(data) // dtype.itemsize
+            bar.advance(nbytes)
+
+        for text, nbytes in chunks:
+            pending.append((pool.apply_async(_encode_in_worker, (text,)), nbytes))
+            if len(pending) >= 2 * workers:
+                drain_one()
+        while pending:
+            drain_one()
+    return n_tokens
+
+
+# ------------------------------------------------------------------------------------ prepare
+
+
+def is_prepared(path: Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temporary directories of earlier runs that were killed (their process is gone)."""
+    for p in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
+        try:
+            pid = int(p.name.split(_TMP_MARK, 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--output-dir {out}: exists and is not a directory")
+    if is_prepared(out):
+        if not force:
+            raise DataError(
+                f"--output-dir {out}: already holds a prepared dataset; pass --force to replace it"
+            )
+    elif any(out.iterdir()):
+        raise DataError(
+            f"--output-dir {out}: exists, is not empty and is not a prepared dataset; "
+            "choose another directory"
+        )
+
+
+def _split_file(tokens_path: Path, out_dir: Path, n_train: int, itemsize: int) -> None:
+    """Move the tail of `tokens_path` (the validation ids) to val.bin, keep the head as train.bin."""
+    with open(tokens_path, "r+b") as src, open(out_dir / SPLIT_FILES["val"], "wb") as dst:
+        src.seek(n_train * itemsize)
+        while block := src.read(_COPY_BLOCK):
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+        src.truncate(n_train * itemsize)
+        src.flush()
+        os.fsync(src.fileno())
+    os.replace(tokens_path, out_dir / SPLIT_FILES["train"])
+
+
+def prepare(
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    tokenizer_cfg: Any,
+    *,
+    val_fraction: float = 0.1,
+    workers: int | None = None,
+    force: bool = False,
+    errors: str = "strict",
+    chunk_bytes: int = CHUNK_BYTES,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare `inputs` into `output_dir` with the tokenizer of `tokenizer_cfg`; returns meta.json."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction}: expected a number between 0 and 1")
+    if errors not in ("strict", "replace"):
+        raise DataError(f"--errors {errors!r}: expected 'strict' or 'replace'")
+    out = Path(output_dir).expanduser().absolute()
+    _check_output(out, force)
+    files = resolve_inputs(inputs)
+    fingerprint = tokenizer_fingerprint(tokenizer_cfg)
+    total_bytes = sum(f.size for f in files)
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise DataError(f"--workers {workers}: expected at least 1")
+    workers = min(workers, max(1, -(-total_bytes // chunk_bytes)))  # no idle processes
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    start = time.monotonic()
+    try:
+        with quiet(not progress):
+            stream = TextStream(files, errors, chunk_bytes, "reading text for the tokenizer")
+            tokenizer = build_tokenizer(tokenizer_cfg, stream, tmp)
+            tok_files = tokenizer.save(tmp)
+            dtype = dtype_for_vocab(tokenizer.vocab_size)
+            hashes = {f.path: hashlib.sha256() for f in files}
+            chunks = (
+                item
+                for f in files
+                for item in iter_file_chunks(f, errors, chunk_bytes, hasher=hashes[f.path])
+            )
+            tokens_path = tmp / "tokens.partial"
+            with (
+                open(tokens_path, "wb") as fh,
+                ByteProgress(
+                    f"encoding ({workers} worker{'s' * (workers > 1)})", total_bytes
+                ) as bar,
+            ):
+                n_tokens = _encode_stream(tokenizer, tmp, chunks, dtype, workers, fh, bar)
+                fh.flush()
+                os.fsync(fh.fileno())
+        n_val = int(n_tokens * val_fraction)
+        n_train = n_tokens - n_val
+        if n_tokens == 0:
+            raise DataError(f"input is empty: {', '.join(f.label for f in files[:5])} hold no text")
+        if n_val < 2 or n_train < 2:
+            raise DataError(
+                f"{n_tokens} tokens are too few to split with val_fraction {val_fraction} "
+                f"(train {n_train}, val {n_val}; each split needs at least 2 tokens)"
+            )
+        _split_file(tokens_path, tmp, n_train, dtype.itemsize)
+        meta = _meta(
+            tokenizer, fingerprint, tok_files, tmp, dtype, n_train, n_val, files, hashes,
+            val_fraction, errors, time.monotonic() - start,
+        )  # fmt: skip
+        atomic_write_json(tmp / META_FILE, meta)
+        fsync_dir(tmp)
+        _commit(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _meta(
+    tokenizer: Tokenizer,
+    fingerprint: dict[str, Any],
+    tok_files: list[str],
+    tmp: Path,
+    dtype: np.dtype,
+    n_train: int,
+    n_val: int,
+    files: list[InputFile],
+    hashes: dict[Path, Any],
+    val_fraction: float,
+    errors: str,
+    seconds: float,
+) -> dict[str, Any]:
+    from craft import __version__
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "craft_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer": {
+            "type": tokenizer.type,
+            "config": tokenizer.config(),
+            "fingerprint": fingerprint,
+            "files": {name: sha256_file(tmp / name) for name in tok_files},
+        },
+        "splits": {
+            "train": {"file": SPLIT_FILES["train"], "tokens": n_train},
+            "val": {"file": SPLIT_FILES["val"], "tokens": n_val},
+        },
+        "val_fraction": val_fraction,
+        "errors": errors,
+        "sources": [
+            {"name": f.label, "bytes": f.size, "sha256": hashes[f.path].hexdigest()} for f in files
+        ],
+        "prepare_seconds": round(seconds, 3),
+    }
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary directory into place (replacing an old dataset or empty dir)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        try:
+            os.replace(tmp, out)
+        except OSError as e:
+            raise DataError(f"{out}: cannot move the prepared dataset into place ({e})") from None
+    fsync_dir(out.parent)
+
+
+# ------------------------------------------------------------------------------ default paths
+
+
+def default_dataset_dir(data_cfg: Any, tokenizer_cfg: Any) -> Path:
+    """`<CRAFT_HOME>/datasets/<source or files-hash>-<tokenizer type>-<hash>`.
+
+    The hash covers the tokenizer fingerprint, val_fraction and errors, so changing any of them
+    never reuses a dataset prepared differently. For `files`, the base hash covers the resolved
+    paths with their sizes and modification times, so edited files are prepared again.
+    """
+    from craft.data._io import short_hash
+    from craft.paths import datasets_dir
+
+    if data_cfg.source:
+        base = data_cfg.source
+    elif data_cfg.files:
+        files = resolve_inputs(list(data_cfg.files))
+        stamp = [(str(f.path.resolve()), f.size, f.path.stat().st_mtime_ns) for f in files]
+        base = f"files-{short_hash(stamp, 8)}"
+    else:
+        raise DataError(
+            "data: set data.source (a named source), data.files (text files, directories or "
+            "globs) or data.dir (a prepared dataset)"
+        )
+    key = {
+        "tokenizer": tokenizer_fingerprint(tokenizer_cfg),
+        "val_fraction": data_cfg.val_fraction,
+        "errors": data_cfg.errors,
+        "format_version": FORMAT_VERSION,
+    }
+    tok_type = tokenizer_cfg.model_dump().get("type", "tok")
+    return datasets_dir() / f"{base}-{tok_type}-{short_hash(key, 10)}"

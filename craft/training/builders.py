@@ -1,0 +1,61 @@
+"""Build the model and the data module of a config through the component registry."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from craft.config import registry
+from craft.errors import ConfigError
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def build_model(cfg: Any, vocab_size: int, *, fused_loss: bool = False) -> torch.nn.Module:
+    """The model of `cfg.model` for `vocab_size` tokens (`cfg.model.vocab_size` wins when set).
+
+    `fused_loss` is passed to builders that take it; asking a builder that does not is an error.
+    """
+    fn = registry.get("model", cfg.model.type).build_fn()
+    if _accepts(fn, "fused_loss"):
+        return fn(cfg.model, vocab_size, fused_loss=fused_loss)
+    if fused_loss:
+        raise ConfigError(
+            f"kernels.fused_loss = true: model type {cfg.model.type!r} does not support a fused loss"
+        )
+    return fn(cfg.model, vocab_size)
+
+
+def model_block_size(cfg: Any) -> int:
+    """Training window length: `model.block_size` (every sequence model config has one)."""
+    block = getattr(cfg.model, "block_size", None)
+    if not isinstance(block, int) or block < 1:
+        raise ConfigError(
+            f"model.block_size: model type {cfg.model.type!r} needs a positive block_size for training"
+        )
+    return block
+
+
+def build_data(
+    cfg: Any, *, rank: int, world_size: int, is_main: bool, wait: Callable[[], None]
+) -> Any:
+    """The DataModule of `cfg.data` / `cfg.tokenizer` (prepares a named source on first use)."""
+    return registry.build(
+        "data",
+        cfg.data,
+        cfg.tokenizer,
+        block_size=model_block_size(cfg),
+        rank=rank,
+        world_size=world_size,
+        is_main=is_main,
+        wait=wait,
+    )

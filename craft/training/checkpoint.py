@@ -1,0 +1,474 @@
+"""Checkpoint directories: atomic commit, completion marker, `latest` pointer, export, loading.
+
+Layout of a run directory::
+
+    <run>/checkpoints/step_00000500/   model.safetensors, optimizer.safetensors + optimizer.json,
+                                       rng.safetensors, trainer_state.json, config.toml,
+                                       tokenizer/, COMPLETE
+    <run>/checkpoints/latest           name of the newest complete checkpoint
+    <run>/model/                       export: model.safetensors, config.toml, tokenizer/, COMPLETE
+
+A checkpoint is written into `.step_XXXXXXXX.tmp-<pid>/`, every file fsynced, then `COMPLETE`
+(listing the files and their sizes) is written last and the directory renamed into place. A
+directory without a valid `COMPLETE` is never loaded. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from craft.errors import CheckpointError, ConfigError
+from craft.training.state_io import (
+    dedupe_shared,
+    fsync_dir,
+    save_state,
+    save_tensors,
+    write_json,
+    write_text_atomic,
+    write_text_durable,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger("craft.training")
+
+FORMAT_VERSION = 1
+MARKER = "COMPLETE"
+LATEST = "latest"
+BEST = "best"
+CHECKPOINTS = "checkpoints"
+EXPORT = "model"
+STEP_RE = re.compile(r"^step_(\d{8,})$")
+ALIASES_KEY = "craft.aliases"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = STEP_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+# ------------------------------------------------------------------------------ completeness
+
+
+def read_marker(directory: Path) -> dict[str, Any] | None:
+    """The parsed completion marker, or None when it is missing, unreadable or does not match."""
+    try:
+        marker = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        return None
+    for rel, size in files.items():
+        try:
+            if (directory / rel).stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    return marker
+
+
+def is_complete(directory: Path) -> bool:
+    return directory.is_dir() and read_marker(directory) is not None
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of the complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        step = checkpoint_step(p)
+        if step is not None and is_complete(p):
+            out.append((step, p))
+    return sorted(out)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (the highest step; `latest` is a hint only)."""
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def clean_stale(root: Path) -> list[Path]:
+    """Remove leftovers of interrupted writes and deletions (temporary or unmarked directories)."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        stale_tmp = p.name.startswith(".") and (".tmp-" in p.name or ".trash-" in p.name)
+        unmarked = checkpoint_step(p) is not None and not is_complete(p)
+        if p.is_dir() and (stale_tmp or unmarked):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.is_file() and stale_tmp:
+            p.unlink(missing_ok=True)
+    return removed
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that no half-deleted directory ever looks complete."""
+    marker = path / MARKER
+    if marker.exists():
+        marker.unlink()
+        fsync_dir(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _fsync_tree(directory: Path) -> None:
+    for p in sorted(directory.rglob("*"), reverse=True):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            fsync_dir(p)
+    fsync_dir(directory)
+
+
+def commit_directory(
+    target: Path, write: Callable[[Path], None], *, kind: str, step: int | None
+) -> Path:
+    """Run `write(tmp)`, mark `tmp` complete and rename it to `target` atomically."""
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{target.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        marker = {
+            "format": "craft-checkpoint",
+            "version": FORMAT_VERSION,
+            "kind": kind,
+            "step": step,
+            "files": _file_sizes(tmp),
+        }
+        write_text_durable(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
+        fsync_dir(tmp)
+        if target.exists():
+            trash = parent / f".{target.name}.trash-{os.getpid()}"
+            os.replace(target, trash)
+            os.replace(tmp, target)
+            fsync_dir(parent)
+            _remove_checkpoint(trash)
+        else:
+            os.replace(tmp, target)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_model_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """`model.safetensors` with tied weights stored once (their other names in the metadata)."""
+    tensors, aliases = dedupe_shared(state)
+    tensors = {k: v.detach().to("cpu") for k, v in tensors.items()}
+    save_tensors(path, tensors, {"format": "pt", ALIASES_KEY: json.dumps(aliases)})
+
+
+def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Inverse of `save_model_weights`: every name of the model, tied ones included."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: cannot read model weights: {e}") from None
+    for alias, name in json.loads(meta.get(ALIASES_KEY, "{}")).items():
+        state[alias] = state[name]
+    return state
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes stored in a `model.safetensors`, read from its header only."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    for alias, name in json.loads(meta.get(ALIASES_KEY, "{}")).items():
+        shapes[alias] = shapes[name]
+    return shapes
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    rng_states: list[dict[str, torch.Tensor]],
+    trainer_state: dict[str, Any],
+    config_toml: str,
+    tokenizer: Any,
+    keep_last: int,
+    protect: set[str] | None = None,
+    trainer_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `root/step_XXXXXXXX/` atomically, point `latest` at it, then prune old ones.
+
+    `trainer_tensors` (tensors referenced from `trainer_state`, e.g. a data sampler's generator
+    state) go to `trainer_state.safetensors` when there are any.
+    """
+
+    def write(tmp: Path) -> None:
+        save_model_weights(tmp / "model.safetensors", model_state)
+        save_state(tmp, "optimizer", optimizer_state, {"format": "craft-optimizer"})
+        rng: dict[str, torch.Tensor] = {}
+        for rank, states in enumerate(rng_states):
+            rng.update({f"rank{rank}.{k}": v.contiguous() for k, v in states.items()})
+        save_tensors(tmp / "rng.safetensors", rng, {"world_size": str(len(rng_states))})
+        write_json(tmp / "trainer_state.json", trainer_state)
+        if trainer_tensors:
+            save_tensors(tmp / "trainer_state.safetensors", trainer_tensors, {})
+        write_text_durable(tmp / "config.toml", config_toml)
+        if tokenizer is not None:  # None: random-token data (benchmarks) has no tokenizer
+            (tmp / "tokenizer").mkdir()
+            tokenizer.save(tmp / "tokenizer")
+
+    target = commit_directory(root / checkpoint_name(step), write, kind="checkpoint", step=step)
+    write_text_atomic(root / LATEST, target.name + "\n")
+    prune(root, keep_last, protect or set())
+    return target
+
+
+def prune(root: Path, keep_last: int, protect: set[str]) -> list[Path]:
+    """Delete complete checkpoints older than the newest `keep_last`, except `protect`ed names."""
+    found = complete_checkpoints(root)
+    doomed = [p for _, p in found[:-keep_last] if p.name not in protect] if keep_last else []
+    for p in doomed:
+        _remove_checkpoint(p)
+    if doomed:
+        fsync_dir(root)
+    return doomed
+
+
+def read_rng(checkpoint: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    """The RNG states saved for `rank`, or None when that rank did not exist."""
+    states = load_file(str(checkpoint / "rng.safetensors"))
+    prefix = f"rank{rank}."
+    mine = {k[len(prefix) :]: v for k, v in states.items() if k.startswith(prefix)}
+    return mine or None
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{checkpoint}: cannot read trainer_state.json: {e}") from None
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    from craft.config import to_dict
+
+    return to_dict(cfg)
+
+
+def config_hash(cfg: Any) -> str:
+    """sha256 of the resolved config (canonical JSON), stored with every checkpoint."""
+    text = json.dumps(config_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` lines for every dotted key whose value differs."""
+    a, b = _flat(old), _flat(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            lines.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return lines
+
+
+def read_config(directory: Path) -> Any:
+    """The validated config stored in a checkpoint or export directory."""
+    from craft.config import from_dict
+
+    path = directory / "config.toml"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the stored config: {e}") from None
+    try:
+        return from_dict(data, label=str(path))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: stored config is not valid here: {e.message}") from None
+
+
+# ------------------------------------------------------------------------------ resolving
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A complete checkpoint or export directory from a run, checkpoints, checkpoint or export path."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(
+            f"{p}: not found (expected a run, checkpoint or exported model directory)"
+        )
+    if not p.is_dir():
+        raise CheckpointError(
+            f"{p}: is a file; expected a run, checkpoint or exported model directory"
+        )
+    if (p / MARKER).exists() or (p / "model.safetensors").exists():
+        if read_marker(p) is None:
+            raise CheckpointError(
+                f"{p}: incomplete checkpoint (missing or inconsistent {MARKER} marker; "
+                "it was interrupted while being written)"
+            )
+        return p
+    root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
+    found = latest_checkpoint(root)
+    if found is not None:
+        return found
+    if root is not p or any(checkpoint_step(c) is not None for c in p.iterdir()):
+        raise CheckpointError(f"{p}: no complete checkpoint in {root}")
+    raise CheckpointError(
+        f"{p}: not a run, checkpoint or exported model directory (no {CHECKPOINTS}/ or {MARKER})"
+    )
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory that holds `checkpoint`, when it sits in the standard layout."""
+    if checkpoint.parent.name == CHECKPOINTS and checkpoint_step(checkpoint) is not None:
+        return checkpoint.parent.parent
+    return None
+
+
+def newest_run_with_checkpoint(runs_root: Path) -> tuple[Path, Path] | None:
+    """(run dir, checkpoint) of the newest run under `runs_root` that has a complete checkpoint."""
+    if not runs_root.is_dir():
+        return None
+    for run in sorted((p for p in runs_root.iterdir() if p.is_dir()), reverse=True):
+        ck = latest_checkpoint(run / CHECKPOINTS)
+        if ck is not None:
+            return run, ck
+    return None
+
+
+# ------------------------------------------------------------------------------ export / load
+
+
+def export_model(source: str | Path, out_dir: str | Path) -> Path:
+    """Write the model weights, config and tokenizer of a checkpoint to `out_dir` (atomic)."""
+    src = resolve_checkpoint(source)
+    out = Path(out_dir)
+
+    def write(tmp: Path) -> None:
+        shutil.copy2(src / "model.safetensors", tmp / "model.safetensors")
+        shutil.copy2(src / "config.toml", tmp / "config.toml")
+        if (src / "tokenizer").is_dir():
+            shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+
+    step = (read_marker(src) or {}).get("step")
+    return commit_directory(out, write, kind="export", step=step)
+
+
+def write_export(
+    out_dir: Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    config_toml: str,
+    tokenizer: Any,
+    step: int,
+) -> Path:
+    """An exported model directory from live weights (atomic, with its completion marker)."""
+
+    def write(tmp: Path) -> None:
+        save_model_weights(tmp / "model.safetensors", model_state)
+        write_text_durable(tmp / "config.toml", config_toml)
+        if tokenizer is not None:  # None: random-token data (benchmarks) has no tokenizer
+            (tmp / "tokenizer").mkdir()
+            tokenizer.save(tmp / "tokenizer")
+
+    return commit_directory(out_dir, write, kind="export", step=step)
+
+
+def read_trainer_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    path = checkpoint / "trainer_state.safetensors"
+    return load_file(str(path)) if path.exists() else {}
+
+
+def load_weights_into(model: torch.nn.Module, weights: Path) -> None:
+    """Load `model.safetensors` into `model`, naming the first mismatch on failure."""
+    state = load_model_weights(weights)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights}: parameter names do not match the model "
+            f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})"
+        )
+    for name, t in expected.items():
+        if tuple(t.shape) != tuple(state[name].shape):
+            raise CheckpointError(
+                f"{weights}: {name} has shape {tuple(state[name].shape)}, the model expects "
+                f"{tuple(t.shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[torch.nn.Module, Any, Any]:
+    """(model in eval mode, tokenizer, config) from a run, checkpoint or exported model directory."""
+    from craft.data.tokenizers import load_tokenizer
+    from craft.training.builders import build_model
+
+    ck = resolve_checkpoint(path)
+    cfg = read_config(ck)
+    if not (ck / "tokenizer").is_dir():
+        raise CheckpointError(f"{ck}: has no tokenizer/ (trained on random tokens); cannot load it")
+    tokenizer = load_tokenizer(ck / "tokenizer")
+    model = build_model(cfg, tokenizer.vocab_size, fused_loss=False)
+    load_weights_into(model, ck / "model.safetensors")
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.eval()
+    return model, tokenizer, cfg

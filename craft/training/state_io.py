@@ -1,0 +1,162 @@
+"""Nested state (dicts, lists, tensors, numbers) to safetensors + JSON and back, and atomic writes.
+
+Optimizer state, data-sampler state and anything else with tensors inside is split into a flat
+`{key: tensor}` map (saved with safetensors) and a JSON structure that refers to those keys, so a
+checkpoint is readable without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSOR = "__tensor__"
+NDARRAY = "__ndarray__"
+TUPLE = "__tuple__"
+ITEMS = "__items__"
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """Replace every tensor in `obj` by a reference into `tensors` (filled in place)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().to("cpu").contiguous()
+        return {TENSOR: path}
+    if isinstance(obj, np.ndarray):
+        dtype = str(obj.dtype)
+        arr = obj.astype(np.int64) if obj.dtype in (np.uint32, np.uint64) else obj
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(arr).copy())
+        return {NDARRAY: path, "dtype": dtype}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: flatten_state(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+        return {
+            ITEMS: [
+                [k, flatten_state(v, tensors, f"{path}/{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
+    if isinstance(obj, tuple):
+        return {TUPLE: [flatten_state(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten_state(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (at {path or '/'})")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `flatten_state`."""
+    if isinstance(obj, dict):
+        if TENSOR in obj:
+            return tensors[obj[TENSOR]]
+        if NDARRAY in obj:
+            return tensors[obj[NDARRAY]].numpy().astype(obj["dtype"])
+        if TUPLE in obj:
+            return tuple(unflatten_state(v, tensors) for v in obj[TUPLE])
+        if ITEMS in obj:
+            return {k: unflatten_state(v, tensors) for k, v in obj[ITEMS]}
+        return {k: unflatten_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory entry (a rename or a new file) on POSIX file systems."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_durable(path: Path, text: str) -> None:
+    """Write a file in a directory that is not yet visible (no rename needed), then fsync it."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` atomically: readers see the old content or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_text_durable(tmp, text)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text_durable(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors file, fsynced. Tensors must not share memory (see `dedupe_shared`)."""
+    save_file(tensors, str(path), metadata=metadata)
+    fsync_file(path)
+
+
+def save_state(directory: Path, stem: str, state: Any, meta: dict[str, Any]) -> None:
+    """`<stem>.safetensors` with the tensors of `state` and `<stem>.json` with its structure."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = flatten_state(state, tensors)
+    save_tensors(directory / f"{stem}.safetensors", tensors, {"format": "craft-state"})
+    write_json(directory / f"{stem}.json", {**meta, "state": structure})
+
+
+def load_state(directory: Path, stem: str) -> tuple[Any, dict[str, Any]]:
+    """Inverse of `save_state`: (state, the JSON document without `state`)."""
+    doc = json.loads((directory / f"{stem}.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(directory / f"{stem}.safetensors"))
+    structure = doc.pop("state")
+    return unflatten_state(structure, tensors), doc
+
+
+def dedupe_shared(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop names whose tensor is the very same view as an earlier one (tied weights).
+
+    Returns (tensors to save, {dropped name: kept name}). Tensors that overlap in memory without
+    being the same view are cloned so safetensors can store them.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple[Any, ...], str] = {}
+    storages: set[int] = set()
+    for name, t in state.items():
+        if t.device.type == "meta" or t.numel() == 0:
+            kept[name] = t.contiguous()
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in views:
+            aliases[name] = views[key]
+            continue
+        views[key] = name
+        if ptr in storages:
+            t = t.clone()
+        storages.add(ptr)
+        kept[name] = t.contiguous()
+    return kept, aliases

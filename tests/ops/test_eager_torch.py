@@ -1,0 +1,337 @@
+"""The `eager` reference against plain PyTorch definitions, and the `torch` backend against `eager`.
+
+Gradient comparisons run in float64 with a random upstream gradient (a vector-Jacobian product),
+on odd shapes, grouped-query heads, causal and non-causal attention and Tq < Tk (decode steps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import craft.ops as ops
+from craft.errors import KernelError
+from craft.ops import eager
+from craft.ops import torch_backend as tb
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one CPU thread is fastest and keeps parallel test workers from contending."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _vjp(fn, inputs: tuple[torch.Tensor, ...], seed: int = 0):
+    """fn(*inputs) and its vector-Jacobian product with a fixed random upstream gradient."""
+    inputs = tuple(x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs)
+    out = fn(*inputs)
+    gen = torch.Generator().manual_seed(seed)
+    up = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    wrt = [x for x in inputs if x.requires_grad]
+    return out.detach(), torch.autograd.grad(out, wrt, up, allow_unused=True)
+
+
+def _assert_same(a, b, atol: float = 1e-10) -> None:
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=1e-8)
+    assert len(grads_a) == len(grads_b)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        assert (ga is None) == (gb is None)  # an input unused by one is unused by the other
+        if ga is not None:
+            torch.testing.assert_close(ga, gb, atol=atol, rtol=1e-8)
+
+
+# ------------------------------------------------------------------------------------- attention
+
+ATTN_SHAPES = [
+    # B, H, Hkv, Tq, Tk, D
+    (2, 4, 4, 7, 7, 5),  # multi-head, odd sizes
+    (1, 6, 2, 9, 9, 8),  # grouped-query
+    (2, 4, 1, 1, 11, 6),  # multi-query decode step
+    (1, 4, 2, 3, 10, 4),  # chunk of queries against a longer cache
+]
+
+
+def _qkv(b, h, hkv, tq, tk, d, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, tq, d, generator=g, dtype=dtype)
+    k = torch.randn(b, hkv, tk, d, generator=g, dtype=dtype)
+    v = torch.randn(b, hkv, tk, d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _naive_attention(q, k, v, causal):
+    """Loop over heads and queries, spelling out the bottom-right causal rule."""
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            kh = hi // (h // hkv)
+            for i in range(tq):
+                last = tk - tq + i if causal else tk - 1
+                s = (k[bi, kh, : last + 1] @ q[bi, hi, i]) / math.sqrt(d)
+                out[bi, hi, i] = torch.softmax(s, 0) @ v[bi, kh, : last + 1]
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+def test_eager_attention_matches_naive_loop(shape, causal):
+    q, k, v = _qkv(*shape)
+    torch.testing.assert_close(eager.attention(q, k, v, causal), _naive_attention(q, k, v, causal))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+def test_torch_attention_forward_and_grads_equal_eager(shape, causal):
+    qkv = _qkv(*shape)
+    _assert_same(
+        _vjp(lambda q, k, v: tb.attention(q, k, v, causal), qkv),
+        _vjp(lambda q, k, v: eager.attention(q, k, v, causal), qkv),
+    )
+
+
+def test_attention_custom_scale_and_gqa_equals_repeated_heads():
+    q, k, v = _qkv(2, 6, 3, 5, 5, 4)
+    rep = (k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
+    for fn in (eager.attention, tb.attention):
+        torch.testing.assert_close(fn(q, k, v, True, 0.3), eager.attention(q, *rep, True, 0.3))
+
+
+def test_causal_decode_step_sees_every_key():
+    q, k, v = _qkv(1, 2, 2, 1, 6, 4)
+    for fn in (eager.attention, tb.attention):
+        torch.testing.assert_close(fn(q, k, v, True), fn(q, k, v, False))
+
+
+def test_attention_rejects_bad_shapes():
+    q, k, v = _qkv(1, 3, 2, 4, 4, 4)
+    with pytest.raises(ValueError, match="multiple"):
+        eager.attention(q, k, v)
+    q, k, v = _qkv(1, 2, 2, 5, 3, 4)
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        tb.attention(q, k, v, causal=True)
+
+
+# --------------------------------------------------------------------------------- cross-entropy
+
+LOSS_SETTINGS = [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-3), (0.2, 0.05)]
+
+
+def _logits_targets(n=13, v=11, seed=0, ignore=(2, 7)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g, dtype=F64) * 3
+    t = torch.randint(0, v, (n,), generator=g)
+    t[list(ignore)] = -100
+    return x, t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_eager_cross_entropy_matches_pytorch_definition(reduction, label_smoothing):
+    x, t = _logits_targets()
+    ref = F.cross_entropy(x, t, reduction=reduction, label_smoothing=label_smoothing)
+    torch.testing.assert_close(eager.cross_entropy(x, t, -100, reduction, label_smoothing), ref)
+
+
+def test_eager_z_loss_adds_squared_logsumexp():
+    x, t = _logits_targets(ignore=())
+    base = eager.cross_entropy(x, t, reduction="none")
+    with_z = eager.cross_entropy(x, t, reduction="none", z_loss=0.01)
+    torch.testing.assert_close(with_z - base, 0.01 * torch.logsumexp(x, -1) ** 2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("label_smoothing", "z_loss"), LOSS_SETTINGS)
+def test_torch_cross_entropy_equals_eager(reduction, label_smoothing, z_loss):
+    x, t = _logits_targets()
+    args = (-100, reduction, label_smoothing, z_loss)
+    _assert_same(
+        _vjp(lambda x: tb.cross_entropy(x, t, *args), (x,)),
+        _vjp(lambda x: eager.cross_entropy(x, t, *args), (x,)),
+    )
+
+
+@pytest.mark.parametrize("fn", [eager.cross_entropy, tb.cross_entropy])
+def test_all_ignored_mean_is_zero_with_zero_grads(fn):
+    x = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    t = torch.full((4,), -1, dtype=torch.long)
+    loss = fn(x, t, ignore_index=-1, label_smoothing=0.1, z_loss=0.01)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_loss_of_low_precision_logits_is_float32():
+    x, t = _logits_targets()
+    ref = eager.cross_entropy(x, t)
+    for fn in (eager.cross_entropy, tb.cross_entropy):
+        out = fn(x.to(torch.bfloat16), t)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, atol=0.05, rtol=0.02)
+
+
+def test_bad_loss_arguments_raise():
+    x, t = _logits_targets()
+    with pytest.raises(ValueError, match="reduction"):
+        tb.cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        eager.cross_entropy(x, t, label_smoothing=1.5)
+
+
+# -------------------------------------------------------------------------- linear cross-entropy
+
+
+def _hidden_weight(n=23, c=6, v=17, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, c, generator=g, dtype=F64)
+    w = torch.randn(v, c, generator=g, dtype=F64) * 0.5
+    b = torch.randn(v, generator=g, dtype=F64)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[[0, n // 2, n - 2]] = -100
+    return h, w, b, t
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 rows for a 17-word vocabulary, so every test crosses chunk boundaries."""
+    monkeypatch.setattr(tb, "CHUNK_LOGITS", 3 * 17)
+    calls = []
+    real = tb._fused_pass
+
+    def spy(hidden, weight, *a, **kw):
+        calls.append(hidden.shape[0])
+        return real(hidden, weight, *a, **kw)
+
+    monkeypatch.setattr(tb, "_fused_pass", spy)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("label_smoothing", "z_loss"), LOSS_SETTINGS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_torch_linear_cross_entropy_equals_eager(
+    small_chunks, reduction, label_smoothing, z_loss, with_bias
+):
+    h, w, b, t = _hidden_weight()
+    args = (-100, reduction, label_smoothing, z_loss)
+    if with_bias:
+        got = _vjp(lambda h, w, b: tb.linear_cross_entropy(h, w, t, b, *args), (h, w, b))
+        ref = _vjp(lambda h, w, b: eager.linear_cross_entropy(h, w, t, b, *args), (h, w, b))
+    else:
+        got = _vjp(lambda h, w: tb.linear_cross_entropy(h, w, t, None, *args), (h, w))
+        ref = _vjp(lambda h, w: eager.linear_cross_entropy(h, w, t, None, *args), (h, w))
+    _assert_same(got, ref)
+    assert small_chunks  # the chunked path ran
+
+
+def test_linear_cross_entropy_gradcheck(small_chunks):
+    h, w, b, t = _hidden_weight(n=7, c=3, v=17)
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b, r=reduction: tb.linear_cross_entropy(h, w, t, b, -100, r, 0.1, 0.01),
+            (h.requires_grad_(), w.requires_grad_(), b.requires_grad_()),
+        )
+
+
+def test_linear_cross_entropy_only_needed_grads_and_no_grad_mode(small_chunks):
+    h, w, _, t = _hidden_weight()
+    w.requires_grad_()
+    loss = tb.linear_cross_entropy(h, w, t)
+    loss.backward()
+    assert h.grad is None and w.grad is not None
+    with torch.no_grad():
+        assert not tb.linear_cross_entropy(h, w, t).requires_grad
+
+
+def test_linear_cross_entropy_under_bf16_autocast_is_close_to_fp32():
+    h, w, _, t = _hidden_weight(n=32, c=16, v=40)
+    h, w = h.float().requires_grad_(), w.float().requires_grad_()
+    ref = eager.linear_cross_entropy(h, w, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tb.linear_cross_entropy(h, w, t)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.02)
+    out.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------- norm
+
+NORM_CASES = [
+    ("layernorm", True, True),
+    ("layernorm", True, False),
+    ("layernorm", False, False),
+    ("rmsnorm", True, False),
+    ("rmsnorm", False, False),
+]
+
+
+def _norm_inputs(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 7, generator=g, dtype=F64) * 2 + 1
+    r = torch.randn(3, 5, 7, generator=g, dtype=F64)
+    w = torch.randn(7, generator=g, dtype=F64)
+    b = torch.randn(7, generator=g, dtype=F64)
+    return x, r, w, b
+
+
+def test_eager_norms_match_definitions():
+    x, _, w, b = _norm_inputs()
+    torch.testing.assert_close(eager.norm(x, w, b), F.layer_norm(x, (7,), w, b, 1e-5))
+    rms = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * w
+    torch.testing.assert_close(eager.norm(x, w, None, "rmsnorm", 1e-6), rms)
+
+
+@pytest.mark.parametrize(("kind", "weight", "bias"), NORM_CASES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_torch_norm_equals_eager(kind, weight, bias, residual):
+    x, r, w, b = _norm_inputs()
+
+    def call(fn):
+        def run(x, r, w, b):
+            out = fn(x, w if weight else None, b if bias else None, kind, 1e-5, r if residual else None)
+            return torch.stack(out) if residual else out  # (2, ...) normed and sum
+
+        return run
+
+    _assert_same(_vjp(call(tb.norm), (x, r, w, b)), _vjp(call(eager.norm), (x, r, w, b)))
+
+
+def test_norm_keeps_input_dtype_and_rejects_rmsnorm_bias():
+    x, _, w, b = _norm_inputs()
+    for fn in (eager.norm, tb.norm):
+        assert fn(x.float(), w.float()).dtype == torch.float32
+        with pytest.raises(ValueError, match="bias"):
+            fn(x, w, b, "rmsnorm")
+
+
+# ------------------------------------------------------------------------------------- dispatch
+
+
+def test_use_backends_selects_and_restores():
+    x, t = _logits_targets()
+    assert ops.selected("cross_entropy") == "auto"
+    with ops.use_backends(cross_entropy="eager", norm="torch"):
+        assert ops.selected("cross_entropy") == "eager"
+        assert ops.selected("norm") == "torch"
+        torch.testing.assert_close(ops.cross_entropy(x, t), eager.cross_entropy(x, t))
+    assert ops.selected("cross_entropy") == "auto" and ops.selected("norm") == "auto"
+    with pytest.raises(KernelError, match="no such backend"), ops.use_backends(norm="nope"):
+        pass
+    assert ops.selected("norm") == "auto"
+
+
+def test_auto_prefers_torch_over_eager_on_cpu():
+    assert ops.availability("attention")["eager"] is None
+    assert ops.availability("attention")["torch"] is None
+    assert ops.registry.resolve("attention", "cpu", *_qkv(1, 2, 2, 3, 3, 4)).priority >= 10

@@ -1,0 +1,103 @@
+"""Learning-rate schedules and optimizer parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from craft.config import load_config
+from craft.config.components import (
+    AdamWConfig,
+    ConstantSchedulerConfig,
+    CosineSchedulerConfig,
+    LinearSchedulerConfig,
+    SGDConfig,
+    WSDSchedulerConfig,
+)
+from craft.training.optim import build_adamw, build_sgd, param_groups
+from craft.training.schedulers import (
+    build_constant,
+    build_cosine,
+    build_linear,
+    build_wsd,
+    restore_scheduler,
+    scheduler_state,
+)
+
+
+def _opt(lr: float = 1e-3) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2, 2))], lr=lr)
+
+
+def _lrs(sched: torch.optim.lr_scheduler.LRScheduler, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        out.append(sched.optimizer.param_groups[0]["lr"])
+        sched.optimizer.step()
+        sched.step()
+    return out
+
+
+def test_cosine_warmup_peak_and_floor() -> None:
+    cfg = CosineSchedulerConfig(warmup_steps=10, min_lr=1e-4)
+    lrs = _lrs(build_cosine(cfg, _opt(1e-3), max_steps=100), 101)
+    assert lrs[0] == pytest.approx(1e-3 / 11)
+    assert lrs[9] == pytest.approx(1e-3 * 10 / 11)
+    assert lrs[10] == pytest.approx(1e-3)  # peak right after warmup
+    assert lrs[55] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # halfway down the cosine
+    assert lrs[100] == pytest.approx(1e-4)  # floor at max_steps and after
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+def test_linear_constant_and_wsd_shapes() -> None:
+    lin = _lrs(build_linear(LinearSchedulerConfig(min_lr=0.0), _opt(1.0), 10), 11)
+    assert lin[0] == pytest.approx(1.0) and lin[5] == pytest.approx(0.5) and lin[10] == 0.0
+    const = _lrs(build_constant(ConstantSchedulerConfig(warmup_steps=3), _opt(2.0), 10), 6)
+    assert const[:3] == pytest.approx([0.5, 1.0, 1.5]) and const[3:] == [2.0, 2.0, 2.0]
+    wsd = _lrs(build_wsd(WSDSchedulerConfig(decay_fraction=0.2, min_lr=0.1), _opt(1.0), 10), 11)
+    assert wsd[:8] == [1.0] * 8  # stable until the last 20%
+    assert wsd[9] == pytest.approx(0.55) and wsd[10] == pytest.approx(0.1)
+
+
+def test_restore_recomputes_lr_from_step_with_new_max_steps() -> None:
+    cfg = CosineSchedulerConfig(warmup_steps=0, min_lr=0.0)
+    s1 = build_cosine(cfg, _opt(1.0), max_steps=10)
+    _lrs(s1, 5)
+    s2 = build_cosine(cfg, _opt(1.0), max_steps=20)  # the run was extended
+    restore_scheduler(s2, scheduler_state(s1), 5)
+    assert s2.last_epoch == 5
+    assert s2.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert s2.get_last_lr()[0] == s2.optimizer.param_groups[0]["lr"]
+
+
+def test_weight_decay_only_on_matrices_and_tied_params_once() -> None:
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=True)
+    head.weight = emb.weight
+    model = torch.nn.Sequential(emb, torch.nn.LayerNorm(4), head)
+    groups = param_groups(model, 0.1)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and len(decay["params"]) == 1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and len(no_decay["params"]) == 3
+    opt = build_adamw(AdamWConfig(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1), model)
+    assert not opt.defaults.get("fused")  # CPU parameters: no fused kernel
+    assert opt.defaults["betas"] == (0.9, 0.99)
+    sgd = build_sgd(SGDConfig(lr=0.1, weight_decay=0.01), model)
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.01, 0.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW needs CUDA")
+def test_adamw_fused_on_cuda() -> None:
+    model = torch.nn.Linear(4, 4).cuda()
+    assert build_adamw(AdamWConfig(), model).defaults["fused"] is True
+
+
+def test_recipes_validate() -> None:
+    from tests.training._helpers import REPO
+
+    for recipe in sorted((REPO / "recipes").glob("*.toml")):
+        cfg = load_config(recipe)
+        assert cfg.training.max_steps >= 1, recipe
