@@ -14,12 +14,17 @@ Decode speed does not depend on the weights, so without --checkpoint each recipe
 built with random weights at its configured shape (vocabulary: tinyshakespeare's 65 characters);
 the report says which was used. Before timing, greedy decoding is checked to give identical
 tokens both ways within the context window. The goal is a speed-up of at least 5x for char_gpt.
+
+On a CPU, cached decoding reads every weight once per token (about 43 MB in float32 for char_gpt),
+so it is bound by memory bandwidth, while recomputation runs large matrix products bound by
+arithmetic: the ratio depends on the machine's balance of the two and on what else is running.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -109,19 +114,26 @@ def bench_model(
         "new_tokens": args.new_tokens,
         "greedy_tokens_checked_equal": compared,
     }
-    for label, fn, reps in (
-        ("kv_cache", decode_cached, args.repeats),
-        ("recompute", decode_recompute, args.baseline_repeats),
-    ):
-        times = [time_once(fn, model, args.new_tokens, device) for _ in range(reps)]
-        row[f"{label}_seconds"] = times
-        row[f"{label}_tokens_per_s"] = args.new_tokens / statistics.median(times)
-        print(f"  {name} {label}: {row[f'{label}_tokens_per_s']:.1f} tokens/s", flush=True)
+    # The two ways alternate, so that a change in machine load hits both alike.
+    ways = {"kv_cache": decode_cached, "recompute": decode_recompute}
+    times: dict[str, list[float]] = {label: [] for label in ways}
+    for rep in range(max(args.repeats, args.baseline_repeats)):
+        for label, fn in ways.items():
+            if rep < (args.repeats if label == "kv_cache" else args.baseline_repeats):
+                times[label].append(time_once(fn, model, args.new_tokens, device))
+    for label, ts in times.items():
+        row[f"{label}_seconds"] = ts
+        row[f"{label}_tokens_per_s"] = args.new_tokens / min(ts)
+        row[f"{label}_tokens_per_s_median"] = args.new_tokens / statistics.median(ts)
+        print(f"  {name} {label}: {row[f'{label}_tokens_per_s']:.1f} tokens/s (best)", flush=True)
     row["speedup"] = row["kv_cache_tokens_per_s"] / row["recompute_tokens_per_s"]
+    row["speedup_median"] = (
+        row["kv_cache_tokens_per_s_median"] / row["recompute_tokens_per_s_median"]
+    )
     goal = GOAL.get(name)
     if goal is not None:
         row["goal_speedup"] = goal
-        row["goal_met"] = row["speedup"] >= goal
+        row["goal_met"] = row["speedup_median"] >= goal  # judged on the median, the stricter here
     return row
 
 
@@ -135,22 +147,24 @@ def markdown(result: dict[str, Any]) -> str:
         f"torch threads {m['torch_threads']}",
         f"- versions: python {m['python']}, torch {m['torch']}, craft {m['craft']}",
         f"- command: `{result['command']}`",
-        f"- prompt: 1 token; sampling: temperature 1, seed 0; timing: median of the repeats",
+        "- prompt: 1 token; sampling: temperature 1, seed 0; the two ways alternate; tokens/s "
+        "from the best of the repeats (all times are in the JSON file)",
         "",
         "| model | weights | params | block | new tokens | KV cache tok/s | recompute tok/s "
-        "| speed-up | goal |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| speed-up (best) | speed-up (median) | goal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         goal = (
-            f">= {r['goal_speedup']:.0f}x: {'met' if r['goal_met'] else 'NOT met'}"
+            f">= {r['goal_speedup']:.0f}x (median): {'met' if r['goal_met'] else 'NOT met'}"
             if "goal_speedup" in r
             else "-"
         )
         lines.append(
             f"| {r['model']} | {r['weights']} | {r['params'] / 1e6:.2f}M | {r['block_size']} "
             f"| {r['new_tokens']} | {r['kv_cache_tokens_per_s']:.1f} "
-            f"| {r['recompute_tokens_per_s']:.1f} | {r['speedup']:.1f}x | {goal} |"
+            f"| {r['recompute_tokens_per_s']:.1f} | {r['speedup']:.1f}x "
+            f"| {r['speedup_median']:.1f}x | {goal} |"
         )
     lines += ["", result["note"], ""]
     return "\n".join(lines)
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", default=None, help="Benchmark this trained model instead.")
     p.add_argument("--new-tokens", type=int, default=500)
     p.add_argument("--repeats", type=int, default=3, help="Timed runs with the KV cache.")
-    p.add_argument("--baseline-repeats", type=int, default=1, help="Timed runs recomputing.")
+    p.add_argument("--baseline-repeats", type=int, default=2, help="Timed runs recomputing.")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     p.add_argument("--quick", action="store_true", help="50 tokens, char_small only.")
@@ -194,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(bench_model(name, model, source, args, device))
     result = {
         "benchmark": "decode_speed",
-        "command": " ".join(["python", "bench/decode_speed.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "bench/decode_speed.py", *(argv or sys.argv[1:])]),
         "machine": machine_info(device),
         "rows": rows,
         "note": args.note

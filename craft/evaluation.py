@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class EvalResult:
     batches: int
     window: int
     complete: bool  # the whole split was scored (no max_batches cut)
+    data: str = ""  # the prepared dataset directory, when known
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,14 +83,15 @@ def count_text(tokenizer: Any, ids: np.ndarray) -> tuple[int, int]:
 
 
 class _Progress:
-    """A rich bar on a terminal, a plain line every ~10% otherwise, or nothing."""
+    """A rich bar on a terminal; otherwise a plain line every 10 s and one at the end."""
+
+    PLAIN_INTERVAL_S = 10.0
 
     def __init__(self, total: int, label: str, enabled: bool) -> None:
         self.total, self.label, self.done = total, label, 0
         self._bar: Any = None
         self._plain = enabled and not sys.stderr.isatty()
-        self._next_plain = 0.1
-        self._t0 = time.perf_counter()
+        self._t0 = self._last = time.perf_counter()
         if enabled and not self._plain:
             from rich.console import Console
             from rich.progress import (
@@ -121,25 +123,32 @@ class _Progress:
             self._bar.start()
             self._task = self._bar.add_task(label, total=total)
 
+    def _line(self, final: bool) -> None:
+        elapsed = time.perf_counter() - self._t0
+        rate = self.done / max(elapsed, 1e-9)
+        tail = (
+            f"done in {elapsed:.1f}s"
+            if final
+            else f"eta {(self.total - self.done) / max(rate, 1e-9):.0f}s"
+        )
+        sys.stderr.write(
+            f"{self.label}: {self.done}/{self.total} batches, {rate:.1f} batch/s, {tail}\n"
+        )
+        sys.stderr.flush()
+
     def advance(self) -> None:
         self.done += 1
         if self._bar is not None:
             self._bar.advance(self._task)
-        elif self._plain and self.done >= self._next_plain * self.total:
-            elapsed = time.perf_counter() - self._t0
-            rate = self.done / max(elapsed, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            sys.stderr.write(
-                f"{self.label}: {self.done}/{self.total} batches, "
-                f"{rate:.1f} batch/s, eta {eta:.0f}s\n"
-            )
-            sys.stderr.flush()
-            while self._next_plain * self.total <= self.done:
-                self._next_plain += 0.1
+        elif self._plain and time.perf_counter() - self._last >= self.PLAIN_INTERVAL_S:
+            self._last = time.perf_counter()
+            self._line(final=False)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+        elif self._plain and self.done == self.total:
+            self._line(final=True)
 
 
 def _batches(
@@ -299,7 +308,7 @@ def evaluate_checkpoint(
     dataset = open_eval_data(cfg, data)
     check_same_vocabulary(tokenizer, model.vocab_size, dataset)
     window = getattr(model, "block_size", None) or model_block_size(cfg)
-    return evaluate_tokens(
+    result = evaluate_tokens(
         model,
         tokenizer,
         dataset.split(split),
@@ -310,3 +319,4 @@ def evaluate_checkpoint(
         progress=progress,
         autocast_dtype=autocast,
     )
+    return replace(result, data=str(dataset.path))

@@ -130,6 +130,7 @@ def iter_tokens(
     cropped from the left. Stops early once every row has produced `eos_id` (the eos token is
     yielded; rows that finished earlier keep yielding `eos_id`). `use_cache=False` recomputes the
     last `block_size` tokens at every step (the reference the cache is checked against).
+    The caller puts the model in eval mode (dropout off); `generate` does.
     """
     return _iter_tokens(
         model,
@@ -190,9 +191,10 @@ def _iter_tokens(
         yield nxt
         if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
             return
-        seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T+1)
-        if block is not None:
-            seq = seq[:, -block:]
+        if block is not None or not use_cache:  # a recurrent cache needs no token history
+            seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T+1)
+            if block is not None:
+                seq = seq[:, -block:]
         if use_cache:
             if block is not None and filled >= block:
                 # The cache is full: refill it from the most recent `keep` tokens.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,23 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # The suite never touches the network: named sources come from the shared mirror.
 os.environ.setdefault("CRAFT_DATA_MIRROR", str(SHARED_DATA))
-if "TRITON_INTERPRET" not in os.environ:
-    import torch
+# Tests run tiny models, for which one CPU thread is fastest; pytest-xdist runs one worker per core,
+# and subprocesses (CLI tests) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402  (after OMP_NUM_THREADS so the thread pool honours it)
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     # Triton kernels run in the interpreter on CPU tensors when there is no GPU.
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -62,7 +62,7 @@ def make_inputs(case: Case, gen: torch.Generator) -> Inputs:
     b, h, hkv, t, hd = d["batch"], d["heads"], d["kv_heads"], d["seq_len"], d["head_dim"]
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(case.device, case.dtype)
+        return torch.randn(*shape, generator=gen, device=case.device).to(case.dtype)
 
     q = randn(b, h, t, hd)  # (B, H, T, D)
     k = randn(b, hkv, t, hd)  # (B, Hkv, T, D)
@@ -174,7 +174,9 @@ def _sdpa(backend_name: str) -> Callable[[Case], Callable[..., torch.Tensor]]:
             # The backward kernel follows the forward's choice, so the context covers the forward.
             with sdpa_kernel(backend):
                 if gqa:
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+                    return F.scaled_dot_product_attention(
+                        q, k, v, is_causal=causal, enable_gqa=True
+                    )
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         return fn
@@ -209,7 +211,10 @@ def _register() -> None:
             Impl(name, _sdpa(member), _sdpa_available(name), f"SDPA forced to {member}"),
         )
     register_craft_backends(
-        NAME, "attention", _craft_call, lambda case, a: (a[0], a[1], a[2], case.dims["causal"], None)
+        NAME,
+        "attention",
+        _craft_call,
+        lambda case, a: (a[0], a[1], a[2], case.dims["causal"], None),
     )
 
 

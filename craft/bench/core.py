@@ -82,13 +82,40 @@ class Check:
     reason: str | None = None  # why it failed, naming the tensor
 
 
+def _error_stats(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float, float, bool]:
+    """(|diff|_2^2, |ref|_2^2, max|diff|, max|ref|, all finite), in float64 chunks.
+
+    Chunked so that comparing a large gradient never needs two more full-size float64 copies.
+    """
+    g, r = got.detach().reshape(-1), ref.reshape(-1)
+    diff_sq = ref_sq = diff_max = ref_max = 0.0
+    for start in range(0, g.numel(), _COMPARE_CHUNK):
+        gc = g[start : start + _COMPARE_CHUNK].to(torch.float64)
+        rc = r[start : start + _COMPARE_CHUNK].to(torch.float64)
+        if not torch.isfinite(gc).all():
+            return 0.0, 0.0, 0.0, 0.0, False
+        d = gc - rc
+        diff_sq += float(d.square().sum())
+        ref_sq += float(rc.square().sum())
+        diff_max = max(diff_max, float(d.abs().max()))
+        ref_max = max(ref_max, float(rc.abs().max()))
+    return diff_sq, ref_sq, diff_max, ref_max, True
+
+
+_COMPARE_CHUNK = 1 << 24
+
+
 def compare(
     got: Sequence[torch.Tensor | None],
     ref: Sequence[torch.Tensor],
     names: Sequence[str],
     tol: tuple[float, float],
 ) -> Check:
-    """Compare each tensor in `got` with its float64 reference; the worst tensor decides."""
+    """Compare each tensor in `got` with its reference; the worst tensor decides.
+
+    rms err = |got - ref|_2 / |ref|_2; max err = max|got - ref| / max|ref| (absolute when the
+    reference is all zeros).
+    """
     worst_rms = worst_max = 0.0
     for g, r, name in zip(got, ref, names, strict=True):
         if g is None:
@@ -97,14 +124,11 @@ def compare(
             return Check(
                 False, math.inf, math.inf, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
             )
-        g64 = g.detach().to(torch.float64)
-        if not torch.isfinite(g64).all():
+        diff_sq, ref_sq, diff_max, ref_max, finite = _error_stats(g, r)
+        if not finite:
             return Check(False, math.inf, math.inf, f"{name}: non-finite values")
-        diff = g64 - r
-        ref_norm = r.norm().item()
-        ref_max = r.abs().max().item() if r.numel() else 0.0
-        rms = diff.norm().item() / ref_norm if ref_norm > 0 else diff.norm().item()
-        mx = (diff.abs().max().item() if diff.numel() else 0.0) / (ref_max if ref_max > 0 else 1.0)
+        rms = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else math.sqrt(diff_sq)
+        mx = diff_max / ref_max if ref_max > 0 else diff_max
         if rms > tol[0] or mx > tol[1]:
             return Check(
                 False,
@@ -186,6 +210,9 @@ class Impl:
     available: Callable[[Case, tuple[Any, ...]], str | None] = lambda case, args: None
     description: str = ""
     compiles: bool = False  # a torch.compile implementation (off in --quick runs)
+    # Entered around everything the implementation runs (checking, timing, memory), e.g. a config
+    # patch it needs.
+    context: Callable[[Case], contextlib.AbstractContextManager[Any]] | None = None
 
 
 @dataclass
@@ -216,7 +243,9 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["tol"] = list(self.tol) if self.tol else None
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()
+        }
 
 
 @dataclass
@@ -416,13 +445,20 @@ def make_step(
     return step, leaves
 
 
-def check_impl(fn: Callable[..., Any], case: Case, inputs: Inputs, ref: list[torch.Tensor]) -> Check:
+def check_impl(
+    fn: Callable[..., Any], case: Case, inputs: Inputs, ref: list[torch.Tensor]
+) -> Check:
     """Run fn once on fresh inputs (forward, and backward in bwd modes) and compare with `ref`."""
     args = inputs.fresh(case.needs_grad)
     outs = _call(fn, args)
     got: list[torch.Tensor | None] = [o.detach() for o in outs]
     if case.needs_grad:
-        torch.autograd.backward(outs, inputs.fresh_grad_out())
+        # Outputs cut off from autograd get no backward; the missing gradients then fail the check.
+        pairs = [
+            (o, g) for o, g in zip(outs, inputs.fresh_grad_out(), strict=False) if o.requires_grad
+        ]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         got += _grads(args, inputs.diff)
     names = inputs.compared_names(case.needs_grad)
     if len(got) != len(ref):
@@ -438,9 +474,9 @@ FP64_REF_BUDGET = 2e14
 
 def reference_dtype(fam: Family, case: Case) -> torch.dtype:
     """float64, except for very large matmul-bound references on CUDA (see FP64_REF_BUDGET)."""
-    if case.device.type == "cuda" and fam.ref_flops is not None:
-        if fam.ref_flops(case) > FP64_REF_BUDGET:
-            return torch.float32
+    on_cuda = case.device.type == "cuda"
+    if on_cuda and fam.ref_flops is not None and fam.ref_flops(case) > FP64_REF_BUDGET:
+        return torch.float32
     return torch.float64
 
 
@@ -477,7 +513,7 @@ def run_family(
     compile_on = settings.compile if settings.compile is not None else not settings.quick
     for dims in fam.cases(settings):
         case = Case(fam.name, dims, settings.device, settings.dtype, settings.mode)
-        gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+        gen = torch.Generator(device=settings.device).manual_seed(settings.seed)
         inputs = fam.make_inputs(case, gen)
         ref_dtype = reference_dtype(fam, case)
         with _no_tf32():
@@ -528,9 +564,11 @@ def _run_one(
     if why:
         res.reason = why
         return
+    ctx = impl.context or (lambda case: contextlib.nullcontext())
     try:
-        fn = impl.make(case)
-        check = check_impl(fn, case, inputs, ref)
+        with ctx(case):
+            fn = impl.make(case)
+            check = check_impl(fn, case, inputs, ref)
     except Exception as e:
         res.status = SKIPPED if impl.compiles or _is_skip(e) else FAILED
         res.reason = _first_line(e)
@@ -542,10 +580,11 @@ def _run_one(
         return
     on_gpu = case.device.type == "cuda"
     try:
-        step, leaves = make_step(fn, inputs, case.mode, clear_grads=not on_gpu)
-        timing: Timing = measure(step, case.device, quick=quick, grads=leaves)
+        with ctx(case):
+            step, leaves = make_step(fn, inputs, case.mode, clear_grads=not on_gpu)
+            timing: Timing = measure(step, case.device, quick=quick, grads=leaves)
     except Exception as e:
-        res.status = SKIPPED if _is_skip(e) else FAILED
+        res.status = SKIPPED if impl.compiles or _is_skip(e) else FAILED
         res.reason = f"while timing: {_first_line(e)}"
         _free(case.device)
         return
@@ -554,7 +593,12 @@ def _run_one(
     res.work = fam.work(case)
     scale = 1e12 if fam.metric == "TFLOP/s" else 1e9
     res.throughput = res.work / (timing.median_ms * 1e-3) / scale
-    meter.request(res, step, leaves)
+
+    def step_in_context() -> Any:
+        with ctx(case):
+            return step()
+
+    meter.request(res, step_in_context if impl.context else step, leaves)
 
 
 def _free(device: torch.device) -> None:

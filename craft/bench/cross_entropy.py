@@ -44,8 +44,8 @@ def cases(s: Settings) -> list[dict[str, Any]]:
 
 def make_inputs(case: Case, gen: torch.Generator) -> Inputs:
     n, vocab = case.dims["tokens"], case.dims["vocab"]
-    logits = torch.randn(n, vocab, generator=gen).to(case.device, case.dtype)  # (N, V)
-    targets = torch.randint(0, vocab, (n,), generator=gen).to(case.device)  # (N,)
+    logits = torch.randn(n, vocab, generator=gen, device=case.device).to(case.dtype)  # (N, V)
+    targets = torch.randint(0, vocab, (n,), generator=gen, device=case.device)  # (N,)
     return Inputs((logits, targets), ("logits", "targets"), (0,), (None,), ("loss",))
 
 

@@ -69,6 +69,14 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _unloaded_backends() -> dict[str, str]:
+    """Craft backend modules that could not be imported here, with the reason."""
+    import craft.ops
+
+    fn = getattr(craft.ops, "unloaded_backends", None)
+    return dict(fn()) if fn is not None else {}
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Device, versions and date: what a recorded result must say about where it came from."""
     from craft import __version__
@@ -89,6 +97,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") or None,
     }
+    info["craft_backends_not_loaded"] = _unloaded_backends()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu_memory_bytes"] = int(props.total_memory)

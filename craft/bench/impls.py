@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
-
-import torch
 
 from craft.bench.core import Case, Impl, register_impl
 
@@ -60,6 +60,14 @@ def compile_impl(family: str, eager: Callable[[Case], Callable[..., Any]]) -> No
         torch._dynamo.reset()  # a fresh cache per case: shapes never hit the recompile limit
         return torch.compile(eager(case), dynamic=False)
 
+    def context(case: Case) -> AbstractContextManager[Any]:
+        """bwd mode replays the backward (retain_graph), which donated buffers forbid."""
+        if case.mode != "bwd":
+            return contextlib.nullcontext()
+        from torch._functorch import config as functorch_config
+
+        return functorch_config.patch(donated_buffer=False)
+
     register_impl(
         family,
         Impl(
@@ -67,6 +75,7 @@ def compile_impl(family: str, eager: Callable[[Case], Callable[..., Any]]) -> No
             make,
             description="torch.compile (inductor) of the eager implementation",
             compiles=True,
+            context=context,
         ),
     )
 

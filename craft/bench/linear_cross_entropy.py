@@ -44,9 +44,11 @@ def cases(s: Settings) -> list[dict[str, Any]]:
 
 def make_inputs(case: Case, gen: torch.Generator) -> Inputs:
     n, c, vocab = case.dims["tokens"], case.dims["hidden"], case.dims["vocab"]
-    hidden = torch.randn(n, c, generator=gen).to(case.device, case.dtype)  # (N, C)
-    weight = (torch.randn(vocab, c, generator=gen) * c**-0.5).to(case.device, case.dtype)  # (V, C)
-    targets = torch.randint(0, vocab, (n,), generator=gen).to(case.device)  # (N,)
+    hidden = torch.randn(n, c, generator=gen, device=case.device).to(case.dtype)  # (N, C)
+    weight = (torch.randn(vocab, c, generator=gen, device=case.device) * c**-0.5).to(
+        case.dtype
+    )  # (V, C)
+    targets = torch.randint(0, vocab, (n,), generator=gen, device=case.device)  # (N,)
     return Inputs(
         (hidden, weight, targets), ("hidden", "weight", "targets"), (0, 1), (None,), ("loss",)
     )

@@ -49,7 +49,9 @@ def make_inputs(case: Case, gen: torch.Generator) -> Inputs:
     n, c = d["rows"], d["hidden"]
 
     def randn(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale + shift).to(case.device, case.dtype)
+        return (torch.randn(*shape, generator=gen, device=case.device) * scale + shift).to(
+            case.dtype
+        )
 
     x = randn(n, c)  # (N, C)
     weight = randn(c, scale=0.1, shift=1.0)  # (C,)

@@ -155,11 +155,18 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def document(
@@ -168,11 +175,13 @@ def document(
     reports: list[FamilyReport],
     train: dict[str, Any] | None,
     command: str,
+    note: str | None = None,
 ) -> dict[str, Any]:
     """The JSON document of one `craft bench` run."""
     return {
         "format": FORMAT,
         "command": command,
+        "note": note,
         "machine": machine,
         "settings": settings,
         "benchmarks": {r.family.name: r.to_json() for r in reports},

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 # Warm-up calls before timing on the CPU, and the least total time the CPU timer measures for.
-CPU_WARMUP = (2, 3)  # (quick, full)
-CPU_MIN_RUN_S = (0.05, 0.4)
+CPU_WARMUP = (1, 3)  # (quick, full)
+CPU_MIN_RUN_S = (0.02, 0.4)
 # do_bench budgets in milliseconds: (warm-up, repetition).
 GPU_BUDGET_MS = ((5, 20), (25, 100))
 
@@ -37,7 +37,7 @@ MEM_CPU = "torch.profiler allocator events"
 @dataclass(frozen=True)
 class Timing:
     median_ms: float
-    iqr_ms: float  # spread: interquartile range (CPU) or p75 - p25 (CUDA)
+    iqr_ms: float | None  # spread: interquartile range (CPU) or p75 - p25 (CUDA)
     runs: int | None  # calls measured (CPU); do_bench does not say
 
 
@@ -76,7 +76,9 @@ def _measure_timer(step: Callable[[], Any], quick: bool, sync_cuda: bool) -> Tim
     timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=CPU_MIN_RUN_S[0 if quick else 1])
     runs = len(m.times) * m.number_per_run
-    return Timing(m.median * 1e3, m.iqr * 1e3, runs)
+    # A spread of fewer than 4 blocks means nothing (it reads 0): report none.
+    iqr = m.iqr * 1e3 if len(m.times) >= 4 else None
+    return Timing(m.median * 1e3, iqr, runs)
 
 
 # --------------------------------------------------------------------------------- memory
@@ -137,7 +139,7 @@ def cuda_peak(step: Callable[[], Any], leaves: list[torch.Tensor]) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_fd2() -> Iterator[None]:
+def quiet_stderr() -> Iterator[None]:
     """Silence native writes to stderr (the profiler library logs its start and stop there)."""
     try:
         saved = os.dup(2)
@@ -161,7 +163,7 @@ def cpu_peaks(steps: list[tuple[Callable[[], Any], list[torch.Tensor]]]) -> list
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     labels = [f"craft.bench.mem.{i}" for i in range(len(steps))]
     # Quiet for the whole session: the profiler also warns about frees of older blocks.
-    with _quiet_fd2():
+    with quiet_stderr():
         prof.start()
         try:
             for label, (step, leaves) in zip(labels, steps, strict=True):

@@ -20,24 +20,16 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from craft.bench.config import load_bench_config
 from craft.bench.hardware import device_name, peak_for
-from craft.bench.timing import _quiet_fd2
+from craft.bench.timing import quiet_stderr
 from craft.errors import ConfigError, TrainingError
 
-# A small GPT on random tokens: what `craft bench all` trains when no recipe is given.
-DEFAULT_CONFIG: dict[str, Any] = {
-    "run": {"name": "bench"},
-    "model": {"type": "gpt", "n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 128},
-    "data": {"type": "random", "vocab_size": 256},
-    "optimizer": {"type": "adamw", "lr": 3e-4},
-    "training": {"batch_size": 8},
-}
-QUICK_MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32}
+__all__ = ["load_bench_config", "run_train_bench"]
 
 # Settings that keep a benchmark run to training steps only. Applied when the schema has the key.
 _QUIET = {
@@ -50,38 +42,6 @@ _QUIET = {
     ("logging", "sample_interval"): 0,
     ("logging", "trackers"): [],
 }
-
-
-def load_bench_config(
-    recipe: str | Path | None, overrides: list[str], quick: bool = False
-) -> Any:
-    """The validated config of a recipe (or the built-in one) with `key=value` overrides.
-
-    With `data.type=random` the other keys of the recipe's data section are dropped, so any recipe
-    can be benchmarked without its dataset.
-    """
-    from craft.config import RawConfig, from_dict
-    from craft.config.loader import apply_overrides, load_raw
-    from craft.config.schema import validate
-
-    if recipe is None:
-        data = {k: dict(v) for k, v in DEFAULT_CONFIG.items()}
-        if quick:
-            data["model"].update(QUICK_MODEL)
-            data["training"]["batch_size"] = 4
-        raw = RawConfig(data=data, path=Path("built-in bench config"))
-        apply_overrides(raw, overrides)
-    else:
-        raw = load_raw(recipe, overrides)
-    section = raw.data.get("data")
-    if isinstance(section, dict) and section.get("type") == "random":
-        from craft.config import registry
-
-        allowed = registry.get("data", "random").config_cls.model_fields  # type: ignore[union-attr]
-        raw.data["data"] = {k: v for k, v in section.items() if k in allowed}
-    if recipe is None:
-        return from_dict(raw.data, label="built-in bench config")
-    return validate(raw)
 
 
 def _quiet_config(cfg: Any, total_steps: int, output_dir: str) -> Any:
@@ -174,11 +134,11 @@ def run_train_bench(
             from torch.profiler import ProfilerActivity, profile
 
             self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            with _quiet_fd2():
+            with quiet_stderr():
                 self.prof.start()
 
         def _stop_profile(self) -> None:
-            with _quiet_fd2():
+            with quiet_stderr():
                 self.prof.stop()
             events = self.prof.profiler.kineto_results.events()
             allocs = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
@@ -203,7 +163,9 @@ def run_train_bench(
             raise TrainingError(f"benchmark run {result.status} at step {result.step}")
     timed = timer.times[warmup : warmup + steps]
     if len(timed) < steps:
-        raise TrainingError(f"benchmark run ended after {len(timer.times)} of {warmup + steps} steps")
+        raise TrainingError(
+            f"benchmark run ended after {len(timer.times)} of {warmup + steps} steps"
+        )
     total = sum(timed)
     tokens_per_s = tokens_per_step * steps / total
     record: dict[str, Any] = {

@@ -57,6 +57,7 @@ IMPORTS = typer.Option(
 )
 STEPS = typer.Option(None, "--steps", help="Timed training steps (default 20, --quick 3).")
 WARMUP = typer.Option(None, "--warmup", help="Untimed warm-up steps (default 3, --quick 1).")
+NOTE = typer.Option(None, "--note", help="A remark stored in the JSON (e.g. machine conditions).")
 
 
 def _ints(option: str, text: str | None) -> list[int] | None:
@@ -171,6 +172,7 @@ def _check_outputs(a: dict[str, Any]) -> None:
 def _run(kernels: tuple[str, ...], a: dict[str, Any], train: dict[str, Any] | None) -> None:
     """Run kernel families (and the training benchmark), print tables, write JSON and plot."""
     _check_outputs(a)
+    train_cfg = _train_config(train) if train is not None else None  # config errors first
     settings = _settings(a) if kernels else None
     if settings is None:
         _imports(a.get("imports"))
@@ -205,12 +207,17 @@ def _run(kernels: tuple[str, ...], a: dict[str, Any], train: dict[str, Any] | No
 
     train_record = None
     if train is not None:
-        train_record = _train(console, train)
+        train_record = _train(console, train, train_cfg)
 
     command = "craft bench " + " ".join(shlex.quote(x) for x in sys.argv[2:])
     if a.get("json"):
         doc = document(
-            machine, settings.to_json() if settings else {}, reports, train_record, command
+            machine,
+            settings.to_json() if settings else {},
+            reports,
+            train_record,
+            command,
+            a.get("note"),
         )
         write_json(Path(a["json"]), doc)
         console.print(f"wrote {a['json']}")
@@ -231,6 +238,8 @@ def _run(kernels: tuple[str, ...], a: dict[str, Any], train: dict[str, Any] | No
 def _header(console: Any, machine: dict[str, Any], settings: Any) -> None:
     versions = f"torch {machine['torch']}, triton {machine['triton'] or 'not installed'}"
     console.print(f"[bold]craft bench[/bold] on {machine['device_name']} ({versions})")
+    for module, why in machine.get("craft_backends_not_loaded", {}).items():
+        console.print(f"[yellow]Craft backend module {module} not loaded:[/yellow] {why}")
     if settings is not None and settings.device.type != "cuda":
         console.print(
             "[yellow]No CUDA device: benchmarking the CPU paths. GPU-only implementations "
@@ -239,15 +248,21 @@ def _header(console: Any, machine: dict[str, Any], settings: Any) -> None:
         )
 
 
-def _train(console: Any, t: dict[str, Any]) -> dict[str, Any]:
+def _train_config(t: dict[str, Any]) -> Any:
+    """The validated training config (before torch is imported: a bad recipe fails fast)."""
+    from craft.bench.config import load_bench_config
+
+    return load_bench_config(t["recipe"], t["overrides"], quick=t["quick"])
+
+
+def _train(console: Any, t: dict[str, Any], cfg: Any) -> dict[str, Any]:
     from craft.bench.report import fmt_bytes
-    from craft.bench.train import load_bench_config, run_train_bench
+    from craft.bench.train import run_train_bench
 
     quick = t["quick"]
     steps = t["steps"] if t["steps"] is not None else (3 if quick else 20)
     warmup = t["warmup"] if t["warmup"] is not None else (1 if quick else 3)
     recipe = t["recipe"]
-    cfg = load_bench_config(recipe, t["overrides"], quick=quick)
     label = str(recipe) if recipe else "built-in (4 x 128 GPT on random tokens)"
     if quick and not recipe:
         label = "built-in quick (2 x 32 GPT on random tokens)"
@@ -286,6 +301,7 @@ def _kernel_command(kernels: tuple[str, ...], help_text: str) -> Any:
         plot: Path | None = PLOT_OUT,
         quick: bool = QUICK,
         imports: list[str] | None = IMPORTS,
+        note: str | None = NOTE,
     ) -> None:
         from craft.cli.errors import run_guarded
 
@@ -325,6 +341,7 @@ def register(app: typer.Typer) -> None:
         json: Path | None = JSON_OUT,
         quick: bool = QUICK,
         imports: list[str] | None = IMPORTS,
+        note: str | None = NOTE,
     ) -> None:
         """Training throughput of a recipe: tokens/s, ms/step, MFU (CUDA), peak memory."""
         from craft.cli.errors import run_guarded
@@ -336,7 +353,7 @@ def register(app: typer.Typer) -> None:
             "warmup": warmup,
             "quick": quick,
         }
-        a = {"json": json, "plot": None, "threads": threads, "imports": imports}
+        a = {"json": json, "plot": None, "threads": threads, "imports": imports, "note": note}
         run_guarded(lambda: _run((), a, t))
 
     @bench.command("all")
@@ -367,6 +384,7 @@ def register(app: typer.Typer) -> None:
         ),
         steps: int | None = STEPS,
         warmup: int | None = WARMUP,
+        note: str | None = NOTE,
     ) -> None:
         """Every kernel benchmark, then the training benchmark."""
         from craft.cli.errors import run_guarded

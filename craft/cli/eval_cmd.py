@@ -91,11 +91,7 @@ def register(app: typer.Typer) -> None:
                 device=device.value,
                 dtype=dtype.value,
             )
-            out = {
-                "checkpoint": str(checkpoint),
-                "data": str(data) if data is not None else "checkpoint's own data",
-                **result.to_dict(),
-            }
+            out = {"checkpoint": str(checkpoint), **result.to_dict()}
             if as_json:
                 typer.echo(json.dumps({k: _json_value(v) for k, v in out.items()}, indent=2))
             else:

@@ -22,36 +22,34 @@ OVERRIDES = typer.Argument(
 ASSUMED_VOCAB = 256
 
 
-def _prepared_dirs(cfg: Any) -> list[Path]:
-    """Where a prepared dataset of this recipe may already be (without preparing anything)."""
-    dirs: list[Path] = []
-    explicit = getattr(cfg.data, "dir", None)
-    if explicit:
-        dirs.append(Path(explicit).expanduser())
-    try:  # the data layer knows its default location; absent in minimal installs
-        from craft.data import datasets
+def _prepared_vocab(cfg: Any) -> tuple[int, str] | None:
+    """The vocabulary of the recipe's prepared dataset when it exists (nothing is prepared)."""
+    if cfg.data.type != "tokens":
+        return None
+    from craft.data.datasets import PreparedDataset
+    from craft.data.prepare import default_dataset_dir, is_prepared, tokenizer_matches
+    from craft.errors import CraftError
 
-        default = getattr(datasets, "default_prepared_dir", None)
-        if default is not None and not explicit:
-            dirs.append(Path(default(cfg.data, cfg.tokenizer)))
-    except ImportError:
-        pass
-    return dirs
+    try:
+        d = Path(cfg.data.dir).expanduser() if cfg.data.dir else None
+        d = d or default_dataset_dir(cfg.data, cfg.tokenizer)
+        if not is_prepared(d):
+            return None
+        ds = PreparedDataset(d)
+        if not tokenizer_matches(ds.meta, cfg.tokenizer):
+            return None
+    except CraftError:  # e.g. data.files that do not exist yet: no prepared dataset to read
+        return None
+    return ds.vocab_size, f"the tokenizer of the prepared dataset {d}"
 
 
 def _tokenizer_vocab(cfg: Any) -> tuple[int, str] | None:
     """The vocabulary size the tokenizer gives, when it is known without preparing data."""
     from craft.data.tokenizers import load_tokenizer
-    from craft.errors import CraftError
 
-    for d in _prepared_dirs(cfg):
-        for candidate in (d / "tokenizer", d):
-            if candidate.is_dir():
-                try:
-                    tok = load_tokenizer(candidate)
-                except CraftError:
-                    continue
-                return tok.vocab_size, f"the tokenizer of the prepared dataset {d}"
+    found = _prepared_vocab(cfg)
+    if found is not None:
+        return found
     tcfg = cfg.tokenizer
     if tcfg.type == "bytes":
         from craft.config import registry
@@ -209,7 +207,8 @@ def info(
         None,
         "--vocab-size",
         min=1,
-        help="Vocabulary size to assume when neither model.vocab_size nor prepared data gives it.",
+        help="Vocabulary size when model.vocab_size is not set (default: the prepared "
+        "dataset's tokenizer, else an assumption that the output states).",
     ),
 ) -> None:
     """Parameter counts, training FLOPs per token and a memory estimate of a recipe's model."""

@@ -203,7 +203,10 @@ class TokenSource:
     def windows(self, starts: np.ndarray) -> np.ndarray:
         """(len(starts), T+1) int64 windows starting at `starts`."""
         span = self.block_size + 1
-        return np.stack([self.data[s : s + span] for s in starts.tolist()]).astype(np.int64)
+        out = np.empty((len(starts), span), dtype=np.int64)  # (B, T+1)
+        for row, s in enumerate(starts.tolist()):
+            out[row] = self.data[s : s + span]  # reads only these pages of the memmap
+        return out
 
     def eval_starts(self, count: int | None) -> np.ndarray:
         """Non-overlapping windows at stride block_size; `count` of them spread evenly, or all."""
@@ -450,6 +453,11 @@ def build_tokens(
     finally:
         if wait is not None:
             wait()
+    if not is_main and not is_prepared(out):
+        raise DataError(
+            f"{out}: not a prepared dataset after the main process prepared it (rank {rank}); "
+            "see the main process's error"
+        )
     ds = PreparedDataset(out)
     if not tokenizer_matches(ds.meta, tokenizer_cfg):
         where = f"data.dir = {cfg.dir!r}" if cfg.dir else str(out)

@@ -16,6 +16,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -141,7 +142,7 @@ def iter_file_chunks(
 ) -> Iterator[tuple[str, int]]:
     """Yield `(text, raw_bytes)` chunks of one file, each ending after a newline when possible.
 
-    Cutting after a newline (or, for a very long line, after a space) keeps the chunks safe for
+    Cutting after a newline (or, for a very long line, before a space) keeps the chunks safe for
     every tokenizer; `raw_bytes` adds up to the file size (for progress). A leading BOM is dropped.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
@@ -174,7 +175,9 @@ def iter_file_chunks(
                 return
             cut = buf.rfind("\n") + 1
             if cut == 0 and len(buf) > max_carry:
-                cut = buf.rfind(" ", len(buf) // 2) + 1 or len(buf)
+                # a very long line: cut before a space (pieces start at spaces), else anywhere
+                cut = buf.rfind(" ", len(buf) // 2)
+                cut = cut if cut > 0 else len(buf)
             if cut == 0:
                 carry = buf
                 continue
@@ -282,29 +285,40 @@ def _encode_stream(
             bar.advance(nbytes)
         return n_tokens
     import multiprocessing as mp
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn: safe whatever threads the parent runs (torch, accelerate); workers load the saved
     # tokenizer artifacts. At most 2 chunks per worker are in flight, so memory stays bounded.
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(
-        workers, initializer=_init_worker, initargs=(str(tokenizer_dir), dtype.str)
-    ) as pool:
-        pending: deque[tuple[Any, int]] = deque()
+    pending: deque[tuple[Future[bytes], int]] = deque()
+    executor = ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(str(tokenizer_dir), dtype.str),
+    )
 
-        def drain_one() -> None:
-            nonlocal n_tokens
-            result, nbytes = pending.popleft()
-            data = result.get()
-            out.write(data)
-            n_tokens += len(data) // dtype.itemsize
-            bar.advance(nbytes)
+    def drain_one() -> None:
+        nonlocal n_tokens
+        future, nbytes = pending.popleft()
+        data = future.result()
+        out.write(data)
+        n_tokens += len(data) // dtype.itemsize
+        bar.advance(nbytes)
 
+    try:
         for text, nbytes in chunks:
-            pending.append((pool.apply_async(_encode_in_worker, (text,)), nbytes))
+            pending.append((executor.submit(_encode_in_worker, text), nbytes))
             if len(pending) >= 2 * workers:
                 drain_one()
         while pending:
             drain_one()
+    except BrokenProcessPool as e:
+        raise DataError(
+            f"an encoding worker process died ({e}); rerun with --workers 1 to encode in-process"
+        ) from None
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
     return n_tokens
 
 
@@ -325,11 +339,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _tmp_prefix(out: Path) -> str:
+    """`.<name>.preparing-<host>-`: a temporary directory names its host and then its pid."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+    return f".{out.name}{_TMP_MARK}{host}-"
+
+
 def _remove_stale_temps(out: Path) -> None:
-    """Temporary directories of earlier runs that were killed (their process is gone)."""
-    for p in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
+    """Temporary directories of earlier runs on this host that were killed (process gone)."""
+    prefix = _tmp_prefix(out)
+    for p in out.parent.glob(f"{prefix}*"):
         try:
-            pid = int(p.name.split(_TMP_MARK, 1)[1].split("-", 1)[0])
+            pid = int(p.name[len(prefix) :].split("-", 1)[0])
         except ValueError:
             continue
         if not _pid_alive(pid):
@@ -340,16 +361,17 @@ def _check_output(out: Path, force: bool) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise DataError(f"--output-dir {out}: exists and is not a directory")
+        raise DataError(f"output directory {out}: exists and is not a directory")
     if is_prepared(out):
         if not force:
             raise DataError(
-                f"--output-dir {out}: already holds a prepared dataset; pass --force to replace it"
+                f"output directory {out}: already holds a prepared dataset; pass --force to "
+                "replace it"
             )
     elif any(out.iterdir()):
         raise DataError(
-            f"--output-dir {out}: exists, is not empty and is not a prepared dataset; "
-            "choose another directory"
+            f"output directory {out}: exists, is not empty and is not a prepared dataset; "
+            "choose another directory (--output-dir or data.dir)"
         )
 
 
@@ -396,7 +418,7 @@ def prepare(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out)
-    tmp = out.parent / f".{out.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = out.parent / f"{_tmp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     start = time.monotonic()
     try:

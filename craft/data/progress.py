@@ -117,18 +117,11 @@ class ByteProgress:
 
 @contextmanager
 def status(message: str) -> Iterator[None]:
-    """A spinner (terminal) or a start and a finish line (log) around work of unknown length."""
+    """A start and a finish line around work of unknown length (no live display, so a progress
+    bar may run inside it)."""
     start = time.monotonic()
     if not enabled():
         yield
-        return
-    if _is_tty():
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        with console.status(message):
-            yield
-        console.print(f"{message} done in {time.monotonic() - start:.1f}s")
         return
     sys.stderr.write(f"{message} ...\n")
     sys.stderr.flush()

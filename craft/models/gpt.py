@@ -187,7 +187,9 @@ class GPT(nn.Module):
     """The language model: token (+ position) embedding, blocks, final norm, output layer.
 
     `forward(idx, targets=None, cache=None) -> (logits, loss)`. With `fused_loss` and targets the
-    loss comes from `ops.linear_cross_entropy` on the last hidden state and logits is None.
+    loss comes from `ops.linear_cross_entropy` on the last hidden state and logits is None. With
+    targets and grad enabled logits is None too: the cross-entropy kernel may write the gradient
+    into the logits' memory. Call without targets, or under `torch.no_grad()`, to get them.
     """
 
     def __init__(self, cfg: GPTConfig, vocab_size: int, fused_loss: bool = False) -> None:
@@ -293,7 +295,9 @@ class GPT(nn.Module):
             return None, loss
         logits = self.lm_head(x)  # (B, T, V)
         loss = ops.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t))
-        return logits, loss
+        # When training, a fused loss kernel may reuse the logits' memory for their gradient, so
+        # they are not handed back; under no_grad (eval) they are intact and returned.
+        return (None if torch.is_grad_enabled() else logits), loss
 
 
 def build(cfg: GPTConfig, vocab_size: int, *, fused_loss: bool = False) -> GPT:

@@ -24,6 +24,7 @@ class Backend:
     fn: Callable[..., Any]
     priority: int = 0
     devices: tuple[str, ...] = ("cpu", "cuda")
+    auto_devices: tuple[str, ...] | None = None  # where `auto` may pick it; default: devices
     available: Callable[[], str | None] = lambda: None
     supports: Callable[..., str | None] | None = None
     _reason: str | None = field(default=None, init=False, repr=False)
@@ -38,6 +39,10 @@ class Backend:
                 self._reason = f"{type(e).__name__}: {e}"
             self._checked = True
         return self._reason
+
+    def auto_ok(self, device_type: str) -> bool:
+        """Whether `auto` may choose this backend on `device_type`."""
+        return device_type in (self.devices if self.auto_devices is None else self.auto_devices)
 
     def rejects(self, *args: Any, **kwargs: Any) -> str | None:
         """None when the backend accepts these inputs, else why not."""
@@ -56,6 +61,7 @@ def register_backend(
     *,
     priority: int = 0,
     devices: tuple[str, ...] = ("cpu", "cuda"),
+    auto_devices: tuple[str, ...] | None = None,
     available: Callable[[], str | None] | None = None,
     supports: Callable[..., str | None] | None = None,
 ) -> Backend:
@@ -64,7 +70,9 @@ def register_backend(
         raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
     if name in _BACKENDS[op]:
         raise ValueError(f"backend {name!r} of op {op!r} is already registered")
-    b = Backend(op, name, fn, priority, devices, available or (lambda: None), supports)
+    b = Backend(
+        op, name, fn, priority, devices, auto_devices, available or (lambda: None), supports
+    )
     _BACKENDS[op][name] = b
     return b
 
@@ -111,7 +119,7 @@ def resolve(op: str, device_type: str, *args: Any, **kwargs: Any) -> Backend:
         return b
     for b in sorted(table.values(), key=lambda b: -b.priority):
         if (
-            device_type in b.devices
+            b.auto_ok(device_type)
             and b.unavailable_reason() is None
             and b.rejects(*args, **kwargs) is None
         ):
@@ -120,14 +128,20 @@ def resolve(op: str, device_type: str, *args: Any, **kwargs: Any) -> Backend:
                 _LOGGED.add(key)
                 log.info("ops.%s: auto chose backend %r on %s", op, b.name, device_type)
             return b
-    reasons = "; ".join(f"{b.name}: {_why_not(b, device_type, args, kwargs)}" for b in table.values())
+    reasons = "; ".join(
+        f"{b.name}: {_why_not(b, device_type, args, kwargs)}" for b in table.values()
+    )
     raise KernelError(f"no backend of {op} can run these inputs on {device_type} ({reasons})")
 
 
 def _why_not(b: Backend, device_type: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """Why backend `b` cannot run these inputs on `device_type` (for error messages)."""
-    if device_type not in b.devices:
-        return f"does not run on {device_type}"
+    if not b.auto_ok(device_type):
+        return (
+            f"not chosen automatically on {device_type}"
+            if device_type in b.devices
+            else f"does not run on {device_type}"
+        )
     return b.unavailable_reason() or b.rejects(*args, **kwargs) or "?"
 
 
@@ -137,6 +151,6 @@ def choose(op: str, device_type: str) -> str:
     if name != "auto":
         return name
     for b in sorted(backends(op).values(), key=lambda b: -b.priority):
-        if device_type in b.devices and b.unavailable_reason() is None:
+        if b.auto_ok(device_type) and b.unavailable_reason() is None:
             return b.name
     return "none"

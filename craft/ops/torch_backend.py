@@ -208,7 +208,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden, weight, bias, targets, valid = ctx.saved_tensors
             label_smoothing, z_loss, mm_dtype, need = ctx.args
             _, g_h, g_w, g_b = _fused_pass(
-                hidden, weight, bias, targets, valid, label_smoothing, z_loss, mm_dtype, grad_out,
+                hidden,
+                weight,
+                bias,
+                targets,
+                valid,
+                label_smoothing,
+                z_loss,
+                mm_dtype,
+                grad_out,
                 need,
             )
         else:

@@ -29,7 +29,7 @@ from craft.config import registry, to_toml
 from craft.errors import CheckpointError, ConfigError, TrainingError
 from craft.training import checkpoint as ckpt
 from craft.training.builders import build_data, build_model
-from craft.training.callbacks import BUILTINS, Callback
+from craft.training.callbacks import BUILTINS, Callback, ProgressCallback
 from craft.training.logs import setup_logging
 from craft.training.rng import capture_rng, restore_rng, seed_everything
 from craft.training.schedulers import restore_scheduler, scheduler_state
@@ -140,6 +140,11 @@ class Trainer:
         self.world_size = acc.num_processes
         self.is_main = acc.is_main_process
         self.device = acc.device
+        if cfg.training.precision == "fp16" and getattr(acc, "scaler", None) is None:
+            logging.getLogger("craft").warning(
+                "training.precision = 'fp16' on %s runs without a loss scaler; prefer 'bf16'",
+                self.device,
+            )
 
         run_dir, resume_from = self._resolve_run(resume)
         self.run_dir = run_dir
@@ -373,8 +378,10 @@ class Trainer:
         saved_world = int(state.get("world_size", 1))
         data_states = state.get("data", [])
         tensors = ckpt.read_trainer_tensors(path)
-        if self.rank < len(data_states):
-            self.train_iter.load_state_dict(unflatten_state(data_states[self.rank], tensors))
+        if data_states:
+            # A process that did not exist before takes rank 0's position in its own stream.
+            mine = data_states[self.rank] if self.rank < len(data_states) else data_states[0]
+            self.train_iter.load_state_dict(unflatten_state(mine, tensors))
         if saved_world != self.world_size:
             log.warning(
                 "resuming a %d-process checkpoint with %d process(es): process streams of data and "
@@ -404,12 +411,9 @@ class Trainer:
                 raise ConfigError(
                     f"training.callbacks: unknown callback {name!r}; registered: {known}"
                 ) from None
-            if name == "progress":
-                cb = comp.build_fn()(self.cfg)
-                if cb is not None:
-                    cb.mode = self._progress_mode
-            else:
-                cb = comp.build_fn()(self.cfg)
+            cb = comp.build_fn()(self.cfg)
+            if isinstance(cb, ProgressCallback):
+                cb.mode = self._progress_mode  # "auto" resolved against this console
             if cb is not None:
                 out.append((name, cb))
         out += [(type(cb).__name__, cb) for cb in extra]
@@ -502,6 +506,8 @@ class Trainer:
                 loss_sum += loss.detach().float()
             loss_mean = loss_sum / accum
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                grad_norm = grad_norm.full_tensor()
             grad_norm = torch.as_tensor(grad_norm, device=self.device).float()
 
             bad = ~torch.isfinite(loss_mean)

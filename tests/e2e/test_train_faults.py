@@ -57,6 +57,23 @@ def _wait_for_step(tmp_path: Path, proc: subprocess.Popen, above: int, timeout: 
     raise AssertionError("training did not reach a logged step in time")
 
 
+def _wait_for_training(tmp_path: Path, proc: subprocess.Popen, start: int) -> None:
+    """Wait until process number `start` (1-based) of this run has logged a training step."""
+    end = time.monotonic() + 90
+    while time.monotonic() < end:
+        logs = list((tmp_path / "outputs" / "micro").glob("*/train.log"))
+        text = logs[0].read_text() if logs else ""
+        parts = text.split(" training: ")
+        if len(parts) > start and "| loss" in parts[start]:
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{out}\n{err}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("training did not reach a logged step in time")
+
+
 def _run_dir(tmp_path: Path) -> Path:
     (run_dir,) = (tmp_path / "outputs" / "micro").iterdir()
     return run_dir
@@ -99,27 +116,30 @@ def test_second_ctrl_c_aborts_at_once(tmp_path: Path) -> None:
 def test_kill9_at_random_moments_never_breaks_resume(tmp_path: Path) -> None:
     """Kill repeatedly (checkpointing every step, so many kills land mid-save), then finish."""
     rng = random.Random(0)
-    extra = ["training.max_steps=400", "checkpoint.interval=1", "checkpoint.keep_last=2"]
+    extra = ["training.max_steps=60", "checkpoint.interval=1", "checkpoint.keep_last=2"]
     newest = 0
-    for _ in range(4):
+    for attempt in range(1, 4):
         proc = _start(tmp_path, *extra, "--resume", "auto")
-        _wait_for_step(tmp_path, proc, newest)
+        if attempt == 1:  # past step 1, so the first checkpoint is complete
+            _wait_for_step(tmp_path, proc, 1)
+        else:
+            _wait_for_training(tmp_path, proc, attempt)
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         latest = ckpt.latest_checkpoint(_run_dir(tmp_path) / "checkpoints")
         assert latest is not None
-        model, _, _ = ckpt.load_model(latest)  # the newest complete checkpoint always loads
+        ckpt.load_model(latest)  # the newest complete checkpoint always loads
         step = ckpt.read_trainer_state(latest)["step"]
         assert step >= newest
         newest = step
     done = run_cli(
-        [str(MICRO), *TINY, f"run.output_dir={tmp_path / 'outputs'}", *extra[:1], "--resume", "auto"],
+        [str(MICRO), *TINY, f"run.output_dir={tmp_path / 'outputs'}", *extra, "--resume", "auto"],
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     run_dir = _run_dir(tmp_path)
-    assert ckpt.read_trainer_state(ckpt.latest_checkpoint(run_dir / "checkpoints"))["step"] == 400
+    assert ckpt.read_trainer_state(ckpt.latest_checkpoint(run_dir / "checkpoints"))["step"] == 60
     steps = [
         json.loads(line)["step"]
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()

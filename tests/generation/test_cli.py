@@ -16,7 +16,7 @@ from craft.config import from_dict, to_toml
 from craft.config.components import CharTokenizerConfig
 from craft.data.datasets import PreparedDataset
 from craft.data.prepare import prepare
-from craft.evaluation import evaluate_tokens
+from craft.evaluation import evaluate_checkpoint, evaluate_tokens
 from craft.generation import generate
 from craft.training.builders import build_model
 from craft.training.checkpoint import load_model, write_export
@@ -65,7 +65,35 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_export(
         export, model_state=model.state_dict(), config_toml=to_toml(cfg), tokenizer=tok, step=7
     )
-    return {"root": root, "data": data, "other": other, "export": export}
+    rnn_cfg = from_dict(
+        {
+            **_config(data),
+            "model": {"type": "rnn", "cell": "gru", "n_layer": 1, "d_embed": 8, "hidden_size": 16},
+        }
+    )
+    rnn = build_model(rnn_cfg, tok.vocab_size)
+    rnn_export = root / "rnn_export"
+    write_export(
+        rnn_export,
+        model_state=rnn.state_dict(),
+        config_toml=to_toml(rnn_cfg),
+        tokenizer=tok,
+        step=1,
+    )
+    return {"root": root, "data": data, "other": other, "export": export, "rnn": rnn_export}
+
+
+def test_recurrent_checkpoint_evaluates_in_training_windows(artifacts: dict[str, Path]) -> None:
+    res = evaluate_checkpoint(artifacts["rnn"], split="val", progress=False)
+    model, tok, cfg = load_model(artifacts["rnn"])
+    val = PreparedDataset(artifacts["data"]).split("val")
+    assert res.window == cfg.model.block_size == 128 and res.complete
+    assert res.data == str(artifacts["data"])
+    ref = evaluate_tokens(model, tok, val, window=128, batch_size=4)
+    assert math.isclose(res.loss, ref.loss, rel_tol=1e-6)
+    assert generate(model, tok, "line", max_new_tokens=10, seed=0) == generate(
+        model, tok, "line", max_new_tokens=10, seed=0, use_cache=False
+    )
 
 
 def test_generate_stream_and_no_stream_print_the_same(artifacts: dict[str, Path]) -> None:

@@ -56,3 +56,17 @@ def test_model_info_bad_override_exits_2_without_traceback():
         assert r.returncode == 2, (bad, r.stdout, r.stderr)
         assert r.stderr.startswith("error: ")
         assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_model_info_reads_the_vocab_size_of_a_prepared_dataset(tmp_path):
+    from craft.config.components import CharTokenizerConfig
+    from craft.data.prepare import prepare
+
+    text = tmp_path / "text.txt"
+    text.write_text("abcdefg\n" * 200, encoding="utf-8")
+    out = tmp_path / "prepared"
+    prepare([text], out, CharTokenizerConfig(), val_fraction=0.1, workers=1, progress=False)
+    r = _craft("model", "info", "recipes/micro.toml", f"data.dir={str(out)!r}")
+    assert r.returncode == 0, r.stderr
+    assert "vocab_size = 8" in r.stdout  # a-g and the newline
+    assert "prepared dataset" in r.stdout

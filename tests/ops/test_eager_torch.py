@@ -299,7 +299,9 @@ def test_torch_norm_equals_eager(kind, weight, bias, residual):
 
     def call(fn):
         def run(x, r, w, b):
-            out = fn(x, w if weight else None, b if bias else None, kind, 1e-5, r if residual else None)
+            out = fn(
+                x, w if weight else None, b if bias else None, kind, 1e-5, r if residual else None
+            )
             return torch.stack(out) if residual else out  # (2, ...) normed and sum
 
         return run
@@ -335,3 +337,32 @@ def test_auto_prefers_torch_over_eager_on_cpu():
     assert ops.availability("attention")["eager"] is None
     assert ops.availability("attention")["torch"] is None
     assert ops.registry.resolve("attention", "cpu", *_qkv(1, 2, 2, 3, 3, 4)).priority >= 10
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tq", "tk"), [(64, 64), (1, 77), (16, 80)])
+def test_torch_attention_on_cuda_matches_float64_reference(dtype, tq, tk):
+    q, k, v = _qkv(2, 8, 2, tq, tk, 64)
+    ref = eager.attention(q, k, v, True)
+    out = tb.attention(*(x.to("cuda", dtype) for x in (q, k, v)), True)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)
+
+
+@CUDA
+def test_torch_linear_cross_entropy_on_cuda_under_autocast():
+    h, w, _, t = _hidden_weight(n=300, c=64, v=1000)
+    ref = eager.linear_cross_entropy(h, w, t)
+    hc = h.float().cuda().requires_grad_()
+    wc = w.float().cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = tb.linear_cross_entropy(hc, wc, t.cuda())
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
+    out.backward()
+    assert hc.grad.dtype == torch.float32 and torch.isfinite(wc.grad).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -48,7 +49,7 @@ def test_cosine_warmup_peak_and_floor() -> None:
     assert lrs[10] == pytest.approx(1e-3)  # peak right after warmup
     assert lrs[55] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # halfway down the cosine
     assert lrs[100] == pytest.approx(1e-4)  # floor at max_steps and after
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
 def test_linear_constant_and_wsd_shapes() -> None:

@@ -115,7 +115,7 @@ def test_outputs_export_and_load_model(tmp_path: Path) -> None:
         train(cfg, resume=str(res.export_dir))
 
 
-def test_early_stopping_stops_with_a_checkpoint(tmp_path: Path) -> None:
+def test_early_stopping_stops_with_a_checkpoint_and_trackers_log(tmp_path: Path) -> None:
     # lr so small that validation loss cannot improve by more than rounding: patience 1 stops.
     cfg = tiny_config(
         tmp_path,
@@ -125,8 +125,10 @@ def test_early_stopping_stops_with_a_checkpoint(tmp_path: Path) -> None:
         "training.early_stopping_patience=1",
         "optimizer.lr=1e-12",
         "scheduler.warmup_steps=0",
+        'logging.trackers=["tensorboard"]',
     )
     res = train(cfg)
     assert res.status == "stopped" and res.step < 40 and res.step % 2 == 0
+    assert list((res.run_dir / "tb").rglob("events.out.tfevents.*"))
     assert res.last_checkpoint is not None and res.last_checkpoint.name.endswith(f"{res.step:08d}")
     assert math.isfinite(res.best_val_loss)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from craft.ops.registry import register_backend, selected
+from craft.ops.registry import register_backend
 
 try:
     import triton  # noqa: F401
@@ -44,28 +44,20 @@ def available() -> str | None:
     return None
 
 
-def _device_reason(op: str, t: torch.Tensor) -> str | None:
-    if t.device.type == "cpu" and selected(op) != "triton":
-        return f"interpreted Triton runs on CPU only when selected explicitly (kernels.{op} = 'triton')"
-    return None
-
-
 def _supports_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, *_: Any
 ) -> str | None:
-    return _device_reason("attention", q) or _attention.check_inputs(q, k, v, causal)
+    return _attention.check_inputs(q, k, v, causal)
 
 
 def _supports_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *_: Any) -> str | None:
-    return _device_reason("cross_entropy", logits) or _cross_entropy.check_inputs(logits, targets)
+    return _cross_entropy.check_inputs(logits, targets)
 
 
 def _supports_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *_: Any
 ) -> str | None:
-    return _device_reason("linear_cross_entropy", hidden) or _linear_cross_entropy.check_inputs(
-        hidden, weight, targets
-    )
+    return _linear_cross_entropy.check_inputs(hidden, weight, targets)
 
 
 def _unavailable(op: str) -> Any:
@@ -99,6 +91,7 @@ for _op, (_fn, _supports) in _FNS.items():
         _fn,
         priority=PRIORITY,
         devices=DEVICES,
+        auto_devices=("cuda",),
         available=available,
         supports=_supports,
     )

@@ -1,4 +1,4 @@
-"""Shared helpers of the Triton kernels: interpreter detection, config lists, dtype mapping.
+"""Shared by the Triton kernels: interpreter detection, autotune config lists, dot settings.
 
 The interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors with numpy; it is how the
 test suite checks them without a GPU. It is read once at import, as `triton.jit` does.

@@ -10,6 +10,9 @@ recomputes the probabilities tile by tile: a preprocessing pass computes delta_i
 one kernel owns a K/V tile and accumulates dK/dV over every query head of its group (no atomics,
 no K/V copies for GQA), another owns a Q tile and accumulates dQ. No T x T buffer exists anywhere.
 
+With few K/V heads the dK/dV grid is small (Tk / BLOCK_N x Hkv x B programs), the price of owning
+a K/V tile without atomics; MHA (Hkv == H) is unaffected.
+
 Each key loop runs in two phases: tiles that need no mask (fully visible, fully in bounds) and
 the few tiles on the causal diagonal or the ragged end, which are masked.
 """
@@ -134,7 +137,7 @@ def _fwd_tiles(
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["D", "CAUSAL", "T_BUCKET"])
-@triton.jit(do_not_specialize=["Tq", "Tk", "shift"])
+@triton.jit(do_not_specialize=["Tq", "Tk", "shift", "T_BUCKET"])
 def _attn_fwd(
     Q,
     K,
@@ -329,7 +332,7 @@ def _dkdv_tiles(
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=["D", "CAUSAL", "T_BUCKET"])
-@triton.jit(do_not_specialize=["Tq", "Tk", "shift"])
+@triton.jit(do_not_specialize=["Tq", "Tk", "shift", "T_BUCKET"])
 def _attn_bwd_dkdv(
     Q,
     K,
@@ -512,7 +515,7 @@ def _dq_tiles(
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=["D", "CAUSAL", "T_BUCKET"])
-@triton.jit(do_not_specialize=["Tq", "Tk", "shift"])
+@triton.jit(do_not_specialize=["Tq", "Tk", "shift", "T_BUCKET"])
 def _attn_bwd_dq(
     Q,
     K,

@@ -1,0 +1,268 @@
+"""The `cuda` backend: compiled fused (residual add +) LayerNorm / RMSNorm kernels from `kernels/`.
+
+`pip install --no-build-isolation .` on a machine with a CUDA toolkit and a CUDA build of torch
+builds them as the extension `craft._C`. When that module is missing, the first use on a CUDA
+machine compiles the same sources just in time (torch.utils.cpp_extension.load) into
+`<CRAFT_HOME>/torch_extensions/`, once; later processes reuse that build. `CRAFT_CUDA_JIT=0`
+turns the just-in-time build off.
+
+The kernels take x, residual (same dtype) in float32/float16/bfloat16 with weight/bias of any of
+those dtypes, compute in float32, and return y in x's dtype; gradients of weight/bias come back in
+their own dtypes. With a residual, s = x + residual is rounded to x's dtype and normalised, as the
+unfused `norm(x + residual)` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from craft.errors import KernelError
+from craft.ops.eager import check_norm
+from craft.ops.registry import register_backend
+from craft.paths import craft_home
+
+log = logging.getLogger("craft.ops")
+
+# Kept in step with setup.py (SOURCES, NVCC_FLAGS, CXX_FLAGS).
+SOURCES = ("norm_fwd.cu", "norm_bwd.cu", "norm_binding.cpp")
+HEADERS = ("norm.h", "norm_common.cuh")
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+CXX_FLAGS = ["-O3"]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_COLS = 2**31 - 2
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "module" / "reason", filled once by _load()
+
+
+def kernel_source_dir() -> Path | None:
+    """The directory holding the kernel sources: kernels/ of a checkout, or the wheel's copy."""
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "kernels", here.parents[1] / "_kernels"):
+        if all((cand / name).is_file() for name in SOURCES + HEADERS):
+            return cand
+    return None
+
+
+def _build_name(src: Path) -> str:
+    """Extension name keyed by the sources, torch and CUDA versions (a stale build is never reused)."""
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode())
+        h.update((src / name).read_bytes())
+    h.update(f"{torch.__version__}|{torch.version.cuda}|{NVCC_FLAGS}|{CXX_FLAGS}".encode())
+    h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+    return f"craft_norm_{h.hexdigest()[:12]}"
+
+
+def _jit_build() -> tuple[ModuleType | None, str | None]:
+    """Compile the sources with torch.utils.cpp_extension.load; (module, None) or (None, why)."""
+    if os.environ.get("CRAFT_CUDA_JIT", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, (
+            "the prebuilt extension craft._C is not installed and CRAFT_CUDA_JIT=0 turns off "
+            "the just-in-time build"
+        )
+    src = kernel_source_dir()
+    if src is None:
+        return None, "craft._C is not installed and the kernel sources (kernels/) are not found"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return None, (
+            "craft._C is not installed and no CUDA toolkit (nvcc) is found to build it; "
+            "set CUDA_HOME or reinstall with `pip install --no-build-isolation .`"
+        )
+    if not cpp_extension.is_ninja_available():
+        return None, "craft._C is not installed and building it needs ninja (pip install ninja)"
+    name = _build_name(src)
+    build_dir = craft_home() / "torch_extensions" / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log.warning(
+        "compiling the CUDA norm kernels (first use; this takes a minute or two) into %s", build_dir
+    )
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(src / s) for s in SOURCES],
+            extra_cflags=CXX_FLAGS,
+            extra_cuda_cflags=NVCC_FLAGS,
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            verbose=os.environ.get("CRAFT_CUDA_VERBOSE", "0") == "1",
+        )
+    except Exception as e:  # compiler errors arrive as RuntimeError / CalledProcessError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"just-in-time build failed in {build_dir}: {first}"
+    log.warning("compiled the CUDA norm kernels in %.0f s", time.perf_counter() - start)
+    return module, None
+
+
+def _load() -> tuple[ModuleType | None, str | None]:
+    """The extension module, or None and the reason it cannot be had. Computed once per process."""
+    with _lock:
+        if not _state:
+            module, reason = None, None
+            if torch.version.cuda is None:
+                reason = f"torch {torch.__version__} is a CPU-only build"
+            elif not torch.cuda.is_available():
+                reason = "no CUDA device (torch.cuda.is_available() is False)"
+            else:
+                try:
+                    module = importlib.import_module("craft._C")
+                except ImportError as e:
+                    if not (isinstance(e, ModuleNotFoundError) and e.name == "craft._C"):
+                        log.warning("prebuilt craft._C does not load (%s); rebuilding it", e)
+                    module, reason = _jit_build()
+            _state.update(module=module, reason=reason)
+        return _state["module"], _state["reason"]
+
+
+def available() -> str | None:
+    """None when the kernels can run here, else the precise reason they cannot."""
+    return _load()[1]
+
+
+def extension() -> ModuleType:
+    """The loaded extension; raises KernelError with the reason when it is not available."""
+    module, reason = _load()
+    if module is None:
+        raise KernelError(f"kernels.norm = 'cuda' is not available: {reason}")
+    return module
+
+
+def supports(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    kind: str,
+    residual: torch.Tensor | None,
+) -> str | None:
+    """None when the kernels accept these inputs, else why not."""
+    if x.device.type != "cuda":
+        return f"x is on {x.device}, not a CUDA device"
+    return input_problem(x, weight, bias, residual)
+
+
+def input_problem(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> str | None:
+    """Dtype/shape/device problems of the inputs that the kernels would reject, or None."""
+    if x.dtype not in DTYPES:
+        return f"x has dtype {x.dtype}; the kernels take float32, float16 or bfloat16"
+    if x.dim() == 0 or x.shape[-1] == 0:
+        return f"x of shape {tuple(x.shape)} has no last dimension to normalise"
+    cols = x.shape[-1]
+    if cols > MAX_COLS:
+        return f"last dimension {cols} is larger than {MAX_COLS}"
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            return (
+                f"residual {tuple(residual.shape)} {residual.dtype} does not match "
+                f"x {tuple(x.shape)} {x.dtype}"
+            )
+        if residual.device != x.device:
+            return f"residual is on {residual.device} but x is on {x.device}"
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.shape != (cols,):
+            return f"{name} has shape {tuple(p.shape)}; expected ({cols},)"
+        if p.dtype not in DTYPES:
+            return f"{name} has dtype {p.dtype}; the kernels take float32, float16 or bfloat16"
+        if p.device != x.device:
+            return f"{name} is on {p.device} but x is on {x.device}"
+    return None
+
+
+class FusedNorm(torch.autograd.Function):
+    """y = norm(x [+ residual]) with the compiled kernels; also returns s = x + residual if given."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        rms: bool,
+        eps: float,
+    ) -> Any:
+        shape = x.shape
+        cols = shape[-1]
+        x2 = x.reshape(-1, cols).contiguous()  # (N, C)
+        r2 = None if residual is None else residual.reshape(-1, cols).contiguous()  # (N, C)
+        y, s, mean, rstd = extension().norm_fwd(x2, r2, weight, bias, rms, eps)  # y, s (N, C)
+        # The backward needs the normalised input: the sum when a residual was fused.
+        ctx.save_for_backward(x2 if s is None else s, mean, rstd, weight)
+        ctx.rms = rms
+        ctx.shape = shape
+        ctx.fused = residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.set_materialize_grads(False)
+        if s is None:
+            return y.view(shape)
+        return y.view(shape), s.view(shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor | None, ds: torch.Tensor | None = None) -> Any:
+        inp, mean, rstd, weight = ctx.saved_tensors
+        cols = inp.shape[-1]
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        if dy is None:  # only the returned sum was used: its gradient passes straight through
+            return (ds if need_x else None), None, None, (ds if need_r else None), None, None
+        dy2 = dy.reshape(-1, cols).contiguous()  # (N, C)
+        ds2 = None if ds is None else ds.reshape(-1, cols).contiguous()  # (N, C)
+        need_w = need_w and weight is not None
+        need_b = need_b and ctx.bias_dtype is not None
+        dx, dw, db = extension().norm_bwd(
+            dy2, ds2, inp, mean, rstd, weight, need_w, need_b, ctx.rms
+        )
+        dx = dx.view(ctx.shape)
+        if dw is not None:
+            dw = dw.to(weight.dtype)
+        if db is not None:
+            db = db.to(ctx.bias_dtype)
+        return (dx if need_x else None), dw, db, (dx if need_r else None), None, None
+
+
+def norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    kind: str = "layernorm",
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm/RMSNorm over the last dim; with `residual`, (norm(x + residual), x + residual)."""
+    check_norm(kind, bias)
+    reason = supports(x, weight, bias, kind, residual)
+    if reason is not None:
+        raise KernelError(f"the cuda norm kernels cannot run these inputs: {reason}")
+    return FusedNorm.apply(x, weight, bias, residual, kind == "rmsnorm", float(eps))
+
+
+register_backend(
+    "norm",
+    "cuda",
+    norm,
+    priority=20,
+    devices=("cuda",),
+    available=available,
+    supports=supports,
+)

@@ -1,0 +1,82 @@
+"""bench/README.md's generated results section: index of every file, craft bench summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from craft.bench.summary import END, START, render, update_readme
+
+
+def _doc() -> dict:
+    def row(impl: str, x: int, thr: float, status: str = "ok", baseline: str | None = "torch"):
+        return {
+            "impl": impl,
+            "x": x,
+            "group": "tokens=64",
+            "status": status,
+            "throughput": thr if status == "ok" else None,
+            "baseline": baseline if status == "ok" else None,
+        }
+
+    return {
+        "format": "craft-bench/1",
+        "machine": {"device_name": "Test CPU", "date": "2026-01-02T03:04:05Z"},
+        "settings": {"dtype": "float32", "mode": "fwd+bwd"},
+        "benchmarks": {
+            "cross_entropy": {
+                "x": "vocab",
+                "metric": "GB/s",
+                "results": [
+                    row("torch", 128, 1.0),
+                    row("craft.torch", 128, 0.5),
+                    row("torch", 512, 2.0),
+                    row("craft.torch", 512, 3.0),
+                    row("craft.eager", 512, 1.5),
+                    row("bad", 512, 0.0, status="wrong"),
+                ],
+            }
+        },
+        "train": {
+            "device_name": "Test CPU",
+            "recipe": "micro",
+            "params": 1234,
+            "tokens_per_s": 5000.0,
+            "ms_per_step": 12.5,
+            "mfu": None,
+            "peak_mem_bytes": 3 * 2**20,
+        },
+    }
+
+
+def test_render_indexes_every_file_and_summarises_craft_bench(tmp_path: Path) -> None:
+    (tmp_path / "cpu.json").write_text(json.dumps(_doc()))
+    (tmp_path / "decode.md").write_text("# Decode speed: KV cache\n\nrows\n")
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "data_prep", "date": "2026-02"}))
+    (tmp_path / "cpu.png").write_bytes(b"\x89PNG")
+    text = render(tmp_path)
+    assert "| [decode.md](results/decode.md) | Decode speed: KV cache |" in text
+    assert "| [other.json](results/other.json) | data_prep |" in text
+    assert "craft bench: cross_entropy + train | Test CPU | 2026-01-02 |" in text
+    # largest vocab: craft.torch 3.0 GB/s against torch 2.0 -> 1.50x; the wrong one is named
+    (kernel,) = [ln for ln in text.splitlines() if ln.startswith("| cpu.json | Test CPU | cross")]
+    assert "vocab=512 tokens=64" in kernel and "craft.torch 3.00" in kernel
+    assert "torch 2.00" in kernel and "1.50x" in kernel and kernel.endswith("| bad |")
+    assert "| cpu.json | Test CPU | micro | 1,234 | 5,000 | 12.50 | n/a | 3.0 MiB |" in text
+
+
+def test_update_readme_replaces_only_the_marked_section(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "cpu.json").write_text(json.dumps(_doc()))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Bench\n\nintro\n\n{START}\nold\n{END}\n\nafter\n")
+    update_readme(readme, results)
+    text = readme.read_text()
+    assert text.startswith("# Bench\n\nintro\n") and text.endswith(f"{END}\n\nafter\n")
+    assert "old" not in text and "cpu.json" in text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(readme, results)
