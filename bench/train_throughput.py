@@ -46,6 +46,21 @@ def _peak_mem(device: Any) -> dict[str, float]:
     return out
 
 
+def _mfu(model: Any, block_size: int, tokens_per_s: float, device: Any) -> dict[str, float]:
+    """Model FLOP utilisation against the device's bf16 peak (GPU only; {} elsewhere)."""
+    if device.type != "cuda":
+        return {}
+    import torch
+
+    from craft.bench.hardware import peak_for
+    from craft.models.flops import flops_per_token
+
+    peak = peak_for(torch.cuda.get_device_name(device))
+    if peak is None:
+        return {}
+    return {"mfu": flops_per_token(model, block_size) * tokens_per_s / peak.bf16_flops}
+
+
 def run_craft(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
     """Time `steps` optimizer steps of the Trainer (after a warm-up), per-step wall clock."""
     import tempfile
@@ -63,6 +78,7 @@ def run_craft(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
+            self.model = trainer.unwrapped_model
 
     total = WARMUP + steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +106,9 @@ def run_craft(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
     ms = 1000.0 * (timed[-1] - stamps[WARMUP - 1]) / len(timed)
     tokens = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.model.block_size
     assert res.step == total
-    return {"ms_per_step": ms, "tokens_per_s": tokens / ms * 1000.0, **_peak_mem(device)}
+    tps = tokens / ms * 1000.0
+    mfu = _mfu(clock.model, cfg.model.block_size, tps, device)
+    return {"ms_per_step": ms, "tokens_per_s": tps, **mfu, **_peak_mem(device)}
 
 
 def run_plain(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
@@ -154,7 +172,13 @@ def run_plain(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
         stamps.append(time.perf_counter())
     timed = stamps[WARMUP:]
     ms = 1000.0 * (timed[-1] - stamps[WARMUP - 1]) / len(timed)
-    return {"ms_per_step": ms, "tokens_per_s": B * T / ms * 1000.0, **_peak_mem(device)}
+    tps = B * T / ms * 1000.0
+    return {
+        "ms_per_step": ms,
+        "tokens_per_s": tps,
+        **_mfu(model, T, tps, device),
+        **_peak_mem(device),
+    }
 
 
 def run_full(recipe: str, overrides: list[str], out_dir: str) -> dict[str, Any]:
@@ -238,6 +262,9 @@ def _markdown(doc: dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append(f"Craft / plain tokens/s: {t['craft_over_plain']:.3f}")
+    if "mfu" in t["craft"]["runs"][0]:
+        mfus = {n: max(r["mfu"] for r in t[n]["runs"]) for n in ("craft", "plain")}
+        lines.append(f"MFU (bf16 peak): craft {mfus['craft']:.1%}, plain {mfus['plain']:.1%}")
     if doc.get("full"):
         f = doc["full"]
         lines += [

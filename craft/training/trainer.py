@@ -479,6 +479,11 @@ class Trainer:
         if self._teardown_logging is not None:
             self._teardown_logging()
         torch.use_deterministic_algorithms(self._deterministic_before)
+        # Let a later Trainer in this process choose another precision; the process group and
+        # device (PartialState) stay.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
 
     def _loop(self) -> str | None:
         cfg = self.cfg
