@@ -10,7 +10,8 @@
 # ignored .whl/ folder of the checkout (they are installed into /tmp/site), set $OUT, and run
 # `bash bench/gpu_check.sh`; logs, JSON and summary.txt land in $OUT.
 #
-# GPU_CHECK_STEPS picks steps (default "tests,ops,bench,train") so a short device lease can split
+# GPU_CHECK_STEPS picks steps (default "tests,ops,bench,train,norm"; norm = the compiled CUDA
+# norm kernels via bench/gpu_check_norm.sh) so a short device lease can split
 # the work over two calls; GPU_CHECK_STEP_TIMEOUT (seconds, default 420) bounds each step.
 # Works with Triton 3.6 and later. Each step's exit status lands in the summary; the script exits non-zero when
 # a step failed.
@@ -38,7 +39,7 @@ else
     GRID=1
 fi
 
-WANT=${GPU_CHECK_STEPS:-tests,ops,bench,train}
+WANT=${GPU_CHECK_STEPS:-tests,ops,bench,train,norm}
 LIMIT=${GPU_CHECK_STEP_TIMEOUT:-420}
 want() { [[ ",$WANT," == *",$1,"* ]]; }
 STEPS=()
@@ -188,6 +189,19 @@ EOF
     record "train char_gpt kernels=$kern" "$([ $rc = 0 ] && echo PASS || echo FAIL)" \
         "exit $rc, $(elapsed "$t0"); $last"
 done
+
+# ---------------------------------------------------------------------------- CUDA norm kernels
+if want norm; then
+    if [ "$DRY" = 1 ]; then
+        record "cuda norm (build, tests, bench)" SKIP "needs a GPU; on CPU .ci/compile_cuda checks the sources"
+    else
+        t0=$(date +%s)
+        OUT="$OUT" timeout "$LIMIT" bash bench/gpu_check_norm.sh >"$OUT/norm_check.log" 2>&1
+        rc=$?
+        record "cuda norm (build, tests, bench)" "$([ $rc = 0 ] && echo PASS || echo FAIL)" \
+            "exit $rc, $(elapsed "$t0"); see norm/ and norm_check.log"
+    fi
+fi
 
 # ---------------------------------------------------------------------------- summary
 {

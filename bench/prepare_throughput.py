@@ -2,8 +2,8 @@
 
 Runs every configuration in a fresh child process so that its peak RSS is its own: the main
 process (reader, writer, tokenizer) via RUSAGE_SELF and the encoding workers via RUSAGE_CHILDREN.
-Configurations: char and sentencepiece (a 2000-piece BPE model trained once beforehand, so that
-encoding alone is timed), 1 worker vs all cores, and a nanoGPT-style in-memory char baseline
+Configurations: char, sentencepiece (a 2000-piece BPE model trained once beforehand, so that
+encoding alone is timed) and bytes, each with 1 worker vs all cores, and a nanoGPT-style in-memory char baseline
 (read everything, encode to a Python list, convert) for the memory comparison.
 
     python bench/prepare_throughput.py [--size-mb 100] [--skip-naive]
@@ -65,14 +65,18 @@ def _usage() -> dict:
 
 
 def child_prepare(args: argparse.Namespace) -> dict:
-    from craft.config.components import CharTokenizerConfig, SentencePieceTokenizerConfig
+    from craft.config.components import (
+        BytesTokenizerConfig,
+        CharTokenizerConfig,
+        SentencePieceTokenizerConfig,
+    )
     from craft.data.prepare import prepare
 
-    cfg = (
-        CharTokenizerConfig()
-        if args.tokenizer == "char"
-        else SentencePieceTokenizerConfig(model=args.model)
-    )
+    cfg = {
+        "char": CharTokenizerConfig(),
+        "bytes": BytesTokenizerConfig(),
+        "sentencepiece": SentencePieceTokenizerConfig(model=args.model),
+    }[args.tokenizer]
     start = time.perf_counter()
     meta = prepare([args.input], args.out, cfg, workers=args.workers, progress=False)
     seconds = time.perf_counter() - start
@@ -178,8 +182,7 @@ def main() -> None:
         print(f"input: {size / 1e6:.1f} MB of tinyshakespeare, {all_cores} cores", flush=True)
         trained = _run_child("train", "--out", str(tmp / "sp"))
         print(f"sentencepiece bpe 2000 trained on 1.1 MB in {trained['seconds']:.1f}s", flush=True)
-        configs = [("char", 1), ("char", all_cores), ("sentencepiece", 1)]
-        configs += [("sentencepiece", all_cores)]
+        configs = [(tok, w) for tok in ("char", "sentencepiece", "bytes") for w in (1, all_cores)]
         for i, (tok, workers) in enumerate(configs):
             out = tmp / f"ds{i}"
             res = _run_child(

@@ -273,7 +273,7 @@ def _markdown(doc: dict[str, Any]) -> str:
             "",
             f"{f['steps']} steps, validation loss at step {f['steps']}: **{f['val_loss']:.4f}** "
             f"(goal <= 1.88), wall time {f['wall_s'] / 60:.1f} min (evaluation, checkpoints and "
-            "the plot included), peak RSS {f['peak_rss_mb']:.0f} MB.",
+            f"the plot included), peak RSS {f['peak_rss_mb']:.0f} MB.",
         ]
     return "\n".join(lines) + "\n"
 

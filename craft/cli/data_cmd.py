@@ -186,7 +186,11 @@ def prepare_cmd(
         show_default=False,
     ),
     workers: int | None = typer.Option(
-        None, "--workers", "-w", help="Encoding processes (default: all cores).", show_default=False
+        None,
+        "--workers",
+        "-w",
+        help="Encoding processes (default: all cores; 1 for char, whose encoding is a table lookup).",
+        show_default=False,
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing prepared dataset."),
     errors: str | None = typer.Option(

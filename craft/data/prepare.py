@@ -411,10 +411,8 @@ def prepare(
     files = resolve_inputs(inputs)
     fingerprint = tokenizer_fingerprint(tokenizer_cfg)
     total_bytes = sum(f.size for f in files)
-    workers = default_workers() if workers is None else workers
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise DataError(f"--workers {workers}: expected at least 1")
-    workers = min(workers, max(1, -(-total_bytes // chunk_bytes)))  # no idle processes
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out)
@@ -427,6 +425,9 @@ def prepare(
             tokenizer = build_tokenizer(tokenizer_cfg, stream, tmp)
             tok_files = tokenizer.save(tmp)
             dtype = dtype_for_vocab(tokenizer.vocab_size)
+            if workers is None:
+                workers = default_workers() if tokenizer.parallel_encode else 1
+            workers = min(workers, max(1, -(-total_bytes // chunk_bytes)))  # no idle processes
             hashes = {f.path: hashlib.sha256() for f in files}
             chunks = (
                 item

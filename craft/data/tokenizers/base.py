@@ -39,6 +39,9 @@ class Tokenizer(ABC):
     # True when one character may span several ids (byte pieces): streaming decode must then hold
     # back ids until a character is complete.
     splits_characters: ClassVar[bool] = False
+    # Whether preparation spreads encoding over worker processes by default. False when encoding
+    # is cheaper than shipping the text to another process (see bench/prepare_throughput.py).
+    parallel_encode: ClassVar[bool] = True
 
     bos_id: int | None = None
     eos_id: int | None = None

@@ -32,6 +32,7 @@ def _codepoints(text: str) -> np.ndarray:
 
 class CharTokenizer(Tokenizer):
     type = "char"
+    parallel_encode = False  # a numpy table lookup: faster in-process than through a pool
 
     def __init__(self, chars: Sequence[str], unk: bool = False) -> None:
         chars = list(chars)
