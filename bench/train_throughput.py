@@ -247,6 +247,7 @@ def _markdown(doc: dict[str, Any]) -> str:
         "",
         f"{doc['note']}",
         "",
+        *([f"Overrides: `{' '.join(doc['overrides'])}`.", ""] if doc.get("overrides") else []),
         f"Best of {doc['repeats']} alternating fresh-process runs per variant (median alongside), "
         f"{doc['steps']} timed steps after {WARMUP} warm-up steps each. `plain` is a nanoGPT-style "
         "PyTorch loop over the same model, data, optimizer settings and clipping.",
@@ -287,7 +288,13 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="Also train the whole recipe once.")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--variant", choices=["craft", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--render", help="Only rewrite the .md next to this results JSON.")
     args = p.parse_args()
+
+    if args.render:
+        src = Path(args.render)
+        src.with_suffix(".md").write_text(_markdown(json.loads(src.read_text())))
+        return
 
     if args.variant:
         fn = run_craft if args.variant == "craft" else run_plain

@@ -189,7 +189,7 @@ def prepare_cmd(
         None,
         "--workers",
         "-w",
-        help="Encoding processes (default: all cores; 1 for char, whose encoding is a table lookup).",
+        help="Encoding processes (default: all cores for sentencepiece; 1 for char and bytes, which encode faster in-process).",
         show_default=False,
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing prepared dataset."),

@@ -21,6 +21,7 @@ NUM_BYTES = 256
 class BytesTokenizer(Tokenizer):
     type = "bytes"
     splits_characters = True
+    parallel_encode = False  # UTF-8 encoding runs at disk speed: a pool only adds copying
     bos_id = NUM_BYTES
     eos_id = NUM_BYTES + 1
 
