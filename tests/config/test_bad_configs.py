@@ -49,15 +49,24 @@ def test_bad_recipe(recipe: Path) -> None:
 
 
 OVERRIDE_CASES = [
-    (["training.max_steps=ten"], 'command line: training.max_steps = "ten": expected a valid integer'),
-    (["model.n_heads=4"], "command line: model.n_heads: unknown key for model type 'gpt' (did you mean 'model.n_head'?)"),
+    (
+        ["training.max_steps=ten"],
+        'command line: training.max_steps = "ten": expected a valid integer',
+    ),
+    (
+        ["model.n_heads=4"],
+        "command line: model.n_heads: unknown key for model type 'gpt' (did you mean 'model.n_head'?)",
+    ),
     (["optimzer.lr=1e-3"], "optimzer: unknown section (did you mean 'optimizer'?)"),
-    (["model.type=mamba"], "command line: model.type = \"mamba\": unknown model type"),
+    (["model.type=mamba"], 'command line: model.type = "mamba": unknown model type'),
     (["run.seed=-1"], "command line: run.seed = -1: expected greater than or equal to 0"),
     (["training.batch_size"], "override 'training.batch_size' is not of the form key=value"),
-    (["data.files=[\"a.txt\""], "is not valid TOML"),
+    (['data.files=["a.txt"'], "is not valid TOML"),
     (["training.max_steps.x=1"], "training.max_steps is a value, not a table"),
-    (["scheduler.type=cosine", "scheduler.decay_fraction=0.5"], "scheduler.decay_fraction: unknown key for scheduler type 'cosine'"),
+    (
+        ["scheduler.type=cosine", "scheduler.decay_fraction=0.5"],
+        "scheduler.decay_fraction: unknown key for scheduler type 'cosine'",
+    ),
 ]
 
 
@@ -71,8 +80,12 @@ def test_bad_override(overrides: list[str], fragment: str) -> None:
 
 def test_all_problems_reported_at_once() -> None:
     res = run_cli(
-        "config", "validate", "tests/config/good/base.toml",
-        "training.max_steps=0", "model.n_layr=2", "kernels.norm=fast",
+        "config",
+        "validate",
+        "tests/config/good/base.toml",
+        "training.max_steps=0",
+        "model.n_layr=2",
+        "kernels.norm=fast",
     )
     assert res.returncode == 2
     assert "3 problems" in res.stderr

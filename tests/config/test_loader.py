@@ -31,7 +31,10 @@ def test_nested_includes_relative_to_including_file() -> None:
 
 
 def test_deep_merge_tables_merge_arrays_replace(tmp_path: Path) -> None:
-    write(tmp_path / "a.toml", '[optimizer]\nlr = 1.0\nbetas = [0.1, 0.2]\n[training]\nmax_steps = 5\n')
+    write(
+        tmp_path / "a.toml",
+        "[optimizer]\nlr = 1.0\nbetas = [0.1, 0.2]\n[training]\nmax_steps = 5\n",
+    )
     r = write(tmp_path / "r.toml", 'include = ["a.toml"]\n[optimizer]\nbetas = [0.5, 0.6]\n')
     raw = load_raw(r)
     assert raw.data["optimizer"] == {"lr": 1.0, "betas": [0.5, 0.6]}
@@ -44,13 +47,15 @@ def test_later_include_wins(tmp_path: Path) -> None:
     r = write(tmp_path / "r.toml", 'include = ["a.toml", "b.toml"]\n')
     raw = load_raw(r)
     assert raw.data["run"] == {"name": "b", "seed": 1}
-    assert raw.origin("run.name").startswith(str(tmp_path / "b.toml")) or "b.toml" in raw.origin("run.name")
+    assert raw.origin("run.name").startswith(str(tmp_path / "b.toml")) or "b.toml" in raw.origin(
+        "run.name"
+    )
 
 
 def test_cycle_is_an_error(tmp_path: Path) -> None:
     write(tmp_path / "a.toml", 'include = ["b.toml"]\n')
     write(tmp_path / "b.toml", 'include = ["a.toml"]\n')
-    with pytest.raises(ConfigError, match="include cycle: .*a.toml -> .*b.toml -> .*a.toml"):
+    with pytest.raises(ConfigError, match=r"include cycle: .*a\.toml -> .*b\.toml -> .*a\.toml"):
         load_raw(tmp_path / "a.toml")
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from craft.config import build_schema, from_dict, load_config, to_dict, to_toml
-from craft.config import registry
+from craft.config import build_schema, from_dict, load_config, registry, to_dict, to_toml
 from tests.config.test_bad_configs import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,7 +18,9 @@ RECIPES = sorted((REPO / "recipes").glob("*.toml"))
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_show_round_trip(recipe: Path, tmp_path: Path) -> None:
-    cfg = load_config(recipe, ["run.seed=5", "model.vocab_size=99"] if "rnn" not in recipe.name else [])
+    cfg = load_config(
+        recipe, ["run.seed=5", "model.vocab_size=99"] if "rnn" not in recipe.name else []
+    )
     out = tmp_path / "resolved.toml"
     out.write_text(to_toml(cfg))
     again = load_config(out)
@@ -28,11 +29,15 @@ def test_show_round_trip(recipe: Path, tmp_path: Path) -> None:
 
 
 def test_show_cli_round_trip(tmp_path: Path) -> None:
-    res = run_cli("config", "show", "recipes/char_small.toml", "training.max_steps=77", "run.name=x")
+    res = run_cli(
+        "config", "show", "recipes/char_small.toml", "training.max_steps=77", "run.name=x"
+    )
     assert res.returncode == 0, res.stderr
     out = tmp_path / "shown.toml"
     out.write_text(res.stdout)
-    assert load_config(out) == load_config(REPO / "recipes/char_small.toml", ["training.max_steps=77", "run.name=x"])
+    assert load_config(out) == load_config(
+        REPO / "recipes/char_small.toml", ["training.max_steps=77", "run.name=x"]
+    )
 
 
 def test_schema_cli_is_json_schema() -> None:
@@ -40,7 +45,19 @@ def test_schema_cli_is_json_schema() -> None:
     assert res.returncode == 0
     schema = json.loads(res.stdout)
     props = schema["properties"]
-    for section in ("run", "model", "data", "tokenizer", "optimizer", "scheduler", "training", "eval", "checkpoint", "logging", "kernels"):
+    for section in (
+        "run",
+        "model",
+        "data",
+        "tokenizer",
+        "optimizer",
+        "scheduler",
+        "training",
+        "eval",
+        "checkpoint",
+        "logging",
+        "kernels",
+    ):
         assert section in props
     assert schema.get("additionalProperties") is False
     text = json.dumps(schema)
@@ -126,7 +143,9 @@ def test_config_does_not_import_torch() -> None:
     import subprocess
 
     code = "import sys, craft.config as c; c.load_config('recipes/char_small.toml'); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False"
 
 
