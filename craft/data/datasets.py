@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from craft.data._io import sha256_file
 from craft.data.prepare import (
     FORMAT,
     FORMAT_VERSION,
@@ -31,6 +30,7 @@ from craft.data.prepare import (
 )
 from craft.data.tokenizers import Tokenizer, load_tokenizer
 from craft.errors import CraftError, DataError
+from craft.fileio import sha256_file
 
 SPLITS = ("train", "val")
 SAMPLER_STATE_VERSION = 1

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from craft.data._io import atomic_write_json, fsync_dir, sha256_file
 from craft.data.progress import ByteProgress, quiet
 from craft.data.sources import is_source, resolve_source
 from craft.data.tokenizers import Tokenizer, load_tokenizer
 from craft.errors import DataError, TokenizerError
+from craft.fileio import atomic_write_json, fsync_dir, sha256_file
 
 META_FILE = "meta.json"
 FORMAT = "craft-tokens"
@@ -534,7 +534,7 @@ def default_dataset_dir(data_cfg: Any, tokenizer_cfg: Any) -> Path:
     never reuses a dataset prepared differently. For `files`, the base hash covers the resolved
     paths with their sizes and modification times, so edited files are prepared again.
     """
-    from craft.data._io import short_hash
+    from craft.fileio import short_hash
     from craft.paths import datasets_dir
 
     if data_cfg.source:

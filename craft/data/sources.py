@@ -16,9 +16,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from craft.data._io import fsync_dir, sha256_file
 from craft.data.progress import ByteProgress
 from craft.errors import DataError
+from craft.fileio import fsync_dir, sha256_file
 from craft.paths import sources_dir
 
 MIRROR_ENV = "CRAFT_DATA_MIRROR"

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from craft.ops import registry
 from craft.ops.registry import (
     OPS,
     availability,
@@ -67,6 +68,8 @@ def configure(kernels: Any = None, device_type: str | None = None, **names: str)
     chosen = {op: choose(op, device_type) for op in OPS} if device_type else {}
     if chosen:
         log.info("kernels on %s: %s", device_type, ", ".join(f"{k}={v}" for k, v in chosen.items()))
+        for op, name in chosen.items():
+            registry.mark_logged(op, device_type, name)  # resolve() logs only a different choice
     return chosen
 
 

@@ -145,6 +145,11 @@ def _why_not(b: Backend, device_type: str, args: tuple[Any, ...], kwargs: dict[s
     return b.unavailable_reason() or b.rejects(*args, **kwargs) or "?"
 
 
+def mark_logged(op: str, device_type: str, name: str) -> None:
+    """Record that the choice of `name` for `op` was already announced (by `configure`)."""
+    _LOGGED.add((op, device_type, name))
+
+
 def choose(op: str, device_type: str) -> str:
     """The backend `auto` would pick on `device_type` for typical inputs (for logging at start)."""
     name = _SELECTED[op]

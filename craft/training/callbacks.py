@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from craft.config.registry import register
-from craft.training.state_io import write_text_atomic
+from craft.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from craft.training.trainer import Trainer
@@ -192,7 +192,7 @@ class MetricsFileCallback(Callback):
         path = trainer.run_dir / self.FILENAME
         if path.exists():
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= trainer.start_step]
-            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed in on_train_end)
 
     def _write(self, record: dict[str, Any]) -> None:

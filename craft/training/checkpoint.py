@@ -31,15 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from craft.errors import CheckpointError, ConfigError
-from craft.training.state_io import (
-    dedupe_shared,
-    fsync_dir,
-    save_state,
-    save_tensors,
-    write_json,
-    write_text_atomic,
-    write_text_durable,
-)
+from craft.fileio import atomic_write_text, fsync_dir, write_text_durable
+from craft.training.state_io import dedupe_shared, save_state, save_tensors, write_json
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -262,7 +255,7 @@ def save_checkpoint(
             tokenizer.save(tmp / "tokenizer")
 
     target = commit_directory(root / checkpoint_name(step), write, kind="checkpoint", step=step)
-    write_text_atomic(root / LATEST, target.name + "\n")
+    atomic_write_text(root / LATEST, target.name + "\n")
     prune(root, keep_last, protect or set())
     return target
 

@@ -1,4 +1,4 @@
-"""Nested state (dicts, lists, tensors, numbers) to safetensors + JSON and back, and atomic writes.
+"""Nested state (dicts, lists, tensors, numbers) to safetensors + JSON and back.
 
 Optimizer state, data-sampler state and anything else with tensors inside is split into a flat
 `{key: tensor}` map (saved with safetensors) and a JSON structure that refers to those keys, so a
@@ -8,13 +8,14 @@ checkpoint is readable without unpickling anything.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from craft.fileio import fsync_file, write_text_durable
 
 TENSOR = "__tensor__"
 NDARRAY = "__ndarray__"
@@ -67,44 +68,6 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, list):
         return [unflatten_state(v, tensors) for v in obj]
     return obj
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Persist a directory entry (a rename or a new file) on POSIX file systems."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_durable(path: Path, text: str) -> None:
-    """Write a file in a directory that is not yet visible (no rename needed), then fsync it."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` atomically: readers see the old content or the new, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_text_durable(tmp, text)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj: Any) -> None:

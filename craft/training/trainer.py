@@ -27,6 +27,7 @@ import torch
 
 from craft.config import registry, to_toml
 from craft.errors import CheckpointError, ConfigError, TrainingError
+from craft.fileio import atomic_write_text
 from craft.training import checkpoint as ckpt
 from craft.training.builders import build_data, build_model
 from craft.training.callbacks import BUILTINS, Callback, ProgressCallback
@@ -34,7 +35,7 @@ from craft.training.logs import setup_logging
 from craft.training.rng import capture_rng, restore_rng, seed_everything
 from craft.training.schedulers import restore_scheduler, scheduler_state
 from craft.training.signals import StopSignals
-from craft.training.state_io import flatten_state, unflatten_state, write_text_atomic
+from craft.training.state_io import flatten_state, unflatten_state
 
 log = logging.getLogger("craft.training")
 
@@ -156,7 +157,7 @@ class Trainer:
         )
         self._progress_mode = mode
         if self.is_main:
-            write_text_atomic(run_dir / "config.toml", to_toml(cfg))
+            atomic_write_text(run_dir / "config.toml", to_toml(cfg))
             removed = ckpt.clean_stale(run_dir / ckpt.CHECKPOINTS)
             for p in removed:
                 log.info("removed leftover of an interrupted checkpoint write: %s", p.name)
@@ -749,7 +750,7 @@ class Trainer:
                 trainer_tensors=tensors,
             )
             if self.cfg.checkpoint.keep_best and path.name in protect:
-                write_text_atomic(root / ckpt.BEST, path.name + "\n")
+                atomic_write_text(root / ckpt.BEST, path.name + "\n")
             log.info("checkpoint: %s (%.2fs)", path, time.perf_counter() - t0)
         self.accelerator.wait_for_everyone()
         self._saved_step = self.step

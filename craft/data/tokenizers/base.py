@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from craft.data._io import atomic_write_bytes, atomic_write_json
 from craft.errors import TokenizerError
+from craft.fileio import atomic_write_bytes, atomic_write_json
 
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from craft.data._io import sha256_file
 from craft.data.tokenizers.base import Tokenizer
 from craft.errors import TokenizerError
+from craft.fileio import sha256_file
 
 MODEL_FILE = "tokenizer.model"
 INPUT_SENTENCE_SIZE = 2_000_000

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the data layer: durable writes and hashing."""
+"""File helpers every layer shares: durable, atomic writes (never a half-written file) and hashing."""
 
 from __future__ import annotations
 
@@ -11,10 +11,19 @@ from typing import Any
 HASH_BLOCK = 1 << 20
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file that was written by another library (e.g. safetensors) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or file creation inside `path` durable (no-op where directories can't sync)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
@@ -39,6 +48,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def write_text_durable(path: Path, text: str) -> None:
+    """Write a file inside a directory that is not yet visible (no rename needed), then fsync it."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` atomically: readers see the old content or the new, never a part."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
