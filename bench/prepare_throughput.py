@@ -248,10 +248,8 @@ def _write(results: Path, machine: dict, size: int, trained: dict, rows: list[di
         f"Load average (1 min) {machine['loadavg_start']:.1f} at the start and "
         f"{machine['loadavg_end']:.1f} at the end; {machine['cores']} busy processes ran "
         f"{machine['available_speedup']:.2f}x faster than one (calibration at the start; "
-        f"{machine['cores']}x on an idle machine). The machine was shared with other jobs, so the "
-        "wall-clock timings are noisy and all-cores runs cannot beat 1 worker while other jobs "
-        "hold the cores; CPU seconds (process + workers) are less sensitive to the load. Re-run "
-        "on a quiet machine for clean numbers.",
+        f"{machine['cores']}x on an idle machine). CPU seconds (process + workers) are less "
+        "sensitive to machine load than wall-clock seconds.",
         "",
         "| method | tokenizer | workers | seconds | MB/s | CPU s | MB per CPU s | tokens "
         "| peak RSS main (MB) | peak RSS per worker (MB) |",

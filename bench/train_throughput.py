@@ -287,6 +287,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="Config override key=value.")
     p.add_argument("--full", action="store_true", help="Also train the whole recipe once.")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    p.add_argument("--note", default="", help="Conditions worth recording (e.g. machine load).")
     p.add_argument("--variant", choices=["craft", "plain"], help=argparse.SUPPRESS)
     p.add_argument("--render", help="Only rewrite the .md next to this results JSON.")
     args = p.parse_args()
@@ -330,11 +331,8 @@ def main() -> None:
         "steps": args.steps,
         "repeats": args.repeats,
         "overrides": args.set,
-        "note": (
-            "Shared machine: other jobs used the same cores during this run (see the load "
-            "average), so absolute numbers are noisy; the two variants alternate in the same "
-            "run so their ratio is the comparable figure."
-        ),
+        "note": args.note
+        or "The two variants alternate in the same run, so their ratio is the comparable figure.",
         "throughput": summary,
     }
     if args.full:
