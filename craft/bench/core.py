@@ -483,12 +483,14 @@ def reference_dtype(fam: Family, case: Case) -> torch.dtype:
 @contextlib.contextmanager
 def _no_tf32() -> Iterator[None]:
     """Full-precision float32 matmuls while a reference is computed."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # The public precision API: the legacy `matmul.allow_tf32` flag raises on torch >= 2.9 once
+    # the newer fp32_precision settings are in use.
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved)
 
 
 def selected(fam: Family, settings: Settings) -> list[Impl]:

@@ -169,6 +169,20 @@ def _check_outputs(a: dict[str, Any]) -> None:
             fail(f"--{opt} {path}: is a directory, expected a file path")
 
 
+def _check_impls(kernels: tuple[str, ...], patterns: list[str]) -> None:
+    """Refuse an --impls pattern that names no implementation: it would silently run nothing."""
+    from fnmatch import fnmatch
+
+    from craft.bench.core import impls
+    from craft.cli.errors import fail
+
+    names = [i.name for k in kernels for i in impls(k)]
+    unmatched = [p for p in patterns if not any(fnmatch(n, p) for n in names)]
+    if unmatched:
+        known = ", ".join(dict.fromkeys(names))
+        fail(f"--impls {unmatched[0]!r}: matches no implementation (known: {known})")
+
+
 def _run(kernels: tuple[str, ...], a: dict[str, Any], train: dict[str, Any] | None) -> None:
     """Run kernel families (and the training benchmark), print tables, write JSON and plot."""
     _check_outputs(a)
@@ -190,6 +204,8 @@ def _run(kernels: tuple[str, ...], a: dict[str, Any], train: dict[str, Any] | No
     from craft.bench.progress import Progress
     from craft.bench.report import document, print_report, write_json, write_plot
 
+    if settings is not None and settings.impls:
+        _check_impls(kernels, settings.impls)
     # Wide enough for the tables when the output goes to a file or a pipe.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
     device = settings.device if settings else torch.device("cpu")

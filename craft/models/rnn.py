@@ -134,7 +134,10 @@ class RNNLM(nn.Module):
             )
             return None, loss
         logits = self.lm_head(y)  # (B, T, V)
-        return logits, ops.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t))
+        loss = ops.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t))
+        # As in GPT: while training a fused loss kernel may reuse the logits' memory for their
+        # gradient, so they are only handed back under no_grad.
+        return (None if torch.is_grad_enabled() else logits), loss
 
 
 def build(cfg: RNNConfig, vocab_size: int, *, fused_loss: bool = False) -> RNNLM:

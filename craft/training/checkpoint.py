@@ -211,9 +211,12 @@ def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Parameter shapes stored in a `model.safetensors`, read from its header only."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: cannot read model weights: {e}") from None
     for alias, name in json.loads(meta.get(ALIASES_KEY, "{}")).items():
         shapes[alias] = shapes[name]
     return shapes
@@ -273,7 +276,7 @@ def prune(root: Path, keep_last: int, protect: set[str]) -> list[Path]:
 
 def read_rng(checkpoint: Path, rank: int) -> dict[str, torch.Tensor] | None:
     """The RNG states saved for `rank`, or None when that rank did not exist."""
-    states = load_file(str(checkpoint / "rng.safetensors"))
+    states = read_tensors(checkpoint / "rng.safetensors", "RNG states")
     prefix = f"rank{rank}."
     mine = {k[len(prefix) :]: v for k, v in states.items() if k.startswith(prefix)}
     return mine or None
@@ -374,11 +377,19 @@ def run_dir_of(checkpoint: Path) -> Path | None:
     return None
 
 
+def _run_order(run: Path) -> tuple[str, int]:
+    """Sort key of a run directory `<YYYYmmdd-HHMMSS>[-N]`: the stamp, then N as a number."""
+    stamp, sep, n = run.name.rpartition("-")
+    if sep and n.isdigit() and len(n) < 6:  # `-N`, not the `-HHMMSS` of a bare stamp
+        return stamp, int(n)
+    return run.name, 0
+
+
 def newest_run_with_checkpoint(runs_root: Path) -> tuple[Path, Path] | None:
     """(run dir, checkpoint) of the newest run under `runs_root` that has a complete checkpoint."""
     if not runs_root.is_dir():
         return None
-    for run in sorted((p for p in runs_root.iterdir() if p.is_dir()), reverse=True):
+    for run in sorted((p for p in runs_root.iterdir() if p.is_dir()), key=_run_order, reverse=True):
         ck = latest_checkpoint(run / CHECKPOINTS)
         if ck is not None:
             return run, ck
@@ -425,7 +436,15 @@ def write_export(
 
 def read_trainer_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     path = checkpoint / "trainer_state.safetensors"
-    return load_file(str(path)) if path.exists() else {}
+    return read_tensors(path, "trainer state tensors") if path.exists() else {}
+
+
+def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """`load_file` that reports a missing or corrupt file as a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: cannot read {what}: {e}") from None
 
 
 def load_weights_into(model: torch.nn.Module, weights: Path) -> None:

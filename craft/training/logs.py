@@ -28,10 +28,52 @@ def resolve_progress_mode(mode: str, console: Console) -> str:
     return mode
 
 
+class DeferredFileHandler(logging.Handler):
+    """Keeps records in memory until `open(path)`, then writes them and every later one there.
+
+    A new run's directory is created only once its data and model are built (a run that fails
+    before leaves nothing behind), yet its train.log still starts with everything it printed.
+    """
+
+    def __init__(self, formatter: logging.Formatter, level: int) -> None:
+        super().__init__(level)
+        self.setFormatter(formatter)
+        self._pending: list[logging.LogRecord] = []
+        self._file: logging.FileHandler | None = None
+
+    def open(self, path: Path) -> None:
+        """Start writing to `path` (appending), buffered records first."""
+        fh = logging.FileHandler(path, encoding="utf-8")
+        fh.setFormatter(self.formatter)
+        fh.setLevel(self.level)
+        with self.lock:  # type: ignore[union-attr]  (created by Handler.__init__)
+            for record in self._pending:
+                fh.emit(record)
+            self._pending = []
+            self._file = fh
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._file is not None:
+            self._file.emit(record)
+        else:
+            self._pending.append(record)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._pending = []
+        super().close()
+
+
 def setup_logging(
     log_file: Path | None, *, is_main: bool, rank: int, mode: str
-) -> tuple[Console, str, Callable[[], None]]:
-    """Attach handlers to the `craft` logger; returns (console, progress mode, teardown)."""
+) -> tuple[Console, str, Callable[[], None], DeferredFileHandler | None]:
+    """Attach handlers to the `craft` logger.
+
+    Returns (console, progress mode, teardown, file handler): on the main process the file handler
+    writes to `log_file`, or holds the records until its `open(path)` when `log_file` is None.
+    """
     logger = logging.getLogger("craft")
     console = Console(file=sys.stdout)
     mode = resolve_progress_mode(mode, console)
@@ -51,12 +93,14 @@ def setup_logging(
             con.addFilter(_NotSteps())
         con.setLevel(logging.INFO)
         handlers.append(con)
+        file_handler = DeferredFileHandler(
+            logging.Formatter("%(asctime)s %(levelname)s %(message)s"), logging.INFO
+        )
         if log_file is not None:
-            fh = logging.FileHandler(log_file, encoding="utf-8")
-            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            fh.setLevel(logging.INFO)
-            handlers.append(fh)
+            file_handler.open(log_file)
+        handlers.append(file_handler)
     else:
+        file_handler = None
         con = logging.StreamHandler(sys.stderr)
         con.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
         con.setLevel(logging.WARNING)
@@ -74,4 +118,4 @@ def setup_logging(
         logger.setLevel(old_level)
         logger.propagate = old_propagate
 
-    return console, mode, teardown
+    return console, mode, teardown, file_handler

@@ -2,6 +2,10 @@
 
 Because the factor depends only on the step (and max_steps), a resumed run recomputes exactly the
 lr an uninterrupted run would use, even when `max_steps` or the peak lr changed in between.
+
+The factor is indexed by completed steps: training step k (1-based) uses factor(k - 1), so the
+first step uses factor(0) and the last one (k = max_steps) factor(max_steps - 1), which is where
+the decaying schedules reach their floor (`min_lr`).
 """
 
 from __future__ import annotations
@@ -21,23 +25,26 @@ def _warmup(step: int, warmup: int) -> float | None:
     return None
 
 
+def _decay_progress(step: int, start: int, max_steps: int) -> float:
+    """0 at index `start` (the peak) to 1 at index max_steps - 1 (the last step), then 1."""
+    return min(1.0, max(0.0, (step - start) / max(1, max_steps - 1 - start)))
+
+
 def cosine_factor(step: int, *, warmup: int, max_steps: int, floor: float) -> float:
-    """Warmup, then half a cosine from 1 down to `floor` (min_lr / lr) at max_steps."""
+    """Warmup, then half a cosine from 1 down to `floor` (min_lr / lr) at the last step."""
     w = _warmup(step, warmup)
     if w is not None:
         return w
-    span = max(1, max_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
+    progress = _decay_progress(step, warmup, max_steps)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def linear_factor(step: int, *, warmup: int, max_steps: int, floor: float) -> float:
-    """Warmup, then a straight line from 1 down to `floor` at max_steps."""
+    """Warmup, then a straight line from 1 down to `floor` at the last step."""
     w = _warmup(step, warmup)
     if w is not None:
         return w
-    span = max(1, max_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
+    progress = _decay_progress(step, warmup, max_steps)
     return 1.0 - (1.0 - floor) * progress
 
 
@@ -49,16 +56,18 @@ def constant_factor(step: int, *, warmup: int) -> float:
 def wsd_factor(
     step: int, *, warmup: int, max_steps: int, decay_fraction: float, floor: float
 ) -> float:
-    """Warmup-stable-decay: warmup, a constant plateau, then a linear decay over the last fraction."""
+    """Warmup-stable-decay: warmup, a constant plateau, then a linear decay over the last fraction.
+
+    The last `round(decay_fraction * max_steps)` steps run below the peak; the final one at `floor`.
+    """
     w = _warmup(step, warmup)
     if w is not None:
         return w
     decay_steps = max(1, round(decay_fraction * max_steps))
-    decay_start = max(warmup, max_steps - decay_steps)
+    decay_start = max(warmup, max_steps - 1 - decay_steps)  # the plateau's last index
     if step < decay_start:
         return 1.0
-    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
-    return 1.0 - (1.0 - floor) * progress
+    return 1.0 - (1.0 - floor) * _decay_progress(step, decay_start, max_steps)
 
 
 def _floor(min_lr: float) -> Callable[[float], float]:

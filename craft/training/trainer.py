@@ -75,6 +75,17 @@ def _versions() -> dict[str, str]:
     }
 
 
+def eval_shard(num_batches: int, rank: int, world_size: int) -> list[tuple[int, bool]]:
+    """(batch index, counted) pairs that process `rank` evaluates: batches rank, rank + world, ...
+
+    Every process gets the same number of entries (a sharded FSDP forward is a collective, and
+    DDP may broadcast buffers in one), so a process short of a batch repeats batch 0 uncounted.
+    """
+    rounds = -(-num_batches // world_size)
+    picks = [rank + k * world_size for k in range(rounds)]
+    return [(i, True) if i < num_batches else (0, False) for i in picks]
+
+
 def _new_run_dir(runs_root: Path) -> Path:
     """`<runs_root>/<YYYYmmdd-HHMMSS>[-N]/`, created (never reusing an existing directory)."""
     runs_root.mkdir(parents=True, exist_ok=True)
@@ -148,20 +159,12 @@ class Trainer:
             )
 
         run_dir, resume_from = self._resolve_run(resume)
-        self.run_dir = run_dir
-        self.console, mode, self._teardown_logging = setup_logging(
-            run_dir / "train.log" if self.is_main else None,
-            is_main=self.is_main,
-            rank=self.rank,
-            mode=cfg.logging.progress,
+        # train.log keeps what is logged from here on; a new run's directory is only created once
+        # its data and model are built, so a run that fails before leaves no directory behind.
+        self.console, mode, self._teardown_logging, log_file = setup_logging(
+            None, is_main=self.is_main, rank=self.rank, mode=cfg.logging.progress
         )
         self._progress_mode = mode
-        if self.is_main:
-            atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-            removed = ckpt.clean_stale(run_dir / ckpt.CHECKPOINTS)
-            for p in removed:
-                log.info("removed leftover of an interrupted checkpoint write: %s", p.name)
-        log.info("run directory: %s", run_dir)
 
         # Same initial weights on every process; per-process streams are re-seeded below.
         seed_everything(cfg.run.seed)
@@ -197,6 +200,16 @@ class Trainer:
             state = self._check_resume(resume_from, model)
             ckpt.load_weights_into(model, resume_from / "model.safetensors")
 
+        self.run_dir = run_dir if run_dir is not None else self._create_run_dir()
+        if self.is_main:
+            assert log_file is not None
+            log_file.open(self.run_dir / "train.log")
+            atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
+            removed = ckpt.clean_stale(self.run_dir / ckpt.CHECKPOINTS)
+            for p in removed:
+                log.info("removed leftover of an interrupted checkpoint write: %s", p.name)
+        log.info("run directory: %s", self.run_dir)
+
         model.to(self.device)
         optimizer = registry.build("optimizer", cfg.optimizer, model)
         self.scheduler = registry.build("scheduler", cfg.scheduler, optimizer, self.max_steps)
@@ -218,7 +231,7 @@ class Trainer:
         eval_bs = cfg.eval.batch_size or cfg.training.batch_size
         # Each process evaluates its share of the fixed validation windows; losses are summed.
         self._eval_batches = self.data.eval_batches("val", eval_bs, cfg.eval.batches)
-        self._eval_indices = list(range(self.rank, len(self._eval_batches), self.world_size))
+        self._eval_plan = eval_shard(len(self._eval_batches), self.rank, self.world_size)
         self.tokens_per_step = (
             cfg.training.batch_size
             * cfg.training.grad_accum_steps
@@ -267,8 +280,11 @@ class Trainer:
     def _unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
         return getattr(module, "_orig_mod", module)
 
-    def _resolve_run(self, resume: str | None) -> tuple[Path, Path | None]:
-        """Decide (on the main process) the run directory and the checkpoint to resume from."""
+    def _resolve_run(self, resume: str | None) -> tuple[Path | None, Path | None]:
+        """Decide (on the main process) the run directory and the checkpoint to resume from.
+
+        The run directory is None for a new run (see `_create_run_dir`).
+        """
         from accelerate.utils import broadcast_object_list
 
         payload: list[Any] = [None, None, None]
@@ -281,19 +297,36 @@ class Trainer:
             payload = broadcast_object_list(payload)
         if payload[2] is not None:
             raise CheckpointError(payload[2])
-        return Path(payload[0]), (Path(payload[1]) if payload[1] else None)
+        run_dir, found = payload[0], payload[1]
+        return (Path(run_dir) if run_dir else None), (Path(found) if found else None)
 
-    def _resolve_run_main(self, resume: str | None) -> tuple[str, str | None]:
+    def _create_run_dir(self) -> Path:
+        """A new `<output_dir>/<run.name>/<timestamp>/`, made by the main process for all."""
+        from accelerate.utils import broadcast_object_list
+
+        payload: list[Any] = [None, None]
+        if self.is_main:
+            try:
+                payload[0] = str(_new_run_dir(Path(self.cfg.run.output_dir) / self.cfg.run.name))
+            except ConfigError as e:
+                payload[1] = e.message
+        if self.world_size > 1:
+            payload = broadcast_object_list(payload)
+        if payload[1] is not None:
+            raise ConfigError(payload[1])
+        return Path(payload[0])
+
+    def _resolve_run_main(self, resume: str | None) -> tuple[str | None, str | None]:
         runs_root = Path(self.cfg.run.output_dir) / self.cfg.run.name
         if resume is None:
-            return str(_new_run_dir(runs_root)), None
+            return None, None
         if resume == "auto":
             found = ckpt.newest_run_with_checkpoint(runs_root)
             if found is None:
                 logging.getLogger("craft").warning(
                     "--resume auto: no complete checkpoint under %s; starting a new run", runs_root
                 )
-                return str(_new_run_dir(runs_root)), None
+                return None, None
             run_dir, found_ckpt = found
             return str(run_dir), str(found_ckpt)
         found_ckpt = ckpt.resolve_checkpoint(resume)
@@ -307,7 +340,7 @@ class Trainer:
         if run_dir is not None and ckpt.latest_checkpoint(run_dir / ckpt.CHECKPOINTS) == found_ckpt:
             return str(run_dir), str(found_ckpt)
         # Resuming from an older checkpoint must not overwrite that run's later ones.
-        return str(_new_run_dir(runs_root)), str(found_ckpt)
+        return None, str(found_ckpt)
 
     def _check_resume(self, path: Path, model: torch.nn.Module) -> dict[str, Any]:
         """Trainer state of `path` after checking that it fits the model; reports config changes."""
@@ -343,7 +376,10 @@ class Trainer:
 
         from craft.training.state_io import load_state
 
-        osd, _ = load_state(path, "optimizer")
+        try:
+            osd, _ = load_state(path, "optimizer")
+        except Exception as e:  # corrupt JSON or safetensors; the COMPLETE marker checks sizes only
+            raise CheckpointError(f"{path}: cannot read the optimizer state: {e}") from None
         groups = self._raw_optimizer.param_groups
         saved_groups = osd["param_groups"]
         if len(saved_groups) != len(groups) or any(
@@ -644,11 +680,12 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         total = torch.zeros(2, device=self.device)  # (sum of token losses, tokens)
-        for i in self._eval_indices:
+        for i, counted in self._eval_plan:
             x, y = self._eval_batches[i]  # (B, T) each
             _, loss = self.model(x.to(self.device), y.to(self.device))
-            total[0] += loss.float() * y.numel()
-            total[1] += y.numel()
+            if counted:
+                total[0] += loss.float() * y.numel()
+                total[1] += y.numel()
         self.model.train()
         if self.world_size > 1:
             total = self.accelerator.reduce(total, reduction="sum")
@@ -658,7 +695,6 @@ class Trainer:
         improved = self.best_val_loss is None or val < self.best_val_loss
         if improved:
             self.best_val_loss = val
-        self._last_eval_improved = improved
         log.info(
             "eval step %d: val loss %.4f (best %.4f)", self.step, val, self.best_val_loss or val
         )
@@ -681,6 +717,25 @@ class Trainer:
         return get_model_state_dict(
             self._state_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
+
+    def _best_checkpoint_name(self, root: Path) -> str | None:
+        """The checkpoint `best` names once this step's is saved (`checkpoint.keep_best`).
+
+        This step's checkpoint when it was evaluated and beats the validation loss of the current
+        `best` checkpoint (not the best of all evaluations: those between checkpoints have no
+        weights on disk), else the current `best`.
+        """
+        pointer = root / ckpt.BEST
+        name = pointer.read_text().strip() if pointer.exists() else None
+        best_loss = None
+        if name and ckpt.is_complete(root / name):
+            best_loss = ckpt.read_trainer_state(root / name).get("last_val_loss")
+        else:
+            name = None
+        here = self.last_val_loss if self._evaluated_step == self.step else None
+        if here is not None and (best_loss is None or here < best_loss):
+            return ckpt.checkpoint_name(self.step)
+        return name
 
     def save_checkpoint(self, *, elapsed: float = 0.0) -> Path | None:
         """Write a checkpoint of the current step (collective: every process calls it)."""
@@ -726,16 +781,8 @@ class Trainer:
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
             root = self.run_dir / ckpt.CHECKPOINTS
-            protect = set()
-            if self.cfg.checkpoint.keep_best:
-                best = root / ckpt.BEST
-                if (
-                    getattr(self, "_last_eval_improved", False)
-                    and self._evaluated_step == self.step
-                ):
-                    protect.add(ckpt.checkpoint_name(self.step))
-                elif best.exists():
-                    protect.add(best.read_text().strip())
+            best_name = self._best_checkpoint_name(root) if self.cfg.checkpoint.keep_best else None
+            protect = {best_name} if best_name else set()
             path = ckpt.save_checkpoint(
                 root,
                 self.step,
@@ -749,7 +796,7 @@ class Trainer:
                 protect=protect,
                 trainer_tensors=tensors,
             )
-            if self.cfg.checkpoint.keep_best and path.name in protect:
+            if best_name == path.name:
                 atomic_write_text(root / ckpt.BEST, path.name + "\n")
             log.info("checkpoint: %s (%.2fs)", path, time.perf_counter() - t0)
         self.accelerator.wait_for_everyone()

@@ -252,6 +252,7 @@ def test_cli_flags_a_plugin_implementation_that_is_wrong(tmp_path: Path) -> None
         (["attention", "--heads", "4", "--kv-heads", "3"], "--kv-heads 3"),
         (["norm", "--mode", "backward"], "--mode 'backward'"),
         (["train", "no/such/recipe.toml"], "file not found"),
+        (["attention", "--quick", "--impls", "sdpa.math,nomatch*"], "--impls 'nomatch*'"),
     ],
 )
 def test_cli_bad_arguments_are_one_line_errors(args: list[str], message: str) -> None:

@@ -66,8 +66,17 @@ def test_prepare_info_and_dataset_alias(text_files: list[Path], tmp_path: Path) 
 
 
 def test_prepare_from_recipe(tmp_path: Path, shakespeare: Path) -> None:
+    # A private CRAFT_HOME: another test on this worker may already have prepared micro's data.
+    home = {"CRAFT_HOME": str(tmp_path / "craft_home")}
     r = craft(
-        "data", "prepare", "--config", str(REPO / "recipes" / "micro.toml"), "-q", "--workers", "1"
+        "data",
+        "prepare",
+        "--config",
+        str(REPO / "recipes" / "micro.toml"),
+        "-q",
+        "--workers",
+        "1",
+        env=home,
     )
     assert r.returncode == 0, r.stderr
     assert "tinyshakespeare-char-" in r.stdout and "vocab 65" in r.stdout

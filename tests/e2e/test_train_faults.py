@@ -168,3 +168,20 @@ def test_nan_is_a_one_line_error_naming_the_step(tmp_path: Path) -> None:
     assert line.startswith("error: non-finite training loss") and "at step 5" in line
     latest = ckpt.latest_checkpoint(_run_dir(tmp_path) / "checkpoints")
     assert latest is not None and latest.name == "step_00000003"
+
+
+def test_resume_from_a_corrupt_optimizer_state_is_a_one_line_error(tmp_path: Path) -> None:
+    base = [str(MICRO), *TINY, f"run.output_dir={tmp_path / 'outputs'}", "training.max_steps=2"]
+    first = run_cli([*base, "checkpoint.interval=2", "eval.interval=2"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    latest = ckpt.latest_checkpoint(_run_dir(tmp_path) / "checkpoints")
+    assert latest is not None
+    path = latest / "optimizer.safetensors"
+    data = bytearray(path.read_bytes())
+    data[:8] = bytes(8)  # same size, so the COMPLETE marker still matches
+    path.write_bytes(bytes(data))
+    res = run_cli([*base, "training.max_steps=4", "--resume", str(latest)], cwd=tmp_path)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "cannot read the optimizer state" in line

@@ -12,6 +12,7 @@ from craft import ops
 from craft.errors import KernelError
 from craft.ops.registry import resolve
 from craft.ops.triton import attention as tri
+from craft.ops.triton._common import dot_precision
 from tests.kernels._triton import DEVICE, assert_close, gpu_grid, needs_triton
 
 pytestmark = needs_triton
@@ -124,6 +125,31 @@ def test_query_without_keys_gets_zeros() -> None:
     assert torch.all(dq[:, :, :3] == 0) and torch.isfinite(dk).all() and torch.isfinite(dv).all()
     ref = reference(q[:, :, 3:], k, v, True, 0.25)  # the last three rows see keys 0..0, 0..1, 0..2
     assert_close(out[:, :, 3:], ref, torch.float32, "out")
+
+
+def test_fp32_dot_precision_follows_either_torch_tf32_api() -> None:
+    """torch >= 2.9 raises on reading `matmul.allow_tf32` once `fp32_precision` set TF32."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision setting")
+    before = matmul.fp32_precision
+    try:
+        matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+        matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+        matmul.fp32_precision = "tf32"
+        assert dot_precision(torch.float32) == "tf32"
+        q, k, v = make_qkv(1, 2, 1, 5, 5, 16, dtype=torch.float32)
+        with torch.no_grad():
+            out = tri.attention(q, k, v, causal=True)
+        ref = reference(q.detach(), k.detach(), v.detach(), True, 0.25)
+        torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)  # TF32 on a GPU
+        matmul.fp32_precision = "ieee"
+        assert dot_precision(torch.float32) == "ieee"
+    finally:
+        matmul.fp32_precision = before
+    assert dot_precision(torch.bfloat16) == "tf32"
 
 
 # ------------------------------------------------------------------------- dispatch contract

@@ -131,6 +131,18 @@ def test_gradient_overwrites_intermediate_logits_in_place() -> None:
     assert torch.equal(y.detach(), before) and y.grad is not None
 
 
+def test_view_of_a_leaf_is_never_overwritten() -> None:
+    """`leaf.view(-1, V)` is not a leaf but shares the leaf's memory: it must stay intact."""
+    logits, targets = make(6, 90, torch.float32, ignored=0.2)
+    leaf = logits.reshape(2, 3, 90).clone().requires_grad_()  # (B, T, V)
+    before = leaf.detach().clone()
+    tri.cross_entropy(leaf.view(6, 90), targets, label_smoothing=0.1).backward()
+    assert torch.equal(leaf.detach(), before)
+    x64 = logits.double().requires_grad_()
+    reference(x64, targets, -100, "mean", 0.1, 0.0).backward()
+    assert_close(leaf.grad.view(6, 90), x64.grad, torch.float32, "d logits")
+
+
 def test_overwritten_logits_saved_elsewhere_fail_loudly() -> None:
     """An op that saved the logits for its backward must not silently use the gradient."""
     logits, targets = make(4, 20, torch.float32)

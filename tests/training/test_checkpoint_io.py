@@ -120,6 +120,29 @@ def test_incomplete_or_corrupt_checkpoints_are_never_loaded(tmp_path: Path) -> N
     assert removed == {"step_00000006", "step_00000007", ".step_00000008.tmp-123"}
 
 
+def _scramble_header(path: Path) -> None:
+    """Overwrite the start of a safetensors file, keeping its size (the marker still matches)."""
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"{" * 12
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_tensor_files_of_a_complete_checkpoint_are_checkpoint_errors(
+    tmp_path: Path,
+) -> None:
+    ck = _save(tmp_path / "checkpoints", 1)
+    for name in ("model.safetensors", "rng.safetensors"):
+        _scramble_header(ck / name)
+    assert ckpt.resolve_checkpoint(ck) == ck  # sizes match: only reading finds the damage
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read model weights"):
+        ckpt.weight_shapes(ck / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"rng\.safetensors: cannot read RNG states"):
+        ckpt.read_rng(ck, 0)
+    (ck / "trainer_state.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="trainer_state.safetensors: cannot read"):
+        ckpt.read_trainer_tensors(ck)
+
+
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     def boom(tmp: Path) -> None:
         (tmp / "model.safetensors").write_bytes(b"partial")

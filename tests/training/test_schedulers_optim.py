@@ -43,23 +43,40 @@ def _lrs(sched: torch.optim.lr_scheduler.LRScheduler, n: int) -> list[float]:
 
 def test_cosine_warmup_peak_and_floor() -> None:
     cfg = CosineSchedulerConfig(warmup_steps=10, min_lr=1e-4)
-    lrs = _lrs(build_cosine(cfg, _opt(1e-3), max_steps=100), 101)
+    lrs = _lrs(build_cosine(cfg, _opt(1e-3), max_steps=101), 102)  # lrs[k - 1]: step k's lr
     assert lrs[0] == pytest.approx(1e-3 / 11)
     assert lrs[9] == pytest.approx(1e-3 * 10 / 11)
     assert lrs[10] == pytest.approx(1e-3)  # peak right after warmup
     assert lrs[55] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # halfway down the cosine
-    assert lrs[100] == pytest.approx(1e-4)  # floor at max_steps and after
+    assert lrs[100] == pytest.approx(1e-4) and lrs[99] > 1e-4  # floor at the last step
+    assert lrs[101] == pytest.approx(1e-4)  # and after
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
 def test_linear_constant_and_wsd_shapes() -> None:
-    lin = _lrs(build_linear(LinearSchedulerConfig(min_lr=0.0), _opt(1.0), 10), 11)
+    lin = _lrs(build_linear(LinearSchedulerConfig(min_lr=0.0), _opt(1.0), 11), 11)
     assert lin[0] == pytest.approx(1.0) and lin[5] == pytest.approx(0.5) and lin[10] == 0.0
     const = _lrs(build_constant(ConstantSchedulerConfig(warmup_steps=3), _opt(2.0), 10), 6)
     assert const[:3] == pytest.approx([0.5, 1.0, 1.5]) and const[3:] == [2.0, 2.0, 2.0]
     wsd = _lrs(build_wsd(WSDSchedulerConfig(decay_fraction=0.2, min_lr=0.1), _opt(1.0), 10), 11)
-    assert wsd[:8] == [1.0] * 8  # stable until the last 20%
-    assert wsd[9] == pytest.approx(0.55) and wsd[10] == pytest.approx(0.1)
+    assert wsd[:8] == [1.0] * 8  # stable until the last 20% (2 of 10 steps)
+    assert wsd[8] == pytest.approx(0.55) and wsd[9] == pytest.approx(0.1)  # last step: min_lr
+    assert wsd[10] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("build", "cfg"),
+    [
+        (build_cosine, CosineSchedulerConfig(warmup_steps=3, min_lr=0.1)),
+        (build_linear, LinearSchedulerConfig(warmup_steps=3, min_lr=0.1)),
+        (build_wsd, WSDSchedulerConfig(warmup_steps=3, decay_fraction=0.5, min_lr=0.1)),
+    ],
+)
+def test_decaying_schedules_reach_min_lr_on_the_last_step(build, cfg) -> None:
+    """Step 1 trains at lr / (warmup + 1), step warmup + 1 at the peak, step max_steps at min_lr."""
+    lrs = _lrs(build(cfg, _opt(1.0), 9), 9)  # lrs[k - 1]: the lr of training step k
+    assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1) and lrs[-2] > 0.1
 
 
 def test_restore_recomputes_lr_from_step_with_new_max_steps() -> None:
@@ -69,7 +86,9 @@ def test_restore_recomputes_lr_from_step_with_new_max_steps() -> None:
     s2 = build_cosine(cfg, _opt(1.0), max_steps=20)  # the run was extended
     restore_scheduler(s2, scheduler_state(s1), 5)
     assert s2.last_epoch == 5
-    assert s2.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert s2.optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 5 / 19))
+    )
     assert s2.get_last_lr()[0] == s2.optimizer.param_groups[0]["lr"]
 
 

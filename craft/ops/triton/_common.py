@@ -42,8 +42,23 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
+def tf32_matmuls_allowed() -> bool:
+    """Whether torch lets fp32 CUDA matmuls use TF32, through either of its two settings APIs.
+
+    Reading the legacy `matmul.allow_tf32` raises once the newer `fp32_precision` API has been
+    used (torch >= 2.9), so the newer setting is read first where it exists.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9: only the legacy flag exists
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # not set for matmuls: the backend-wide default decides
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision for fp32 inputs: tf32 only when torch allows it for matmuls."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_matmuls_allowed():
         return "ieee"
     return "tf32"

@@ -33,7 +33,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 
 # (meta, num_warps, num_stages); sized for H100 (228 KB smem) and A100 (164 KB): configs that do
-# not fit a device are skipped by the autotuner.
+# not fit a device are skipped by the autotuner, and each list ends with a small one that always fits.
 _FWD_CONFIGS = configs(
     [
         ({"BLOCK_M": 128, "BLOCK_N": 64}, 4, 3),
@@ -42,6 +42,7 @@ _FWD_CONFIGS = configs(
         ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
         ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2),
         ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3),
+        ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),  # small: fits fp32 with D=128 on any card
     ],
     {"BLOCK_M": 16, "BLOCK_N": 16},
 )
@@ -52,6 +53,7 @@ _DKDV_CONFIGS = configs(
         ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
         ({"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3),
         ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 2),
+        ({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2),  # small: fits fp32 with D=128 on any card
     ],
     {"BLOCK_M": 16, "BLOCK_N": 32},
 )
@@ -61,6 +63,7 @@ _DQ_CONFIGS = configs(
         ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3),
         ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
         ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
+        ({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2),  # small: fits fp32 with D=128 on any card
     ],
     {"BLOCK_M": 32, "BLOCK_N": 16},
 )
@@ -107,7 +110,7 @@ def _fwd_tiles(
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N).to(tl.int64)  # int64: T * stride can pass 2**31
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, BN)
@@ -182,7 +185,7 @@ def _attn_fwd(
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < Tq
     q = tl.load(
@@ -248,7 +251,7 @@ def _attn_bwd_delta(
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < Tq
     o = tl.load(
@@ -300,7 +303,7 @@ def _dkdv_tiles(
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, BLOCK_M).to(tl.int64)  # int64: T * stride can pass 2**31
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         qT_ptrs = q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd  # (D, BM)
@@ -384,7 +387,7 @@ def _attn_bwd_dkdv(
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < Tk
     k = tl.load(
@@ -489,7 +492,7 @@ def _dq_tiles(
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N).to(tl.int64)  # int64: T * stride can pass 2**31
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, BN)
@@ -564,7 +567,7 @@ def _attn_bwd_dq(
     b = tl.program_id(2).to(tl.int64)
     hk = (h // GROUP).to(tl.int64)
     h = h.to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < Tq
     q = tl.load(

@@ -172,6 +172,16 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -
     return grad
 
 
+def _is_intermediate(t: torch.Tensor) -> bool:
+    """Whether t's memory belongs to the autograd graph, so the kernel may overwrite it.
+
+    A view of a leaf (a user's `logits.view(-1, V)`) is not a leaf itself but shares the leaf's
+    memory: writing the gradient there would silently change the user's tensor.
+    """
+    base = t._base if t._base is not None else t
+    return not t.is_leaf and not base.is_leaf
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy whose gradient is produced by the forward kernel."""
 
@@ -192,7 +202,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad = None
         if needs_grad:
             # an intermediate result is overwritten; a leaf (a user's tensor) is left intact
-            grad = torch.empty_like(logits) if logits.is_leaf else logits
+            grad = logits if _is_intermediate(logits) else torch.empty_like(logits)
         loss = cross_entropy_rows(
             logits,
             targets,
