@@ -129,7 +129,8 @@ def iter_tokens(
     idx (B, T) int64 on the model's device, T >= 1; rows longer than the model's window are
     cropped from the left. Stops early once every row has produced `eos_id` (the eos token is
     yielded; rows that finished earlier keep yielding `eos_id`). `use_cache=False` recomputes the
-    last `block_size` tokens at every step (the reference the cache is checked against).
+    last `block_size` tokens at every step (the reference the cache is checked against); a model
+    without `new_cache` (a plugin that implements no cache) is always run that way.
     The caller puts the model in eval mode (dropout off); `generate` does.
     """
     return _iter_tokens(
@@ -139,7 +140,7 @@ def iter_tokens(
         sampling=sampling or SamplingParams(),
         generator=generator,
         eos_id=eos_id,
-        use_cache=use_cache,
+        use_cache=use_cache and callable(getattr(model, "new_cache", None)),
         refill_tokens=refill_tokens,
     )
 

@@ -15,7 +15,18 @@ def train_from_recipe(recipe: str | Path, overrides: list[str], resume: str | No
     from craft.training.run import train
 
     cfg = load_config(recipe, overrides)
-    train(cfg, resume=resume)
+    try:
+        train(cfg, resume=resume)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before exit, so no rank aborts in a late destructor."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:

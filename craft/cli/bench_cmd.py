@@ -203,6 +203,7 @@ def _run(kernels: tuple[str, ...], a: dict[str, Any], train: dict[str, Any] | No
     from craft.bench.hardware import peak_for
     from craft.bench.progress import Progress
     from craft.bench.report import document, print_report, write_json, write_plot
+    from craft.cli.errors import fail
 
     if settings is not None and settings.impls:
         _check_impls(kernels, settings.impls)
@@ -235,12 +236,18 @@ def _run(kernels: tuple[str, ...], a: dict[str, Any], train: dict[str, Any] | No
             command,
             a.get("note"),
         )
-        write_json(Path(a["json"]), doc)
+        try:
+            write_json(Path(a["json"]), doc)
+        except OSError as e:
+            fail(f"--json {a['json']}: cannot write it ({e.strerror or e})")
         console.print(f"wrote {a['json']}")
     if a.get("plot"):
         if reports:
             sub = f"{machine['device_name']} · {dtype_name(settings.dtype)} · {settings.mode}"
-            write_plot(Path(a["plot"]), reports, sub)
+            try:
+                write_plot(Path(a["plot"]), reports, sub)
+            except OSError as e:
+                fail(f"--plot {a['plot']}: cannot write it ({e.strerror or e})")
             console.print(f"wrote {a['plot']}")
         else:
             console.print("[yellow]--plot: nothing to plot (no kernel benchmark ran)[/yellow]")

@@ -115,15 +115,18 @@ def _info(recipe: Path, overrides: list[str], vocab_option: int | None) -> None:
     tr = cfg.training
     tokens_per_step = tr.batch_size * tr.grad_accum_steps * seq_len
     opt = cfg.optimizer
-    mem = flops.estimate_memory(
-        model,
-        tr.batch_size,
-        seq_len,
-        tr.precision,
-        opt.type,
-        getattr(opt, "momentum", 0.0),
-        fused,
-    )
+    try:
+        mem = flops.estimate_memory(
+            model,
+            tr.batch_size,
+            seq_len,
+            tr.precision,
+            opt.type,
+            getattr(opt, "momentum", 0.0),
+            fused,
+        )
+    except TypeError as e:  # a plugin model: no formula for its activations
+        mem, no_mem = None, str(e)
 
     console = Console()
     shape = ", ".join(
@@ -164,15 +167,18 @@ def _info(recipe: Path, overrides: list[str], vocab_option: int | None) -> None:
     console.print(t)
     console.print("FLOPs per token = 6N + 12·L·H·hs·T (the MFU formula of nanoGPT and torchtitan).")
 
-    t = Table(title="Training memory estimate", title_justify="left")
-    t.add_column("", style="bold")
-    t.add_column("bytes", justify="right")
-    t.add_row("weights (fp32)", _bytes(mem.weights))
-    t.add_row("gradients (fp32)", _bytes(mem.gradients))
-    t.add_row("optimizer state", _bytes(mem.optimizer))
-    t.add_row("activations", _bytes(mem.activations))
-    t.add_row("total", _bytes(mem.total))
-    console.print(t)
+    if mem is None:
+        console.print(f"Training memory estimate: n/a ({no_mem})")
+    else:
+        t = Table(title="Training memory estimate", title_justify="left")
+        t.add_column("", style="bold")
+        t.add_column("bytes", justify="right")
+        t.add_row("weights (fp32)", _bytes(mem.weights))
+        t.add_row("gradients (fp32)", _bytes(mem.gradients))
+        t.add_row("optimizer state", _bytes(mem.optimizer))
+        t.add_row("activations", _bytes(mem.activations))
+        t.add_row("total", _bytes(mem.total))
+        console.print(t)
     console.print(
         f"At batch {tr.batch_size} x T {seq_len}, precision {tr.precision}, {opt.type}"
         f"{', fused loss' if fused else ''}; activations assume fused attention (no T x T "

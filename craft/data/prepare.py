@@ -414,10 +414,13 @@ def prepare(
     if workers is not None and workers < 1:
         raise DataError(f"--workers {workers}: expected at least 1")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
     tmp = out.parent / f"{_tmp_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out)
+        tmp.mkdir()
+    except OSError as e:  # a read-only or missing location, a parent that is a file
+        raise DataError(f"output directory {out}: cannot create it ({e.strerror or e})") from None
     start = time.monotonic()
     try:
         with quiet(not progress):

@@ -196,6 +196,20 @@ def save_model_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     save_tensors(path, tensors, {"format": "pt", ALIASES_KEY: json.dumps(aliases)})
 
 
+def retie_state(state: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Point every name of a tied parameter of `module` at one tensor of `state` (in place).
+
+    `get_model_state_dict(cpu_offload=True)` copies each entry to the CPU separately, so tied
+    weights of a GPU model arrive as distinct copies; re-tied, they are stored once.
+    """
+    first: dict[int, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        kept = first.setdefault(id(p), name)
+        if kept != name and kept in state and name in state:
+            state[name] = state[kept]
+    return state
+
+
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
     """Inverse of `save_model_weights`: every name of the model, tied ones included."""
     try:
@@ -284,9 +298,14 @@ def read_rng(checkpoint: Path, rank: int) -> dict[str, torch.Tensor] | None:
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     try:
-        return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{checkpoint}: cannot read trainer_state.json: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(
+            f"{checkpoint}/trainer_state.json: expected a JSON object with an integer 'step'"
+        )
+    return state
 
 
 # ------------------------------------------------------------------------------ config

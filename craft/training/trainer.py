@@ -88,15 +88,20 @@ def eval_shard(num_batches: int, rank: int, world_size: int) -> list[tuple[int, 
 
 def _new_run_dir(runs_root: Path) -> Path:
     """`<runs_root>/<YYYYmmdd-HHMMSS>[-N]/`, created (never reusing an existing directory)."""
-    runs_root.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for i in range(1000):
-        path = runs_root / (stamp if i == 0 else f"{stamp}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
+    try:
+        runs_root.mkdir(parents=True, exist_ok=True)
+        for i in range(1000):
+            path = runs_root / (stamp if i == 0 else f"{stamp}-{i}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as e:  # read-only or missing location, a file in the way
+        raise ConfigError(
+            f"run.output_dir: cannot create a run directory under {runs_root} ({e.strerror or e})"
+        ) from None
     raise ConfigError(f"run.output_dir: cannot create a new run directory under {runs_root}")
 
 
@@ -241,7 +246,14 @@ class Trainer:
 
         self.callbacks = self._build_callbacks(extra_callbacks)
         if resume_from is not None and state is not None:
-            self._restore(resume_from, state)
+            try:
+                self._restore(resume_from, state)
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                # Files of the right size whose content is not what this version wrote.
+                raise CheckpointError(
+                    f"{resume_from}: malformed training state ({type(e).__name__}: {e}); "
+                    "resume from another checkpoint"
+                ) from e
         self.start_step = self.step
         log.info(
             "training: %d steps from step %d | %d process(es) on %s | batch %d x %d accum x %d "
@@ -714,9 +726,10 @@ class Trainer:
     def _full_model_state(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(
+        state = get_model_state_dict(
             self._state_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
+        return ckpt.retie_state(state, self._state_module)  # tied weights stored once
 
     def _best_checkpoint_name(self, root: Path) -> str | None:
         """The checkpoint `best` names once this step's is saved (`checkpoint.keep_best`).

@@ -215,6 +215,12 @@ def test_existing_output_needs_force(text_files, tmp_path: Path) -> None:
     assert PreparedDataset(empty).num_tokens("train") > 0
 
 
+def test_output_that_cannot_be_created_is_a_data_error(text_files, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(DataError, match="a_file/ds: cannot create it"):
+        _run(text_files, tmp_path / "a_file" / "ds")
+
+
 def test_interrupted_prepare_leaves_nothing(text_files, tmp_path: Path, monkeypatch) -> None:
     def encode_then_interrupt(*args, **kwargs):
         out = args[5]

@@ -53,6 +53,17 @@ def test_greedy_with_and_without_cache_identical(cfg: dict) -> None:
     assert len(set(cached)) >= 2
 
 
+def test_model_without_new_cache_recomputes_the_window() -> None:
+    from tests.config.plugins.bigram_plugin import Bigram
+
+    torch.manual_seed(0)
+    model = Bigram(12, block_size=4).eval()  # a plugin model that implements no cache
+    prompt = [1, 2, 3, 7, 5]
+    got = _tokens(model, prompt, 8, sampling=GREEDY)
+    assert got == _tokens(model, prompt, 8, sampling=GREEDY, use_cache=False)
+    assert got[0] == int(model.table.weight[5].argmax())
+
+
 def test_cached_logits_match_full_recompute() -> None:
     model = tiny_gpt(12, block_size=16).eval()
     idx = torch.randint(0, 12, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -41,7 +41,9 @@ def test_model_info_reports_counts_flops_memory_and_kernels():
     assert "attention" in out and "torch: ok" in out and "eager: ok" in out
 
 
-def test_model_info_states_an_assumed_vocab_size_and_takes_the_option():
+def test_model_info_states_an_assumed_vocab_size_and_takes_the_option(tmp_path, monkeypatch):
+    # A private cache: another test may have prepared the recipe's dataset in the shared one.
+    monkeypatch.setenv("CRAFT_HOME", str(tmp_path))
     r = _craft("model", "info", "recipes/rnn_char.toml")
     assert r.returncode == 0, r.stderr
     assert "ASSUMED" in r.stdout and "--vocab-size" in r.stdout
@@ -70,3 +72,10 @@ def test_model_info_reads_the_vocab_size_of_a_prepared_dataset(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "vocab_size = 8" in r.stdout  # a-g and the newline
     assert "prepared dataset" in r.stdout
+
+
+def test_model_info_of_a_plugin_model_without_a_memory_formula() -> None:
+    r = _craft("model", "info", "tests/config/plugins/bigram.toml", "model.vocab_size=65")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "Training memory estimate: n/a" in r.stdout and "4,225" in r.stdout

@@ -139,8 +139,18 @@ def test_corrupt_tensor_files_of_a_complete_checkpoint_are_checkpoint_errors(
     with pytest.raises(CheckpointError, match=r"rng\.safetensors: cannot read RNG states"):
         ckpt.read_rng(ck, 0)
     (ck / "trainer_state.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(CheckpointError, match="trainer_state.safetensors: cannot read"):
+    with pytest.raises(CheckpointError, match=r"trainer_state\.safetensors: cannot read"):
         ckpt.read_trainer_tensors(ck)
+
+
+@pytest.mark.parametrize("doc", ["[]", "{}", '{"step": "x"}'])
+def test_trainer_state_without_an_integer_step_is_a_checkpoint_error(
+    tmp_path: Path, doc: str
+) -> None:
+    ck = _save(tmp_path / "checkpoints", 1)
+    (ck / "trainer_state.json").write_text(doc)
+    with pytest.raises(CheckpointError, match="expected a JSON object with an integer 'step'"):
+        ckpt.read_trainer_state(ck)
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:

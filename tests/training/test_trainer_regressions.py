@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from craft.errors import DataError
 from craft.training import checkpoint as ckpt
@@ -51,13 +53,14 @@ def test_resume_auto_orders_same_second_runs_numerically(tmp_path: Path) -> None
     assert run.name == "20260101-120000-10"
 
 
+_SCRIPTED_VAL = {1: 5.0, 2: 4.0, 3: 1.0, 4: 3.0, 5: 2.0, 6: 3.5}
+
+
 class _ScriptedEval(Trainer):
     """Validation losses fixed per step, so the `best` bookkeeping can be checked exactly."""
 
-    SCRIPT = {1: 5.0, 2: 4.0, 3: 1.0, 4: 3.0, 5: 2.0, 6: 3.5}
-
     def evaluate(self) -> float:
-        val = self.SCRIPT[self.step]
+        val = _SCRIPTED_VAL[self.step]
         self.last_val_loss, self._evaluated_step = val, self.step
         self.best_val_loss = min(val, self.best_val_loss or val)
         self._last_eval_improved = val == self.best_val_loss
@@ -78,3 +81,19 @@ def test_keep_best_names_the_best_checkpoint_not_the_best_evaluation(tmp_path: P
     root = res.run_dir / ckpt.CHECKPOINTS
     assert (root / ckpt.BEST).read_text().strip() == "step_00000004"
     assert [s for s, _ in ckpt.complete_checkpoints(root)] == [4, 6]
+
+
+def test_tied_weights_offloaded_as_copies_are_stored_once(tmp_path: Path) -> None:
+    """A GPU model's state offloaded to the CPU holds one copy per name; re-tied, one is stored."""
+    emb = torch.nn.Embedding(8, 4)
+    head = torch.nn.Linear(4, 8, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.Sequential(emb, head)
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # what cpu_offload returns
+    ckpt.save_model_weights(tmp_path / "m.safetensors", ckpt.retie_state(state, model))
+    stored = ckpt.weight_shapes(tmp_path / "m.safetensors")
+    assert set(stored) == {"0.weight", "1.weight"}
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        assert list(f.keys()) == ["0.weight"]  # the tied head is an alias
+    loaded = ckpt.load_model_weights(tmp_path / "m.safetensors")
+    assert torch.equal(loaded["1.weight"], emb.weight.detach())
