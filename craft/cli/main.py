@@ -15,7 +15,7 @@ from craft.cli import (
     tokenizer_cmd,
     train_cmd,
 )
-from craft.cli.errors import run_guarded
+from craft.cli.errors import debug, fail, run_guarded
 
 app = typer.Typer(
     name="craft",
@@ -53,8 +53,31 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(model_cmd.app, name="model")
 
 
+try:  # typer >= 0.29 carries its own copy of click
+    from typer.exceptions import Abort as _Abort
+    from typer.exceptions import TyperException as _UsageBase
+except ImportError:  # pragma: no cover
+    from click.exceptions import Abort as _Abort
+    from click.exceptions import ClickException as _UsageBase
+
+
 def main() -> None:
-    run_guarded(app)
+    """Run the app; a wrong argument or command becomes a one-line `error:` with exit code 2."""
+    try:
+        rc = run_guarded(lambda: app(standalone_mode=False))
+    except _UsageBase as e:
+        if debug() or type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message"):
+            if debug():
+                raise
+            e.show()  # `craft` alone prints the help
+            raise SystemExit(getattr(e, "exit_code", 2)) from None
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        fail(f"{e.format_message()}{hint}", getattr(e, "exit_code", 2))
+    except _Abort:
+        fail("aborted", 130)
+    if isinstance(rc, int) and rc != 0:
+        raise SystemExit(rc)
 
 
 if __name__ == "__main__":

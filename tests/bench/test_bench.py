@@ -262,6 +262,17 @@ def test_cli_bad_arguments_are_one_line_errors(args: list[str], message: str) ->
     assert proc.stderr.startswith("error: ") and message in proc.stderr
 
 
+def test_cli_unwritable_output_is_a_one_line_error() -> None:
+    proc = _run_cli(
+        "norm", "--quick", "--hidden", "32", "--impls", "torch", "--json", "README.md/q"
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("error: --json README.md/q: cannot write")
+    )
+
+
 # ---------------------------------------------------------------------------------- train
 
 

@@ -109,3 +109,20 @@ def test_debug_shows_traceback() -> None:
 def test_valid_recipe_exits_zero() -> None:
     res = run_cli("config", "validate", "tests/config/good/base.toml")
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["trian"], "No such command 'trian'. Did you mean 'train'?"),
+        (["config", "show", "--bogus"], "No such option: --bogus (see '"),
+        (["generate", "--checkpoint", "x", "--top-k", "0"], "Invalid value for '--top-k'"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(args: list[str], fragment: str) -> None:
+    res = run_cli(*args)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert fragment in lines[0]

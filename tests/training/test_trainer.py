@@ -132,3 +132,12 @@ def test_early_stopping_stops_with_a_checkpoint_and_trackers_log(tmp_path: Path)
     assert list((res.run_dir / "tb").rglob("events.out.tfevents.*"))
     assert res.last_checkpoint is not None and res.last_checkpoint.name.endswith(f"{res.step:08d}")
     assert math.isfinite(res.best_val_loss)
+
+
+def test_run_directory_that_cannot_be_created_is_a_config_error(tmp_path: Path) -> None:
+    from craft.errors import ConfigError
+    from craft.training.trainer import _new_run_dir
+
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(ConfigError, match=r"run\.output_dir: cannot create a run directory under"):
+        _new_run_dir(tmp_path / "a_file" / "micro")
