@@ -19,7 +19,18 @@ set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+case "${1:-}" in
+    "") ;;
+    --dry-run) DRY=1 ;;
+    -h | --help)
+        sed -n '2,/^set -u/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "usage: bench/gpu_check.sh [--dry-run]  (unknown argument: $1)" >&2
+        exit 2
+        ;;
+esac
 OUT=${OUT:-$REPO/outputs/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}

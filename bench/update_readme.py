@@ -7,6 +7,7 @@ Run it after adding or replacing a result file. It reads JSON and Markdown only 
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from craft.bench.summary import update_readme
@@ -15,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     update_readme(HERE / "README.md", HERE / "results")
     print(f"updated {HERE / 'README.md'}")
 

@@ -128,7 +128,8 @@ def register(app: typer.Typer) -> None:
             use_seed = seed
             if use_seed is None:
                 use_seed = random.SystemRandom().randrange(2**31)
-                sys.stderr.write(f"seed: {use_seed}\n")
+                if temperature > 0:  # greedy decoding draws no random numbers
+                    sys.stderr.write(f"seed: {use_seed}\n")
             streaming = sys.stdout.isatty() if stream is None else stream
             out = sys.stdout
 

@@ -130,7 +130,7 @@ def resolve_inputs(inputs: Sequence[str | Path]) -> list[InputFile]:
             raise DataError(f"{text}: no such file, directory or named source")
     if sum(f.size for f in out) == 0:
         names = ", ".join(f.label for f in out[:5])
-        raise DataError(f"input is empty: {names} hold no text")
+        raise DataError(f"input is empty: {names} contain no text")
     return out
 
 
@@ -450,7 +450,7 @@ def prepare(
         n_val = int(n_tokens * val_fraction)
         n_train = n_tokens - n_val
         if n_tokens == 0:
-            raise DataError(f"input is empty: {', '.join(f.label for f in files[:5])} hold no text")
+            raise DataError(f"input is empty: {', '.join(f.label for f in files[:5])} contain no text")
         if n_val < 2 or n_train < 2:
             raise DataError(
                 f"{n_tokens} tokens are too few to split with val_fraction {val_fraction} "
