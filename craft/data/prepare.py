@@ -450,7 +450,9 @@ def prepare(
         n_val = int(n_tokens * val_fraction)
         n_train = n_tokens - n_val
         if n_tokens == 0:
-            raise DataError(f"input is empty: {', '.join(f.label for f in files[:5])} contain no text")
+            raise DataError(
+                f"input is empty: {', '.join(f.label for f in files[:5])} contain no text"
+            )
         if n_val < 2 or n_train < 2:
             raise DataError(
                 f"{n_tokens} tokens are too few to split with val_fraction {val_fraction} "
