@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from craft.cli.generate_cmd import Device, DType, stderr_logging
+from craft.cli.generate_cmd import CHECKPOINT, DEVICE, Device, DType, stderr_logging
 
 
 class Split(str, Enum):
@@ -42,12 +42,7 @@ def format_report(result: dict[str, Any]) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def evaluate(
-        checkpoint: Path = typer.Option(
-            ...,
-            "--checkpoint",
-            help="Run directory (its latest checkpoint), checkpoint directory or exported model.",
-            show_default=False,
-        ),
+        checkpoint: Path = CHECKPOINT,
         data: Path | None = typer.Option(
             None,
             "--data",
@@ -70,7 +65,7 @@ def register(app: typer.Typer) -> None:
             show_default=False,
         ),
         as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
-        device: Device = typer.Option(Device.auto, "--device", help="Where to run."),
+        device: Device = DEVICE,
         dtype: DType = typer.Option(
             DType.float32, "--dtype", help="Autocast dtype of the forward pass."
         ),

@@ -24,6 +24,16 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+# Options shared with `craft eval`.
+CHECKPOINT = typer.Option(
+    ...,
+    "--checkpoint",
+    help="Run directory (its latest checkpoint), checkpoint directory or exported model.",
+    show_default=False,
+)
+DEVICE = typer.Option(Device.auto, "--device", help="Where to run.")
+
+
 def stderr_logging() -> None:
     """Show Craft's warnings (e.g. a cropped prompt) as `warning: ...` lines on stderr."""
     logger = logging.getLogger("craft")
@@ -65,12 +75,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
-        checkpoint: Path = typer.Option(
-            ...,
-            "--checkpoint",
-            help="Run directory (its latest checkpoint), checkpoint directory or exported model.",
-            show_default=False,
-        ),
+        checkpoint: Path = CHECKPOINT,
         prompt: str | None = typer.Option(
             None,
             "--prompt",
@@ -104,7 +109,7 @@ def register(app: typer.Typer) -> None:
             help="Print text as it is generated (default: stream when stdout is a terminal).",
             show_default=False,
         ),
-        device: Device = typer.Option(Device.auto, "--device", help="Where to run."),
+        device: Device = DEVICE,
         dtype: DType = typer.Option(DType.float32, "--dtype", help="Weights and cache dtype."),
     ) -> None:
         """Sample text from a checkpoint (KV-cached decoding; stops at max tokens or end-of-text)."""

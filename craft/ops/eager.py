@@ -35,6 +35,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------- attention
 
 
+def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype an output layer's matmul runs in: autocast's when on (as nn.Linear), else the inputs'."""
+    dev = hidden.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
     """Raise ValueError when q, k, v do not form a valid (grouped-query) attention call."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

@@ -17,6 +17,7 @@ from craft.ops.eager import (
     check_loss_args,
     check_norm,
     compute_dtype,
+    matmul_dtype,
     reduce_loss,
 )
 from craft.ops.registry import register_backend
@@ -85,14 +86,6 @@ def cross_entropy(
         lse = torch.logsumexp(x, dim=-1)  # (N,)
         loss = loss + z_loss * torch.where(valid, lse.square(), torch.zeros_like(lse))
     return reduce_loss(loss, valid, reduction)
-
-
-def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the output layer's matmuls run in: autocast's when it is on, else the inputs'."""
-    dev = hidden.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def _fused_pass(
@@ -254,7 +247,7 @@ def linear_cross_entropy(
         raise ValueError(
             f"linear_cross_entropy: targets {tuple(targets.shape)} must be ({hidden.shape[0]},)"
         )
-    mm_dtype = _matmul_dtype(hidden, weight)
+    mm_dtype = matmul_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(
             hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,

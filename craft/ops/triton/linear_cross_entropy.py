@@ -20,6 +20,7 @@ import torch
 import triton
 
 from craft.errors import KernelError
+from craft.ops.eager import matmul_dtype
 from craft.ops.triton._common import FLOAT_DTYPES
 from craft.ops.triton.cross_entropy import (
     check_options,
@@ -32,14 +33,6 @@ def chunk_size(n: int, hidden: int, vocab: int) -> int:
     """Rows per chunk so that a chunk of logits is about as large as the hidden states (N, C)."""
     per = triton.cdiv(vocab, max(hidden, 1))
     return max(1, min(triton.next_power_of_2(triton.cdiv(max(n, 1), per)), max(n, 1)))
-
-
-def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The matmul dtype: autocast's when it is on (as nn.Linear would use), else the inputs'."""
-    dev = hidden.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def _chunks(
@@ -212,6 +205,6 @@ def linear_cross_entropy(
         raise KernelError(f"triton linear_cross_entropy: {reason}")
     return LinearCrossEntropyFunction.apply(
         hidden, weight, bias, targets, int(ignore_index), reduction,
-        float(label_smoothing), float(z_loss), compute_dtype(hidden, weight),
+        float(label_smoothing), float(z_loss), matmul_dtype(hidden, weight),
         torch.is_grad_enabled(),
     )  # fmt: skip
