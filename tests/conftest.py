@@ -11,6 +11,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# Subprocesses (CLI tests) import the checkout under test, whichever copy of Craft is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
 # The suite never touches the network: named sources come from the shared mirror.
 os.environ.setdefault("CRAFT_DATA_MIRROR", str(SHARED_DATA))
 # Tests run tiny models, for which one CPU thread is fastest; pytest-xdist runs one worker per core,
