@@ -20,6 +20,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -102,33 +103,34 @@ def run_train_bench(
 
         def __init__(self) -> None:
             self.times: list[float] = []
-            self.losses: list[float] = []
+            self.losses: dict[int, float] = {}
             self.t_last = 0.0
             self.prof: Any = None
             self.cpu_step_peak: int | None = None
             self.resident: int | None = None
 
-        def _now(self, trainer: Any) -> float:
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize(trainer.device)
+        def _now(self, run: Any) -> float:
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
             return time.perf_counter()
 
-        def on_train_start(self, trainer: Any) -> None:
-            self.t_last = self._now(trainer)
+        def on_train_start(self, run: Any) -> None:
+            self.t_last = self._now(run)
 
-        def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-            now = self._now(trainer)
+        def on_step_end(self, run: Any, metrics: Mapping[str, Any]) -> None:
+            now = self._now(run)
             if self.prof is not None:
                 self._stop_profile()
             self.times.append(now - self.t_last)
-            self.losses.append(float(metrics["loss"]))
             done = len(self.times)
-            if done == warmup and trainer.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(trainer.device)
-            if done == warmup + steps and trainer.device.type == "cpu":
-                self.resident = _resident_bytes(trainer.unwrapped_model, trainer.optimizer)
+            if done in (1, warmup + steps):  # reading the loss is a host sync: only these two
+                self.losses[done] = float(metrics["loss"])
+            if done == warmup and run.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(run.device)
+            if done == warmup + steps and run.device.type == "cpu":
+                self.resident = _resident_bytes(run.model, trainer.optimizer)
                 self._start_profile()
-            self.t_last = self._now(trainer)
+            self.t_last = self._now(run)
 
         def _start_profile(self) -> None:
             from torch.profiler import ProfilerActivity, profile
@@ -187,8 +189,8 @@ def run_train_bench(
         "ms_per_step_mean": 1e3 * total / steps,
         "step_ms": [round(1e3 * t, 3) for t in timed],
         "tokens_per_s": tokens_per_s,
-        "loss_first": timer.losses[0],
-        "loss_last": timer.losses[warmup + steps - 1],
+        "loss_first": timer.losses[1],
+        "loss_last": timer.losses[warmup + steps],
     }
     record.update(_mfu(model, seq_len, tokens_per_s, device))
     if device.type == "cuda":

@@ -35,6 +35,16 @@ def build_model(cfg: Any, vocab_size: int, *, fused_loss: bool = False) -> torch
     return fn(cfg.model, vocab_size)
 
 
+def describe_model(cfg: Any, model: torch.nn.Module, vocab_size: int) -> str:
+    """`gpt, 1,234 parameters, vocab 65, block 256` for the log."""
+    if hasattr(model, "num_params"):
+        n = model.num_params()
+    else:
+        n = sum(p.numel() for p in model.parameters())
+    block = getattr(cfg.model, "block_size", "-")
+    return f"{cfg.model.type}, {n:,} parameters, vocab {vocab_size}, block {block}"
+
+
 def model_block_size(cfg: Any) -> int:
     """Training window length: `model.block_size` (every sequence model config has one)."""
     block = getattr(cfg.model, "block_size", None)

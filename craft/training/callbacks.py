@@ -1,44 +1,96 @@
-"""Callbacks: the Trainer's extension points, and the built-in ones.
+"""Callbacks: the Trainer's extension points, the narrow view of the run they get, and built-ins.
 
-A callback subclasses `Callback` and overrides the hooks it needs. Every hook receives the
-`Trainer` (read `trainer.step`, `trainer.cfg`, `trainer.run_dir`, `trainer.unwrapped_model`,
-`trainer.tokenizer`, ...; call `trainer.request_stop(reason)` to end the run after this step with
-a checkpoint). Hooks run on the main process only unless `main_process_only = False`.
+A callback subclasses `Callback` and overrides the hooks it needs. Every hook receives a
+`RunContext`, not the Trainer: `run.step`, `run.cfg`, `run.run_dir`, `run.model` (the plain model,
+also `run.unwrapped_model`), `run.tokenizer`, `run.device`, `run.rank`, `run.is_main`, ...; call
+`run.request_stop(reason)` to end the run after this step with a checkpoint. Hooks run on the main
+process only unless `main_process_only = False`.
 
 Hooks and their metrics:
-- `on_train_start(trainer)`
-- `on_step_end(trainer, metrics)` after every optimizer step: step, loss (this process), lr,
-  grad_norm, tokens.
-- `on_log(trainer, metrics)` every `training.log_interval` steps: step, loss (averaged over
+- `on_train_start(run)`
+- `on_step_end(run, metrics)` after every optimizer step: step, loss (this process), lr,
+  grad_norm, tokens. loss and grad_norm are read from the device when first looked up (a host
+  sync), so a callback that does not need them every step should not read them.
+- `on_log(run, metrics)` every `training.log_interval` steps: step, loss (averaged over
   processes), lr, grad_norm, tokens, tokens_per_s, ms_per_step, elapsed_s.
-- `on_eval(trainer, metrics)`: step, val_loss (averaged over processes), best_val_loss, eval_s.
-- `on_checkpoint(trainer, path)` after a checkpoint directory is complete.
-- `on_train_end(trainer, status)` with status "completed", "stopped" or "failed".
+- `on_eval(run, metrics)`: step, val_loss (averaged over processes), best_val_loss, eval_s.
+- `on_checkpoint(run, path)` after a checkpoint directory is complete.
+- `on_train_end(run, status)` with status "completed", "stopped" or "failed".
 
 A callback that keeps state across a resume implements `state_dict()` / `load_state_dict()`
 (JSON-serialisable); the Trainer stores it in `trainer_state.json`.
 
 Register a plugin with `@craft.config.registry.register_callback("name")` on a builder
 `build(config) -> Callback | None` and list it in `training.callbacks`; returning None disables it.
+The built-ins (`craft.training.builtin_callbacks`, and `sample` in `craft.sample_callback` beside
+generation) are registered by import path and loaded when a run builds them.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from craft.config import registry
 from craft.config.registry import register
-from craft.fileio import atomic_write_text
+from craft.errors import ConfigError
+from craft.training.state import TrainState
 
-if TYPE_CHECKING:
-    from craft.training.trainer import Trainer
 
-log = logging.getLogger("craft.training")
-step_log = logging.getLogger("craft.training.steps")
+@dataclass(frozen=True)
+class RunContext:
+    """What a callback sees of a run. Fixed for the run, except `step` (read live)."""
+
+    cfg: Any  # the validated config
+    run_dir: Path
+    model: Any  # the plain torch.nn.Module (no DDP / compile wrapper), e.g. for sampling
+    tokenizer: Any  # None for random-token data
+    device: Any  # torch.device
+    rank: int
+    is_main: bool
+    start_step: int  # the step this invocation started (or resumed) from
+    can_sample: bool  # the model runs on one process alone (not sharded by FSDP)
+    console: Any  # the rich Console the run logs to
+    request_stop: Callable[[str], None]  # end after this step, with a checkpoint (all processes)
+    state: TrainState  # read only: step, tokens_seen, best/last validation loss
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def max_steps(self) -> int:
+        return self.cfg.training.max_steps
+
+    @property
+    def run_name(self) -> str:
+        return self.cfg.run.name
+
+    @property
+    def unwrapped_model(self) -> Any:
+        """`model`, under the Trainer's name for it."""
+        return self.model
+
+
+class StepMetrics(Mapping[str, Any]):
+    """The metrics of `on_step_end`; tensor values become floats when first looked up."""
+
+    def __init__(self, **values: Any) -> None:
+        self._values = values
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._values[key]
+        if hasattr(value, "item"):  # a device tensor: one host sync, once
+            value = self._values[key] = float(value.item())
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 class Callback:
@@ -47,22 +99,22 @@ class Callback:
     #: Called only on the main process (rank 0) when True.
     main_process_only: bool = True
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, run: RunContext) -> None:
         pass
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, run: RunContext, metrics: Mapping[str, Any]) -> None:
         pass
 
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_log(self, run: RunContext, metrics: dict[str, Any]) -> None:
         pass
 
-    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_eval(self, run: RunContext, metrics: dict[str, Any]) -> None:
         pass
 
-    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
+    def on_checkpoint(self, run: RunContext, path: Path) -> None:
         pass
 
-    def on_train_end(self, trainer: Trainer, status: str) -> None:
+    def on_train_end(self, run: RunContext, status: str) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any] | None:
@@ -72,388 +124,35 @@ class Callback:
         pass
 
 
-def _fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-def _fmt_rate(tokens_per_s: float) -> str:
-    if tokens_per_s >= 1e6:
-        return f"{tokens_per_s / 1e6:.2f}M"
-    if tokens_per_s >= 1e3:
-        return f"{tokens_per_s / 1e3:.1f}k"
-    return f"{tokens_per_s:.0f}"
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class ProgressCallback(Callback):
-    """A rich progress bar on a terminal (step, loss, lr, tokens/s, ETA), else plain log lines.
-
-    The step lines always go to `train.log`; on the console they appear only in plain mode.
-    """
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self._progress: Any = None
-        self._task: Any = None
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        if self.mode != "rich":
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[rate]} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=trainer.console,
-            transient=False,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(
-            "train",
-            total=trainer.max_steps,
-            completed=trainer.start_step,
-            loss="-",
-            lr="-",
-            rate="-",
-        )
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=metrics["step"])
-
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        remaining = (trainer.max_steps - metrics["step"]) * metrics["ms_per_step"] / 1000.0
-        step_log.info(
-            "step %d/%d | loss %.4f | lr %.3e | grad norm %.3f | %s tok/s | %.1f ms/step | ETA %s",
-            metrics["step"],
-            trainer.max_steps,
-            metrics["loss"],
-            metrics["lr"],
-            metrics["grad_norm"],
-            _fmt_rate(metrics["tokens_per_s"]),
-            metrics["ms_per_step"],
-            _fmt_duration(remaining),
-        )
-        if self._progress is not None:
-            self._progress.update(
-                self._task,
-                loss=f"{metrics['loss']:.4f}",
-                lr=f"{metrics['lr']:.2e}",
-                rate=_fmt_rate(metrics["tokens_per_s"]),
-            )
-
-    def on_train_end(self, trainer: Trainer, status: str) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-
-def build_progress(cfg: Any) -> Callback | None:
-    return ProgressCallback(cfg.logging.progress)
-
-
-# ----------------------------------------------------------------------------- metrics file
-
-
-class MetricsFileCallback(Callback):
-    """`metrics.jsonl`: one JSON object per logged step and per evaluation.
-
-    On resume, records past the resumed step (written after that checkpoint by the interrupted
-    run) are dropped first, so the file never holds a step twice.
-    """
-
-    FILENAME = "metrics.jsonl"
-
-    def __init__(self) -> None:
-        self._file: Any = None
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        path = trainer.run_dir / self.FILENAME
-        if path.exists():
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= trainer.start_step]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed in on_train_end)
-
-    def _write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self._write({"split": "train", "time": time.time(), **metrics})
-
-    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self._write({"split": "val", "time": time.time(), **metrics})
-
-    def on_train_end(self, trainer: Trainer, status: str) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (a torn last line from a crash is skipped)."""
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def build_metrics_file(cfg: Any) -> Callback | None:
-    return MetricsFileCallback()
-
-
-# ----------------------------------------------------------------------------- trackers
-
-
-class TrackersCallback(Callback):
-    """TensorBoard / W&B through Accelerate's tracker classes; a missing package is skipped."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        self.trackers: list[Any] = []
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        from accelerate import tracking
-        from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-        from craft.training.checkpoint import config_dict
-
-        available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-        for name in self.names:
-            if not available.get(name, False):
-                log.warning("logging.trackers: %s is not installed; not logging to it", name)
-                continue
-            if name == "tensorboard":
-                tracker = tracking.TensorBoardTracker(trainer.run_name, trainer.run_dir / "tb")
-            else:
-                tracker = tracking.WandBTracker(trainer.run_name, dir=str(trainer.run_dir))
-            tracker.start()
-            flat = _flatten_scalars(config_dict(trainer.cfg))
-            tracker.store_init_configuration(flat)
-            self.trackers.append(tracker)
-
-    def _log(self, values: dict[str, float], step: int) -> None:
-        for tracker in self.trackers:
-            tracker.log(values, step=step)
-
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        keys = ("loss", "lr", "grad_norm", "tokens_per_s", "ms_per_step")
-        self._log({f"train/{k}": float(metrics[k]) for k in keys}, metrics["step"])
-
-    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self._log({"val/loss": float(metrics["val_loss"])}, metrics["step"])
-
-    def on_train_end(self, trainer: Trainer, status: str) -> None:
-        for tracker in self.trackers:
-            tracker.finish()
-        self.trackers = []
-
-
-def _flatten_scalars(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten_scalars(v, key + "."))
-        elif isinstance(v, (bool, int, float, str)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
-
-
-def build_trackers(cfg: Any) -> Callback | None:
-    return TrackersCallback(list(cfg.logging.trackers)) if cfg.logging.trackers else None
-
-
-# ----------------------------------------------------------------------------- text samples
-
-
-def sample_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, seed: int) -> str:
-    """Generate a sample with `craft.generation` (the same code path as `craft generate`)."""
-    from craft.generation import generate
-
-    texts = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, seed=seed)
-    return prompt + texts[0]
-
-
-class SampleCallback(Callback):
-    """Logs a text sample every `logging.sample_interval` steps.
-
-    Sampling runs under `torch.random.fork_rng` with its own seed, so it never changes the
-    training RNG stream (exact resume holds with samples on).
-    """
-
-    def __init__(self, interval: int, tokens: int, prompt: str, seed: int) -> None:
-        self.interval = interval
-        self.tokens = tokens
-        self.prompt = prompt
-        self.seed = seed
-
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        step = metrics["step"]
-        if step % self.interval and step != trainer.max_steps:
-            return
-        if not trainer.can_sample or trainer.tokenizer is None:
-            return
-        import torch
-
-        model = trainer.unwrapped_model
-        was_training = model.training
-        model.eval()
-        devices = [trainer.device] if trainer.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                text = sample_text(model, trainer.tokenizer, self.prompt, self.tokens, self.seed)
-        except Exception as e:  # a sample must never kill a training run
-            log.warning("sample at step %d failed: %s: %s", step, type(e).__name__, e)
-            return
-        finally:
-            model.train(was_training)
-        log.info("sample at step %d:\n%s", step, text)
-
-
-def build_sample(cfg: Any) -> Callback | None:
-    if cfg.logging.sample_interval <= 0:
-        return None
-    return SampleCallback(
-        cfg.logging.sample_interval,
-        cfg.logging.sample_tokens,
-        cfg.logging.sample_prompt,
-        cfg.run.seed,
-    )
-
-
-# ----------------------------------------------------------------------------- early stopping
-
-
-class EarlyStoppingCallback(Callback):
-    """Stops the run (with a checkpoint) after `patience` evaluations without a new best loss."""
-
-    main_process_only = False  # every process must stop at the same step
-
-    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
-        self.patience = patience
-        self.min_delta = min_delta
-        self.best = math.inf
-        self.bad_evals = 0
-
-    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        loss = metrics["val_loss"]
-        if loss < self.best - self.min_delta:
-            self.best = loss
-            self.bad_evals = 0
-            return
-        self.bad_evals += 1
-        if self.bad_evals >= self.patience:
-            trainer.request_stop(
-                f"early stopping: no validation improvement over {self.best:.4f} in "
-                f"{self.bad_evals} evaluations"
-            )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "best": self.best if math.isfinite(self.best) else None,
-            "bad_evals": self.bad_evals,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = math.inf if state.get("best") is None else float(state["best"])
-        self.bad_evals = int(state.get("bad_evals", 0))
-
-
-def build_early_stopping(cfg: Any) -> Callback | None:
-    patience = cfg.training.early_stopping_patience
-    return EarlyStoppingCallback(patience) if patience else None
-
-
-# ----------------------------------------------------------------------------- loss curve
-
-
-def plot_loss_curve(metrics_path: Path, out: Path, title: str) -> Path | None:
-    """Train and validation loss against step as a PNG (None when there is nothing to plot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    records = read_metrics(metrics_path) if metrics_path.exists() else []
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("split") == "val"]
-    if not train and not val:
-        return None
-    fig = Figure(figsize=(8, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train", color="tab:blue", alpha=0.8, lw=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation", color="tab:orange", lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(out)
-    return out
-
-
-class LossCurveCallback(Callback):
-    """`loss_curve.png` in the run directory at the end, from the whole metrics.jsonl."""
-
-    FILENAME = "loss_curve.png"
-
-    def on_train_end(self, trainer: Trainer, status: str) -> None:
-        try:
-            path = plot_loss_curve(
-                trainer.run_dir / MetricsFileCallback.FILENAME,
-                trainer.run_dir / self.FILENAME,
-                f"{trainer.run_name}: loss",
-            )
-        except ImportError:
-            log.warning("logging.plot: matplotlib is not installed; no loss curve written")
-            return
-        if path is not None:
-            log.info("loss curve: %s", path)
-
-
-def build_loss_curve(cfg: Any) -> Callback | None:
-    return LossCurveCallback() if cfg.logging.plot else None
-
-
-# Built-ins in the order they run; each builder returns None when its config turns it off.
+# Built-ins in the order they run, by import path (loaded when a run builds them); each builder
+# returns None when its config turns it off. `sample` lives beside generation, which it drives.
 BUILTINS = (
-    ("progress", build_progress),
-    ("metrics_jsonl", build_metrics_file),
-    ("trackers", build_trackers),
-    ("sample", build_sample),
-    ("early_stopping", build_early_stopping),
-    ("loss_curve", build_loss_curve),
+    ("progress", "craft.training.builtin_callbacks:build_progress"),
+    ("metrics_jsonl", "craft.training.builtin_callbacks:build_metrics_file"),
+    ("trackers", "craft.training.builtin_callbacks:build_trackers"),
+    ("sample", "craft.sample_callback:build_sample"),
+    ("early_stopping", "craft.training.builtin_callbacks:build_early_stopping"),
+    ("loss_curve", "craft.training.builtin_callbacks:build_loss_curve"),
 )
 for _name, _builder in BUILTINS:
     register("callback", _name, builder=_builder)
+
+
+def build_callbacks(cfg: Any, extra: list[Callback]) -> list[tuple[str, Callback]]:
+    """(name, callback) of the built-ins the config turns on, then of `training.callbacks`, then
+    `extra` (named by their class)."""
+    out: list[tuple[str, Callback]] = []
+    names = [n for n, _ in BUILTINS]
+    for name in [*names, *[n for n in cfg.training.callbacks if n not in names]]:
+        try:
+            comp = registry.get("callback", name)
+        except registry.RegistryError:
+            known = ", ".join(registry.names("callback"))
+            raise ConfigError(
+                f"training.callbacks: unknown callback {name!r}; registered: {known}"
+            ) from None
+        cb = comp.build_fn()(cfg)
+        if cb is not None:
+            out.append((name, cb))
+    out += [(type(cb).__name__, cb) for cb in extra]
+    return out

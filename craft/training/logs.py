@@ -6,9 +6,11 @@ in plain mode (the rich progress bar shows them instead).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -119,3 +121,22 @@ def setup_logging(
         logger.propagate = old_propagate
 
     return console, mode, teardown, file_handler
+
+
+class ThroughputWindow:
+    """Steps and busy time since the last log line (evaluation and checkpoints not counted)."""
+
+    def __init__(self) -> None:
+        self.t0, self.steps, self.paused = time.perf_counter(), 0, 0.0
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Time inside the block is not training time."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t
+
+    def busy_s(self) -> float:
+        return max(1e-9, time.perf_counter() - self.t0 - self.paused)
