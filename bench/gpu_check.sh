@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
-# GPU check of the Triton kernels in one call: correctness on CUDA over a real shape grid, speed and
-# memory against PyTorch, `craft bench` for the kernel families, a short char_gpt training run
-# on the triton backend next to the torch backend, and a summary table printed last.
+# Check a GPU installation of Craft in one call: the Triton kernel tests compiled for this GPU over
+# a real shape grid, the kernels against PyTorch's own (bench/triton_ops.py), `craft bench` for
+# the kernel families, a short char_gpt training run on the triton backend next to the torch
+# backend, the compiled CUDA norm kernels (bench/gpu_check_norm.sh), and a summary table last.
 #
 #   bench/gpu_check.sh              # on a CUDA machine; logs and JSON under $OUT (default outputs/gpu_check)
 #   bench/gpu_check.sh --dry-run    # on a CPU: every step on tiny shapes, kernels in the Triton interpreter
 #
-# On an offline GPU machine without pydantic: put the pydantic wheels for its Python into an
-# ignored .whl/ folder of the checkout (they are installed into /tmp/site), set $OUT, and run
-# `bash bench/gpu_check.sh`; logs, JSON and summary.txt land in $OUT.
-#
+# Needs Craft and its dependencies for $PYTHON (default python3): `pip install -e '.[dev]'`, or
+# without network `pip install --no-index --find-links DIR -e '.[dev]'` from a directory of wheels;
+# a CUDA build of torch and Triton 3.6 or later.
 # GPU_CHECK_STEPS picks steps (default "tests,ops,bench,train,norm"; norm = the compiled CUDA
-# norm kernels via bench/gpu_check_norm.sh) so a short device lease can split
-# the work over two calls; GPU_CHECK_STEP_TIMEOUT (seconds, default 420) bounds each step.
-# Works with Triton 3.6 and later. Each step's exit status lands in the summary; the script exits non-zero when
-# a step failed.
+# norm kernels via bench/gpu_check_norm.sh), e.g. to split the check over two calls;
+# GPU_CHECK_STEP_TIMEOUT (seconds, default 420) bounds each step. Each step's exit status lands in
+# the summary; the script exits non-zero when a step failed.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -36,11 +35,9 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! "$PY" -c "import pydantic" >/dev/null 2>&1; then
-    if ls .whl/*.whl >/dev/null 2>&1; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-            && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-    fi
+if ! "$PY" -c "import pydantic, typer, accelerate, safetensors, rich" >/dev/null 2>&1; then
+    echo "gpu_check: Craft's dependencies are not installed for $PY; run pip install -e '.[dev]'" >&2
+    exit 2
 fi
 
 if [ "$DRY" = 1 ]; then
@@ -116,7 +113,7 @@ if want ops; then
 fi
 
 # ---------------------------------------------------------------------------- 3. craft bench
-# The target shapes of these kernels only: a full default sweep outlasts a short lease.
+# The shapes the kernels are built for, every implementation: a full default sweep takes long.
 bench_args() {
     if [ "$DRY" = 1 ]; then echo "--quick --device cpu"; return; fi
     case $1 in

@@ -6,8 +6,10 @@
    RMSNorm, with and without a fused residual, forward and backward. Each error is measured against
    a float64 reference and must stay within 2x (+ a small slack) of the error torch's own
    F.layer_norm / F.rms_norm makes in the same dtype.
-2. Speed: forward and forward+backward against torch (and the Triton norm when registered), as
-   time, effective GB/s (minimal bytes moved / time) and the share of the card's bandwidth.
+2. Speed: `craft bench norm` (craft.bench.run_family: timed with craft.bench's timer after its
+   float64 check) of the cuda backend against F.layer_norm / F.rms_norm (and the Triton norm
+   when registered), forward and forward+backward: time, effective GB/s (minimal bytes moved /
+   time) and the share of the card's bandwidth (craft.bench.hardware's table).
    Target: LayerNorm bf16 16384 x 4096 forward+backward >= 1.5x F.layer_norm.
 
 Writes norm_check.json and norm_check.md to --out (default bench/results); the summary table is
@@ -17,10 +19,6 @@ printed last. Exit status 1 when a correctness check fails.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,21 +29,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from craft.bench import OK, Settings, family, machine_info, run_family  # noqa: E402
+from craft.bench.hardware import peak_for  # noqa: E402
+from craft.bench.report import write_file, write_json  # noqa: E402
+from craft.bench.timing import measure  # noqa: E402
 from craft.ops import cuda as cuda_backend  # noqa: E402
 from craft.ops import torch_backend  # noqa: E402
-from craft.ops.registry import backends  # noqa: E402
 
-# Peak DRAM bandwidth (GB/s) by device name, from the vendors' data sheets.
-PEAK_GBPS = {
-    "H100 80GB HBM3": 3350.0,  # SXM5
-    "H100 PCIe": 2000.0,
-    "H100 NVL": 3900.0,
-    "H200": 4800.0,
-    "A100-SXM4-80GB": 2039.0,
-    "A100-SXM4-40GB": 1555.0,
-    "A100 80GB PCIe": 1935.0,
-    "A100-PCIE-40GB": 1555.0,
-}
 SIZES = (64, 100, 127, 768, 1000, 1024, 2048, 3000, 4096, 4097, 5120, 8191, 8192)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SLACK = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -55,35 +45,12 @@ TARGET = ("layernorm", torch.bfloat16, (16384, 4096), 1.5)
 NormFn = Callable[..., Any]
 
 
-def peak_bandwidth(name: str) -> float | None:
-    for key, gbps in PEAK_GBPS.items():
-        if key in name:
-            return gbps
-    return None
-
-
 def copy_bandwidth() -> float:
     """Measured device-to-device copy bandwidth in GB/s (read + write), a practical ceiling."""
     a = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    ms = time_ms(lambda: b.copy_(a))
+    ms = measure(lambda: b.copy_(a), a.device).median_ms
     return 2 * a.numel() / (ms * 1e-3) / 1e9
-
-
-def time_ms(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> float:
-    """Median milliseconds of fn() on the current stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------ correctness
@@ -165,70 +132,69 @@ def correctness(quick: bool) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------ speed
 
 
-def speed_case(fn: NormFn, x, w, b, kind, res, dy, ds) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """(forward ms, forward+backward ms)."""
-    leaves = [
-        None if t is None else t.detach().clone().requires_grad_(True) for t in (x, w, b, res)
-    ]
-    inputs = [t for t in leaves if t is not None]
-
-    def fwd() -> Any:
-        with torch.no_grad():
-            return fn(leaves[0], leaves[1], leaves[2], kind, 1e-5, leaves[3])
-
-    def fwd_bwd() -> Any:
-        out = fn(leaves[0], leaves[1], leaves[2], kind, 1e-5, leaves[3])
-        if leaves[3] is None:
-            return torch.autograd.grad(out, inputs, dy)
-        return torch.autograd.grad(out, inputs, (dy, ds))
-
-    return time_ms(fwd), time_ms(fwd_bwd)
+# Implementations of `craft bench norm` in the speed table, under the names the table uses.
+IMPLS = {"torch": "torch", "cuda": "craft.cuda", "triton": "craft.triton"}
 
 
-def speed(quick: bool, peak: float | None) -> list[dict[str, Any]]:
-    candidates: dict[str, NormFn] = {"torch": torch_backend.norm, "cuda": cuda_backend.norm}
-    triton = backends("norm").get("triton")
-    if triton is not None and triton.unavailable_reason() is None:
-        candidates["triton"] = triton.fn
+def _timings(
+    rows: int, cols: int, dtype: torch.dtype, residual: bool, device: torch.device
+) -> dict[tuple, Any]:
+    """{(kind, mode, impl): Result} of `craft bench norm` at one shape, dtype and residual."""
+    out = {}
+    for mode in ("fwd", "fwd+bwd"):
+        settings = Settings(
+            device=device,
+            dtype=dtype,
+            mode=mode,
+            batch=[1],
+            seq_lens=[rows],
+            hidden=[cols],
+            norm_kinds=["layernorm", "rmsnorm"],
+            residual=residual,
+            impls=list(IMPLS.values()),
+            compile=False,
+        )
+        for r in run_family(family("norm"), settings).results:
+            out[(r.dims["kind"], mode, r.impl)] = r
+    return out
+
+
+def speed(
+    quick: bool, peak: float | None, device: torch.device = torch.device("cuda")
+) -> list[dict[str, Any]]:
     shapes = SPEED_SHAPES[:1] if quick else SPEED_SHAPES
     out = []
     for rows, cols in shapes:
         dtypes = DTYPES if (rows, cols) == TARGET[2] else (torch.bfloat16,)
         for dtype in dtypes:
-            for kind, has_b, fused in (("layernorm", True, False), ("rmsnorm", False, False),
-                                       ("layernorm", True, True), ("rmsnorm", False, True)):  # fmt: skip
-                x = torch.randn(rows, cols, device="cuda", dtype=dtype)
-                res = torch.randn_like(x) if fused else None
-                w = torch.rand(cols, device="cuda", dtype=dtype) + 0.5
-                b = torch.randn(cols, device="cuda", dtype=dtype) * 0.1 if has_b else None
-                dy, ds = torch.randn_like(x), torch.randn_like(x)
-                nbytes = x.numel() * x.element_size()
-                # minimal traffic: fwd reads x (+res), writes y (+s); bwd reads dy, s (+ds), writes dx
-                fwd_bytes = nbytes * (2 + 2 * fused)
-                bwd_bytes = nbytes * (3 + fused)
-                row: dict[str, Any] = {"shape": [rows, cols], "dtype": str(dtype).removeprefix("torch."),
-                                       "kind": kind, "residual": fused}  # fmt: skip
-                for name, fn in candidates.items():
-                    try:
-                        f_ms, fb_ms = speed_case(fn, x, w, b, kind, res, dy, ds)
-                    except Exception as e:  # a backend that rejects these inputs
-                        row[name] = {"error": f"{type(e).__name__}: {e}"}
-                        continue
-                    fwd_gbps = fwd_bytes / (f_ms * 1e-3) / 1e9
-                    fb_gbps = (fwd_bytes + bwd_bytes) / (fb_ms * 1e-3) / 1e9
-                    row[name] = {
-                        "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms, "fwd_gbps": fwd_gbps,
-                        "fwd_bwd_gbps": fb_gbps,
-                        "fwd_bwd_pct_peak": None if peak is None else 100 * fb_gbps / peak,
-                    }  # fmt: skip
-                base = row.get("torch", {})
-                for name in candidates:
-                    r = row.get(name, {})
-                    if "fwd_ms" in r and "fwd_ms" in base:
-                        r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
-                        r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-                out.append(row)
-                del x, res, dy, ds
+            for residual in (False, True):
+                timings = _timings(rows, cols, dtype, residual, device)
+                for kind in ("layernorm", "rmsnorm"):
+                    row: dict[str, Any] = {"shape": [rows, cols], "dtype": str(dtype).removeprefix("torch."),
+                                           "kind": kind, "residual": residual}  # fmt: skip
+                    for name, impl in IMPLS.items():
+                        f, fb = (
+                            timings.get((kind, "fwd", impl)),
+                            timings.get((kind, "fwd+bwd", impl)),
+                        )
+                        if f is None or fb is None:
+                            continue  # not registered here (e.g. no Triton norm)
+                        if f.status != OK or fb.status != OK:
+                            bad = f if f.status != OK else fb
+                            row[name] = {"error": f"{bad.status}: {bad.reason}"}
+                            continue
+                        row[name] = {
+                            "fwd_ms": f.median_ms, "fwd_bwd_ms": fb.median_ms,
+                            "fwd_gbps": f.throughput, "fwd_bwd_gbps": fb.throughput,
+                            "fwd_bwd_pct_peak": None if peak is None else 100 * fb.throughput / peak,
+                        }  # fmt: skip
+                    base = row.get("torch", {})
+                    for name in IMPLS:
+                        r = row.get(name, {})
+                        if "fwd_ms" in r and "fwd_ms" in base:
+                            r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
+                            r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+                    out.append(row)
     return out
 
 
@@ -310,33 +276,25 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"gpu_check_norm: the cuda norm backend is not available: {reason}")
         return 1
+    machine = machine_info(torch.device("cuda"))
+    found = peak_for(machine["device_name"])
+    peak = found.bandwidth / 1e9 if found else None
     props = torch.cuda.get_device_properties(0)
-    peak = peak_bandwidth(props.name)
     meta = {
-        "device": props.name,
+        "device": machine["device_name"],
         "sms": props.multi_processor_count,
         "peak_gbps": peak,
         "copy_gbps": round(copy_bandwidth()),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **{k: machine[k] for k in ("torch", "cuda", "triton", "python", "date", "load_avg")},
     }
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
     checks = correctness(args.quick)
     timings = speed(args.quick, peak)
     meta["target"] = target_result(timings)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "norm_check.json").write_text(
-        json.dumps({"meta": meta, "correctness": checks, "speed": timings}, indent=1)
+    write_json(
+        args.out / "norm_check.json", {"meta": meta, "correctness": checks, "speed": timings}
     )
     report = markdown(meta, checks, timings)
-    (args.out / "norm_check.md").write_text(report)
+    write_file(args.out / "norm_check.md", report)
     print(report)
     print(meta["target"])
     failed = sum(not c["ok"] for c in checks)

@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
 
@@ -151,28 +150,19 @@ def _run_child(*argv: str) -> dict:
 
 
 def _machine() -> dict:
+    """`craft.bench.hardware.machine_info` (run in a child process) plus the cores this process may use and the versions
+    of the encoding libraries."""
     import numpy
     import sentencepiece
+    import torch
 
-    from craft import __version__
+    from craft.bench.hardware import machine_info
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu,
+        **machine_info(torch.device("cpu")),
         "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
         "numpy": numpy.__version__,
         "sentencepiece": sentencepiece.__version__,
-        "craft": __version__,
         "loadavg_start": os.getloadavg()[0],
     }
 
@@ -182,7 +172,9 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=100.0)
     parser.add_argument("--skip-naive", action="store_true", help="Skip the in-memory baseline.")
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--child", choices=["prepare", "naive", "train"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["prepare", "naive", "train", "machine"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--input")
     parser.add_argument("--out")
     parser.add_argument("--tokenizer")
@@ -191,11 +183,17 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        fn = {"prepare": child_prepare, "naive": child_naive, "train": child_train}[args.child]
+        fn = {
+            "prepare": child_prepare,
+            "naive": child_naive,
+            "train": child_train,
+            "machine": lambda _: _machine(),
+        }[args.child]
         print(json.dumps(fn(args)))
         return
 
-    machine = _machine()
+    # In a child: importing torch here would raise the peak RSS every later child inherits.
+    machine = _run_child("machine")
     all_cores = machine["cores"]
     machine["available_speedup"] = _available_speedup(all_cores)
     rows = []
@@ -233,9 +231,10 @@ def main() -> None:
 
 
 def _write(results: Path, machine: dict, size: int, trained: dict, rows: list[dict]) -> None:
-    results.mkdir(parents=True, exist_ok=True)
+    from craft.bench.report import write_file, write_json
+
     payload = {"machine": machine, "input_bytes": size, "sp_training": trained, "runs": rows}
-    (results / "prepare_throughput.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(results / "prepare_throughput.json", payload)
     lines = [
         "# Dataset preparation throughput",
         "",
@@ -278,7 +277,7 @@ def _write(results: Path, machine: dict, size: int, trained: dict, rows: list[di
         "text and a Python list of ids.",
         "",
     ]
-    (results / "prepare_throughput.md").write_text("\n".join(lines))
+    write_file(results / "prepare_throughput.md", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -4,11 +4,13 @@
         [--repeats 2] [--full] [--out bench/results]
 
 Each variant runs in its own fresh process (so peak memory is that variant's own) and the two
-alternate `--repeats` times; the median ms/step is reported. Both use the same model (built
-from the recipe through the registry), batch, optimizer settings and gradient clipping; the
-plain loop samples batches nanoGPT-style from the same prepared train.bin. Craft's steps include
-everything its loop does per step (non-finite check, metrics, callbacks) but no evaluation or
-checkpoints (their intervals are pushed past the run).
+alternate `--repeats` times; the best and the median ms/step are reported. Both use the same model
+(built from the recipe through the registry), batch, optimizer settings and gradient clipping; the
+plain loop samples batches nanoGPT-style from the same prepared train.bin. The Craft variant is
+`craft bench train` (`craft.bench.train.run_train_bench`): the Trainer's own loop with everything
+it does per step (non-finite check, metrics, callbacks) but no evaluation or checkpoints. Both
+are timed with the same clock (`craft.bench.timing.now`), and MFU comes from the same formula and
+peak table (`craft.bench.train.mfu`, `craft.bench.hardware`).
 
 `--full` also trains the whole recipe once with `craft.training.run.train` and records the
 validation loss at the last step and the wall time. Results: `<out>/train_throughput.json/.md`.
@@ -20,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 WARMUP = 10
 
 
@@ -37,78 +39,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _peak_mem(device: Any) -> dict[str, float]:
-    import torch
-
-    out = {"peak_rss_mb": round(_peak_rss_mb(), 1)}
-    if device.type == "cuda":
-        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
-
-
-def _mfu(model: Any, block_size: int, tokens_per_s: float, device: Any) -> dict[str, float]:
-    """Model FLOP utilisation against the device's bf16 peak (GPU only; {} elsewhere)."""
-    if device.type != "cuda":
-        return {}
-    import torch
-
-    from craft.bench.hardware import peak_for
-    from craft.models.flops import flops_per_token
-
-    peak = peak_for(torch.cuda.get_device_name(device))
-    if peak is None:
-        return {}
-    return {"mfu": flops_per_token(model, block_size) * tokens_per_s / peak.bf16_flops}
-
-
 def run_craft(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
-    """Time `steps` optimizer steps of the Trainer (after a warm-up), per-step wall clock."""
-    import tempfile
+    """`craft bench train` of the recipe: `steps` timed Trainer steps after WARMUP."""
+    from craft.bench.config import load_bench_config
+    from craft.bench.train import run_train_bench
 
-    import torch
-
-    from craft.config import load_config
-    from craft.training.callbacks import Callback
-    from craft.training.run import train
-
-    stamps: list[float] = []
-
-    class Clock(Callback):
-        def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-            self.model = trainer.unwrapped_model
-
-    total = WARMUP + steps
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            recipe,
-            [
-                *overrides,
-                f"training.max_steps={total}",
-                f"run.output_dir={tmp}",
-                f"eval.interval={total + 1}",
-                "eval.at_end=false",
-                f"checkpoint.interval={total + 1}",
-                "checkpoint.save_at_end=false",
-                "checkpoint.export=false",
-                "logging.plot=false",
-                "logging.progress=none",
-                "logging.sample_interval=0",
-                f"training.log_interval={total}",
-            ],
-        )
-        clock = Clock()
-        res = train(cfg, callbacks=[clock])
-        device = torch.device("cuda" if torch.cuda.is_available() and not cfg.run.cpu else "cpu")
-    timed = stamps[WARMUP:]
-    ms = 1000.0 * (timed[-1] - stamps[WARMUP - 1]) / len(timed)
-    tokens = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.model.block_size
-    assert res.step == total
-    tps = tokens / ms * 1000.0
-    mfu = _mfu(clock.model, cfg.model.block_size, tps, device)
-    return {"ms_per_step": ms, "tokens_per_s": tps, **mfu, **_peak_mem(device)}
+    cfg = load_bench_config(recipe, overrides)
+    rec = run_train_bench(cfg, steps=steps, warmup=WARMUP, label=recipe)
+    out = {k: rec[k] for k in ("tokens_per_s", "mfu") if rec.get(k) is not None}
+    return {"ms_per_step": rec["ms_per_step_mean"], **out, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
 def run_plain(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
@@ -117,6 +56,8 @@ def run_plain(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
     import torch
 
     from craft import ops
+    from craft.bench.timing import now
+    from craft.bench.train import mfu
     from craft.config import load_config
     from craft.data.datasets import PreparedDataset
     from craft.training.builders import build_data, build_model
@@ -167,18 +108,13 @@ def run_plain(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-    timed = stamps[WARMUP:]
-    ms = 1000.0 * (timed[-1] - stamps[WARMUP - 1]) / len(timed)
+        stamps.append(now(device))
+    ms = 1000.0 * (stamps[-1] - stamps[WARMUP - 1]) / steps
     tps = B * T / ms * 1000.0
-    return {
-        "ms_per_step": ms,
-        "tokens_per_s": tps,
-        **_mfu(model, T, tps, device),
-        **_peak_mem(device),
-    }
+    out = {"ms_per_step": ms, "tokens_per_s": tps}
+    if (m := mfu(model, T, tps, device).get("mfu")) is not None:
+        out["mfu"] = m
+    return {**out, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
 def run_full(recipe: str, overrides: list[str], out_dir: str) -> dict[str, Any]:
@@ -220,20 +156,17 @@ def _child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 def _machine() -> dict[str, Any]:
     import torch
 
-    import craft
+    from craft.bench.hardware import machine_info
 
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "craft": craft.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    return machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _describe(machine: dict[str, Any]) -> str:
+    """One line of a machine record (from `machine_info`, or an older flat one)."""
+    keys = ("device_name", "cpu_count", "torch_threads", "torch", "python", "craft", "load_avg")
+    if "device_name" not in machine:
+        return ", ".join(f"{k} {v}" for k, v in machine.items())
+    return ", ".join(f"{k} {machine[k]}" for k in keys if machine.get(k) is not None)
 
 
 def _markdown(doc: dict[str, Any]) -> str:
@@ -241,9 +174,7 @@ def _markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"# Training throughput: {doc['recipe']}",
         "",
-        f"Date: {doc['date']}. Machine: "
-        + ", ".join(f"{k} {v}" for k, v in doc["machine"].items())
-        + ".",
+        f"Date: {doc['date']}. Machine: " + _describe(doc["machine"]) + ".",
         "",
         f"{doc['note']}",
         "",
@@ -272,9 +203,9 @@ def _markdown(doc: dict[str, Any]) -> str:
             "",
             "## Full run",
             "",
-            f"{f['steps']} steps, validation loss at step {f['steps']}: **{f['val_loss']:.4f}** "
-            f"(goal <= 1.88), wall time {f['wall_s'] / 60:.1f} min (evaluation, checkpoints and "
-            f"the plot included), peak RSS {f['peak_rss_mb']:.0f} MB.",
+            f"{f['steps']} steps, validation loss at step {f['steps']}: **{f['val_loss']:.4f}**, "
+            f"wall time {f['wall_s'] / 60:.1f} min (evaluation, checkpoints and the plot "
+            f"included), peak RSS {f['peak_rss_mb']:.0f} MB.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -288,21 +219,26 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="Also train the whole recipe once.")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--note", default="", help="Conditions worth recording (e.g. machine load).")
-    p.add_argument("--variant", choices=["craft", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=["craft", "plain", "machine"], help=argparse.SUPPRESS)
     p.add_argument("--render", help="Only rewrite the .md next to this results JSON.")
     args = p.parse_args()
+    from craft.bench.report import write_file, write_json
 
     if args.render:
         src = Path(args.render)
-        src.with_suffix(".md").write_text(_markdown(json.loads(src.read_text())))
+        write_file(src.with_suffix(".md"), _markdown(json.loads(src.read_text())))
         return
 
     if args.variant:
+        if args.variant == "machine":
+            print(json.dumps(_machine()))
+            return
         fn = run_craft if args.variant == "craft" else run_plain
         print(json.dumps(fn(args.recipe, args.steps, args.set)))
         return
 
-    machine = _machine()
+    # In a child: torch imported here would count in the peak RSS every later child inherits.
+    machine = _child("machine", args)
     runs: dict[str, list[dict[str, Any]]] = {"craft": [], "plain": []}
     for i in range(args.repeats):
         for variant in ("plain", "craft") if i % 2 else ("craft", "plain"):
@@ -343,10 +279,9 @@ def main() -> None:
             doc["full"]["run_dir"] = "(temporary)"
         print(f"full run: val loss {doc['full']['val_loss']:.4f}, {doc['full']['wall_s']:.0f}s")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "train_throughput" if not args.set else "train_throughput_custom"
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(_markdown(doc))
+    write_json(out / f"{stem}.json", doc)
+    write_file(out / f"{stem}.md", _markdown(doc))
     print(f"wrote {out / stem}.json and .md")
 
 

@@ -14,8 +14,6 @@ comparable.
 from __future__ import annotations
 
 import math
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from craft.errors import DataError
+from craft.progress import Progress
 
 _DECODE_CHUNK = 1 << 22  # tokens decoded at once when counting characters
 
@@ -82,75 +81,6 @@ def count_text(tokenizer: Any, ids: np.ndarray) -> tuple[int, int]:
     return chars, nbytes
 
 
-class _Progress:
-    """A rich bar on a terminal; otherwise a plain line every 10 s and one at the end."""
-
-    PLAIN_INTERVAL_S = 10.0
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.done = total, label, 0
-        self._bar: Any = None
-        self._plain = enabled and not sys.stderr.isatty()
-        self._t0 = self._last = time.perf_counter()
-        if enabled and not self._plain:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                ProgressColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.text import Text
-
-            class _Rate(ProgressColumn):
-                def render(self, task: Any) -> Text:
-                    speed = task.speed
-                    return Text(f"{speed:.1f} batch/s" if speed else "? batch/s")
-
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                _Rate(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task(label, total=total)
-
-    def _line(self, final: bool) -> None:
-        elapsed = time.perf_counter() - self._t0
-        rate = self.done / max(elapsed, 1e-9)
-        tail = (
-            f"done in {elapsed:.1f}s"
-            if final
-            else f"eta {(self.total - self.done) / max(rate, 1e-9):.0f}s"
-        )
-        sys.stderr.write(
-            f"{self.label}: {self.done}/{self.total} batches, {rate:.1f} batch/s, {tail}\n"
-        )
-        sys.stderr.flush()
-
-    def advance(self) -> None:
-        self.done += 1
-        if self._bar is not None:
-            self._bar.advance(self._task)
-        elif self._plain and time.perf_counter() - self._last >= self.PLAIN_INTERVAL_S:
-            self._last = time.perf_counter()
-            self._line(final=False)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-        elif self._plain and self.done == self.total:
-            self._line(final=True)
-
-
 def _batches(
     tokens: np.ndarray, plan: list[list[tuple[int, int]]], device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -196,24 +126,24 @@ def evaluate_tokens(
     model.eval()
     total_nll = 0.0  # nats, summed over predicted tokens
     n_pred = 0
-    bar = _Progress(len(plan), f"eval {split}", progress)
+    mode = "auto" if progress else "none"
     try:
-        for i, (x, y) in enumerate(_batches(toks, plan, device)):
-            if autocast_dtype is not None and autocast_dtype != torch.float32:
-                with torch.autocast(device.type, dtype=autocast_dtype):
+        with Progress(f"eval {split}", len(plan), unit="batches", mode=mode, transient=True) as bar:
+            for i, (x, y) in enumerate(_batches(toks, plan, device)):
+                if autocast_dtype is not None and autocast_dtype != torch.float32:
+                    with torch.autocast(device.type, dtype=autocast_dtype):
+                        _, loss = model(x, targets=y)
+                else:
                     _, loss = model(x, targets=y)
-            else:
-                _, loss = model(x, targets=y)
-            value = float(loss.float())
-            if not math.isfinite(value):
-                raise DataError(f"{split} split: the loss of batch {i} is {value}")
-            total_nll += value * y.numel()
-            n_pred += y.numel()
-            if on_batch is not None:
-                on_batch(i, value)
-            bar.advance()
+                value = float(loss.float())
+                if not math.isfinite(value):
+                    raise DataError(f"{split} split: the loss of batch {i} is {value}")
+                total_nll += value * y.numel()
+                n_pred += y.numel()
+                if on_batch is not None:
+                    on_batch(i, value)
+                bar.advance()
     finally:
-        bar.close()
         model.train(was_training)
 
     chars, nbytes = count_text(tokenizer, toks[1 : 1 + n_pred])

@@ -24,7 +24,8 @@ def documented_layers(text: str) -> dict[str, int]:
     """{`craft/x/` or `craft/x.py`: layer number} from the numbered list of the Layers section."""
     section = text.split("\n## Layers", 1)[1].split("\n## ", 1)[0]
     layers: dict[str, int] = {}
-    for m in re.finditer(r"^(\d+)\. (.*)$", section, flags=re.M):
+    # An item: "N. " and its indented continuation lines; its paths come before " — ".
+    for m in re.finditer(r"^(\d+)\. (.*(?:\n[ \t]+.*)*)", section, flags=re.M):
         head = m.group(2).split(" — ", 1)[0]
         for path in re.findall(r"`(craft/[\w/.]*)`", head):
             layers[path] = int(m.group(1))

@@ -1,5 +1,8 @@
 """The machine a benchmark ran on, and the peak numbers of known accelerators.
 
+`machine_info` is what every recorded result says about where it came from; `peak_for` is the one
+table of peaks (MFU and the share of memory bandwidth are computed against it).
+
 Peaks are the vendors' dense (no sparsity) bf16 tensor-core FLOP/s and HBM bandwidth. MFU is
 achieved model FLOP/s divided by the bf16 peak, whatever precision the run used, so MFU numbers
 are comparable across runs.
@@ -77,6 +80,13 @@ def _unloaded_backends() -> dict[str, str]:
     return dict(fn()) if fn is not None else {}
 
 
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return None
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Device, versions and date: what a recorded result must say about where it came from."""
     from craft import __version__
@@ -96,6 +106,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "craft": __version__,
         "cuda": torch.version.cuda,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") or None,
+        "load_avg": _load_avg(),  # 1, 5 and 15 min: other work on the machine skews timings
     }
     info["craft_backends_not_loaded"] = _unloaded_backends()
     if device.type == "cuda":

@@ -1,25 +1,23 @@
 """Benchmark output: rich tables, the JSON document and the throughput plot.
 
-Files are written to a temporary path next to the target, flushed to disk and renamed, so a JSON or
-PNG that exists is always complete.
+Files are written with `craft.fileio`'s atomic writer (a temporary file next to the target, flushed
+to disk and renamed), so a JSON or PNG that exists is always complete.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from craft.bench.core import FAILED, OK, SKIPPED, WRONG, FamilyReport, Result, dtype_name
+from craft.fileio import atomic_write_bytes
 
 FORMAT = "craft-bench/1"
 _STATUS_STYLE = {OK: "green", WRONG: "bold red", FAILED: "bold red", SKIPPED: "yellow"}
@@ -145,28 +143,11 @@ def print_report(
 # ------------------------------------------------------------------------------ files
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary file in the same directory, fsync it, then rename over `path`."""
+def write_file(path: Path, data: bytes | str) -> None:
+    """Write a result file atomically (`craft.fileio`), creating its directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def document(
@@ -190,8 +171,8 @@ def document(
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
-    data = (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data))
+    """`doc` as indented JSON (NaN and infinity refused: they are not JSON)."""
+    write_file(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
 def write_plot(path: Path, reports: list[FamilyReport], subtitle: str) -> None:
@@ -213,8 +194,10 @@ def write_plot(path: Path, reports: list[FamilyReport], subtitle: str) -> None:
     fig.suptitle(subtitle, fontsize=10)
     fig.tight_layout()
     suffix = Path(path).suffix.lstrip(".") or "png"
-    atomic_write(Path(path), lambda f: fig.savefig(f, format=suffix, dpi=110))
+    buf = io.BytesIO()
+    fig.savefig(buf, format=suffix, dpi=110)
     plt.close(fig)
+    write_file(Path(path), buf.getvalue())
 
 
 def _panel(ax: Any, report: FamilyReport) -> None:

@@ -1,4 +1,4 @@
-"""Timing and peak memory of one benchmark step.
+"""Timing and peak memory of one benchmark step, and the clock for longer spans of work.
 
 Timing: on CUDA `triton.testing.do_bench` (CUDA events, L2 flushed between calls, gradients reset
 outside the timed region); on the CPU `torch.utils.benchmark.Timer.blocked_autorange`. Both after
@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,14 @@ class Timing:
     median_ms: float
     iqr_ms: float | None  # spread: interquartile range (CPU) or p75 - p25 (CUDA)
     runs: int | None  # calls measured (CPU); do_bench does not say
+
+
+def now(device: torch.device) -> float:
+    """`time.perf_counter()` once the work queued on `device` has finished: the clock for spans of
+    real work (training steps, a generation) where `measure`'s repetitions do not apply."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def measure(
@@ -175,17 +184,24 @@ def cpu_peaks(steps: list[tuple[Callable[[], Any], list[torch.Tensor]]]) -> list
             prof.stop()
     events = prof.profiler.kineto_results.events()
     spans = {e.name(): (e.start_ns(), e.end_ns()) for e in events if e.name() in set(labels)}
-    allocs = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    allocs = allocator_events(events)
+    return [allocation_peak(allocs, *spans[label]) if label in spans else None for label in labels]
+
+
+def allocator_events(events: Any) -> list[tuple[int, int]]:
+    """(time ns, bytes: + allocated, - freed) of the profiler's allocator records, in order."""
+    return sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+
+
+def allocation_peak(
+    allocs: list[tuple[int, int]], start: int | None = None, end: int | None = None
+) -> int:
+    """The highest running sum of `allocs` between `start` and `end` (ns; None: unbounded)."""
     times = [t for t, _ in allocs]
-    peaks: list[int | None] = []
-    for label in labels:
-        if label not in spans:
-            peaks.append(None)
-            continue
-        start, end = spans[label]
-        cur = peak = 0
-        for _, nbytes in allocs[bisect.bisect_left(times, start) : bisect.bisect_right(times, end)]:
-            cur += nbytes
-            peak = max(peak, cur)
-        peaks.append(int(peak))
-    return peaks
+    lo = 0 if start is None else bisect.bisect_left(times, start)
+    hi = len(allocs) if end is None else bisect.bisect_right(times, end)
+    cur = peak = 0
+    for _, nbytes in allocs[lo:hi]:
+        cur += nbytes
+        peak = max(peak, cur)
+    return int(peak)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,10 +26,10 @@ import torch
 
 from craft.bench.config import load_bench_config
 from craft.bench.hardware import device_name, peak_for
-from craft.bench.timing import quiet_stderr
+from craft.bench.timing import allocation_peak, allocator_events, now, quiet_stderr
 from craft.errors import ConfigError, TrainingError
 
-__all__ = ["load_bench_config", "run_train_bench"]
+__all__ = ["load_bench_config", "mfu", "run_train_bench"]
 
 # Settings that keep a benchmark run to training steps only. Applied when the schema has the key.
 _QUIET = {
@@ -109,19 +108,14 @@ def run_train_bench(
             self.cpu_step_peak: int | None = None
             self.resident: int | None = None
 
-        def _now(self, run: Any) -> float:
-            if run.device.type == "cuda":
-                torch.cuda.synchronize(run.device)
-            return time.perf_counter()
-
         def on_train_start(self, run: Any) -> None:
-            self.t_last = self._now(run)
+            self.t_last = now(run.device)
 
         def on_step_end(self, run: Any, metrics: Mapping[str, Any]) -> None:
-            now = self._now(run)
+            t = now(run.device)
             if self.prof is not None:
                 self._stop_profile()
-            self.times.append(now - self.t_last)
+            self.times.append(t - self.t_last)
             done = len(self.times)
             if done in (1, warmup + steps):  # reading the loss is a host sync: only these two
                 self.losses[done] = float(metrics["loss"])
@@ -130,7 +124,7 @@ def run_train_bench(
             if done == warmup + steps and run.device.type == "cpu":
                 self.resident = _resident_bytes(run.model, trainer.optimizer)
                 self._start_profile()
-            self.t_last = self._now(run)
+            self.t_last = now(run.device)
 
         def _start_profile(self) -> None:
             from torch.profiler import ProfilerActivity, profile
@@ -143,12 +137,7 @@ def run_train_bench(
             with quiet_stderr():
                 self.prof.stop()
             events = self.prof.profiler.kineto_results.events()
-            allocs = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-            cur = peak = 0
-            for _, n in allocs:
-                cur += n
-                peak = max(peak, cur)
-            self.cpu_step_peak = peak
+            self.cpu_step_peak = allocation_peak(allocator_events(events))
             self.prof = None
 
     timer = StepTimer()
@@ -192,7 +181,7 @@ def run_train_bench(
         "loss_first": timer.losses[1],
         "loss_last": timer.losses[warmup + steps],
     }
-    record.update(_mfu(model, seq_len, tokens_per_s, device))
+    record.update(mfu(model, seq_len, tokens_per_s, device))
     if device.type == "cuda":
         record["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(device))
         record["mem_method"] = "torch.cuda.max_memory_allocated over the timed steps"
@@ -214,9 +203,10 @@ def _kernels(device_type: str) -> dict[str, str]:
     return {op: choose(op, device_type) for op in OPS}
 
 
-def _mfu(
+def mfu(
     model: torch.nn.Module, seq_len: int, tokens_per_s: float, device: torch.device
 ) -> dict[str, Any]:
+    """FLOPs per token of `model` and its MFU at `tokens_per_s` (CUDA, a device in the table)."""
     try:
         from craft.models.flops import flops_per_token
 

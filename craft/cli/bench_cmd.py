@@ -199,11 +199,11 @@ def _run(kernels: tuple[str, ...], a: dict[str, Any], train: dict[str, Any] | No
     from rich.console import Console
 
     from craft.bench import family, machine_info, run_family
-    from craft.bench.core import dtype_name
+    from craft.bench.core import dtype_name, selected
     from craft.bench.hardware import peak_for
-    from craft.bench.progress import Progress
     from craft.bench.report import document, print_report, write_json, write_plot
     from craft.cli.errors import fail
+    from craft.progress import Progress
 
     if settings is not None and settings.impls:
         _check_impls(kernels, settings.impls)
@@ -214,11 +214,15 @@ def _run(kernels: tuple[str, ...], a: dict[str, Any], train: dict[str, Any] | No
     _header(console, machine, settings)
     peak = peak_for(machine["device_name"]) if device.type == "cuda" else None
     reports = []
-    with Progress() as progress:
-        for name in kernels:
-            fam = family(name)
-            reports.append(run_family(fam, settings, on_progress=progress.update))
-            progress.done(fam.title)
+    for name in kernels:
+        fam = family(name)
+        runs = len(fam.cases(settings)) * len(selected(fam, settings))
+        with Progress(
+            f"bench {fam.name}", runs, unit="runs", fields=("now",), transient=True
+        ) as bar:
+            reports.append(
+                run_family(fam, settings, on_progress=lambda what: bar.advance(now=what))
+            )
     for report in reports:
         print_report(console, report, peak.bandwidth if peak else None)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from craft.fileio import atomic_write_bytes, atomic_write_text
+from craft.progress import Progress
 from craft.training.callbacks import Callback, RunContext
 from craft.training.logs import resolve_progress_mode
 
@@ -51,47 +52,24 @@ class ProgressCallback(Callback):
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        self._progress: Any = None
-        self._task: Any = None
+        self._bar: Progress | None = None
 
     def on_train_start(self, run: RunContext) -> None:
         if resolve_progress_mode(self.mode, run.console) != "rich":  # "auto": a terminal?
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[rate]} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=run.console,
-            transient=False,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(
+        self._bar = Progress(
             "train",
-            total=run.max_steps,
+            run.max_steps,
+            unit="steps",
             completed=run.start_step,
-            loss="-",
-            lr="-",
-            rate="-",
-        )
+            fields=("loss", "lr", "tok/s"),
+            mode="rich",
+            console=run.console,
+        ).start()
 
     def on_step_end(self, run: RunContext, metrics: Mapping[str, Any]) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=metrics["step"])
+        if self._bar is not None:
+            self._bar.update(completed=metrics["step"])
 
     def on_log(self, run: RunContext, metrics: dict[str, Any]) -> None:
         remaining = (run.max_steps - metrics["step"]) * metrics["ms_per_step"] / 1000.0
@@ -106,18 +84,16 @@ class ProgressCallback(Callback):
             metrics["ms_per_step"],
             _fmt_duration(remaining),
         )
-        if self._progress is not None:
-            self._progress.update(
-                self._task,
-                loss=f"{metrics['loss']:.4f}",
-                lr=f"{metrics['lr']:.2e}",
-                rate=_fmt_rate(metrics["tokens_per_s"]),
+        if self._bar is not None:
+            rate = _fmt_rate(metrics["tokens_per_s"])
+            self._bar.update(
+                loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", **{"tok/s": rate}
             )
 
     def on_train_end(self, run: RunContext, status: str) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def build_progress(cfg: Any) -> Callback | None:
