@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -111,13 +110,13 @@ def run_train_bench(
         def on_train_start(self, run: Any) -> None:
             self.t_last = now(run.device)
 
-        def on_step_end(self, run: Any, metrics: Mapping[str, Any]) -> None:
+        def on_step_end(self, run: Any, metrics: dict[str, Any]) -> None:
             t = now(run.device)
             if self.prof is not None:
                 self._stop_profile()
             self.times.append(t - self.t_last)
             done = len(self.times)
-            if done in (1, warmup + steps):  # reading the loss is a host sync: only these two
+            if done in (1, warmup + steps):
                 self.losses[done] = float(metrics["loss"])
             if done == warmup and run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)

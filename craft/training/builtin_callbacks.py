@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +66,7 @@ class ProgressCallback(Callback):
             console=run.console,
         ).start()
 
-    def on_step_end(self, run: RunContext, metrics: Mapping[str, Any]) -> None:
+    def on_step_end(self, run: RunContext, metrics: dict[str, Any]) -> None:
         if self._bar is not None:
             self._bar.update(completed=metrics["step"])
 

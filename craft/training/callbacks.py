@@ -9,8 +9,7 @@ process only unless `main_process_only = False`.
 Hooks and their metrics:
 - `on_train_start(run)`
 - `on_step_end(run, metrics)` after every optimizer step: step, loss (this process), lr,
-  grad_norm, tokens. loss and grad_norm are read from the device when first looked up (a host
-  sync), so a callback that does not need them every step should not read them.
+  grad_norm, tokens.
 - `on_log(run, metrics)` every `training.log_interval` steps: step, loss (averaged over
   processes), lr, grad_norm, tokens, tokens_per_s, ms_per_step, elapsed_s.
 - `on_eval(run, metrics)`: step, val_loss (averaged over processes), best_val_loss, eval_s.
@@ -28,7 +27,7 @@ generation) are registered by import path and loaded when a run builds them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,25 +73,6 @@ class RunContext:
         return self.model
 
 
-class StepMetrics(Mapping[str, Any]):
-    """The metrics of `on_step_end`; tensor values become floats when first looked up."""
-
-    def __init__(self, **values: Any) -> None:
-        self._values = values
-
-    def __getitem__(self, key: str) -> Any:
-        value = self._values[key]
-        if hasattr(value, "item"):  # a device tensor: one host sync, once
-            value = self._values[key] = float(value.item())
-        return value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-
 class Callback:
     """Base class: every hook is a no-op."""
 
@@ -102,7 +82,7 @@ class Callback:
     def on_train_start(self, run: RunContext) -> None:
         pass
 
-    def on_step_end(self, run: RunContext, metrics: Mapping[str, Any]) -> None:
+    def on_step_end(self, run: RunContext, metrics: dict[str, Any]) -> None:
         pass
 
     def on_log(self, run: RunContext, metrics: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,8 @@ class Checkpointer:
     """Saves the run's state as `<run_dir>/checkpoints/step_XXXXXXXX/` and restores it.
 
     `save` and `export` are collective (every process calls them; the main process writes).
-    `module` is the model whose state dicts are read (the FSDP-wrapped one under FSDP).
+    `module` is the model whose state dicts are read (the FSDP-wrapped one under FSDP);
+    `train_iter()` gives the training batch stream (looked up each time: it may be replaced).
     """
 
     def __init__(
@@ -83,7 +85,7 @@ class Checkpointer:
         module: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
-        train_iter: Any,
+        train_iter: Callable[[], Any],
         callbacks: list[tuple[str, Any]],
         tokenizer: Any,
         accelerator: Any,
@@ -144,7 +146,7 @@ class Checkpointer:
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
         rng_states = gather_object([capture_rng()])
-        data_states = gather_object([self.train_iter.state_dict()])
+        data_states = gather_object([self.train_iter().state_dict()])
         path: Path | None = None
         if self.is_main:
             tensors: dict[str, torch.Tensor] = {}
@@ -235,7 +237,7 @@ class Checkpointer:
             # A process that did not exist before takes rank 0's position in its own stream.
             mine = data_states[self.rank] if self.rank < len(data_states) else data_states[0]
             tensors = ckpt.read_trainer_tensors(path)
-            self.train_iter.load_state_dict(unflatten_state(mine, tensors))
+            self.train_iter().load_state_dict(unflatten_state(mine, tensors))
         if saved_world != self.world_size:
             log.warning(
                 "resuming a %d-process checkpoint with %d process(es): process streams of data and "

@@ -4,10 +4,11 @@ Each micro-batch loss is the mean over its B*T tokens and is divided by `grad_ac
 backward, so the accumulated gradient is that of the mean loss over the whole step (all
 micro-batches hold the same number of tokens). DDP syncs gradients on the last micro-batch only.
 
-The step synchronises with the host exactly once: the optimizer must not step on a non-finite
-loss or gradient norm, and only the host can decide to skip a call. That decision waits for the
-backward pass, as a `GradScaler` does for fp16; the loss and gradient norm themselves stay on the
-device until someone reads them (the Trainer does at log time).
+The step waits for the device exactly once: the optimizer must not step on a non-finite loss or
+gradient norm, and only the host can decide to skip the call, so the decision waits for the
+backward pass (as PyTorch's fp16 `GradScaler` does). The loss and the gradient norm cross in that
+one transfer; a guard computed on the device would add kernels without removing the wait. With
+several processes the decision and a stop request are agreed in one all-reduce before it.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from craft.errors import TrainingError
 
 @dataclass
 class StepOutput:
-    """What one step leaves for logging; tensors stay on the device (reading them syncs)."""
+    """What one step leaves for logging and for the decision to go on."""
 
-    loss: torch.Tensor  # () mean loss over this process's micro-batches
-    grad_norm: torch.Tensor  # () global gradient norm before clipping
+    loss: float  # mean loss over this process's micro-batches
+    grad_norm: float  # global gradient norm before clipping
     lr: float  # the learning rate this step used
     finite: bool  # False: nothing was updated (the gradients were dropped)
     stop: bool  # some process asked to stop after this step
@@ -37,8 +38,8 @@ class StepOutput:
     def error(self, step: int, newest: Path | None) -> TrainingError:
         """The error of a non-finite step `step`; `newest`: the newest checkpoint on disk."""
         return TrainingError(
-            f"non-finite training loss ({float(self.loss)}) or gradient norm "
-            f"({float(self.grad_norm)}) at step {step}; stopped before the optimizer step, "
+            f"non-finite training loss ({self.loss}) or gradient norm "
+            f"({self.grad_norm}) at step {step}; stopped before the optimizer step, "
             f"checkpoints on disk are intact (newest: {newest or 'none written yet'}); try a "
             "lower optimizer.lr, training.grad_clip or training.precision"
         )
@@ -94,23 +95,34 @@ class TrainStep:
         grad_norm = self._clip()
         lr = float(self.raw_optimizer.param_groups[0]["lr"])
 
-        bad = ~torch.isfinite(loss)
-        if self.check_grad:
-            bad = bad | ~torch.isfinite(grad_norm)
-        if self.multi:  # every process must take the same decisions: one all-reduce for both
-            flags = torch.stack([bad, bad.new_tensor(stop)]).float()
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            bad_any, stop = (v > 0 for v in flags.tolist())  # the step's one host sync
-        else:
-            bad_any = bool(bad)  # the step's one host sync
+        loss_v, norm_v, bad_any, stop = self._read(loss, grad_norm, stop)
         if bad_any:
             self.optimizer.zero_grad(set_to_none=True)
-            return StepOutput(loss, grad_norm, lr, finite=False, stop=stop)
+            return StepOutput(loss_v, norm_v, lr, finite=False, stop=stop)
 
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(loss, grad_norm, lr, finite=True, stop=stop)
+        return StepOutput(loss_v, norm_v, lr, finite=True, stop=stop)
+
+    def _read(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, stop: bool
+    ) -> tuple[float, float, bool, bool]:
+        """(loss, grad norm, non-finite on some process, stop on some process): the step's one
+        host transfer. With several processes both flags are agreed first in one all-reduce, so
+        every process takes the same decision."""
+        vals = torch.stack([loss.float(), grad_norm])
+        if not self.multi:
+            loss_v, norm_v = vals.tolist()
+            bad = not math.isfinite(loss_v) or (self.check_grad and not math.isfinite(norm_v))
+            return loss_v, norm_v, bad, stop
+        bad_t = ~torch.isfinite(vals[0])
+        if self.check_grad:
+            bad_t = bad_t | ~torch.isfinite(vals[1])
+        flags = torch.stack([bad_t, bad_t.new_tensor(stop)]).float()
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        loss_v, norm_v, bad_v, stop_v = torch.cat([vals, flags]).tolist()
+        return loss_v, norm_v, bad_v > 0, stop_v > 0
 
     def _clip(self) -> torch.Tensor:
         """Clip the gradients to `grad_clip` (inf: measure only); the norm before clipping."""

@@ -24,7 +24,7 @@ import torch
 from craft.config import registry
 from craft.training import checkpoint as ckpt
 from craft.training.builders import build_data, build_model, describe_model
-from craft.training.callbacks import Callback, RunContext, StepMetrics, build_callbacks
+from craft.training.callbacks import Callback, RunContext, build_callbacks
 from craft.training.checkpointer import Checkpointer
 from craft.training.logs import ThroughputWindow, setup_logging
 from craft.training.rng import seed_everything
@@ -47,8 +47,7 @@ from craft.training.state import TrainState
 from craft.training.step import StepOutput, TrainStep
 from craft.training.validation import Validation, eval_shard
 
-# Earlier import paths of these two names.
-_new_run_dir = new_run_dir
+_new_run_dir = new_run_dir  # its name when it lived here
 __all__ = ["TrainResult", "Trainer", "eval_shard"]
 
 log = logging.getLogger("craft.training")
@@ -181,7 +180,7 @@ class Trainer:
             module=getattr(self.model, "_orig_mod", self.model) if self._fsdp else model,
             optimizer=self.train_step.raw_optimizer,
             scheduler=self.scheduler,
-            train_iter=self.train_iter,
+            train_iter=lambda: self.train_iter,
             callbacks=self.callbacks,
             tokenizer=self.tokenizer,
             accelerator=acc,
@@ -301,13 +300,13 @@ class Trainer:
             state.step += 1
             state.tokens_seen += self.tokens_per_step
             window.steps += 1
-            metrics = StepMetrics(
-                step=state.step,
-                loss=out.loss,
-                lr=out.lr,
-                grad_norm=out.grad_norm,
-                tokens=state.tokens_seen,
-            )
+            metrics = {
+                "step": state.step,
+                "loss": out.loss,
+                "lr": out.lr,
+                "grad_norm": out.grad_norm,
+                "tokens": state.tokens_seen,
+            }
             self._call("on_step_end", metrics)
 
             if out.stop and signal_stop is None:
@@ -338,19 +337,19 @@ class Trainer:
         return signal_stop
 
     def _log(self, out: StepOutput, window: ThroughputWindow, elapsed_s: float) -> None:
-        """`on_log` with the step's loss (averaged over processes): the loop's one log-time sync."""
-        loss = out.loss.detach().float().reshape(1).clone()
+        """`on_log` with the step's loss averaged over processes."""
+        loss = out.loss
         if self.world_size > 1:
-            loss = self.accelerator.reduce(loss, reduction="mean")
-        loss_v, grad_norm_v = torch.cat([loss, out.grad_norm.reshape(1)]).tolist()
+            t = torch.tensor([loss], device=self.device)
+            loss = float(self.accelerator.reduce(t, reduction="mean").item())
         busy = window.busy_s()
         self._call(
             "on_log",
             {
                 "step": self.step,
-                "loss": loss_v,
+                "loss": loss,
                 "lr": out.lr,
-                "grad_norm": grad_norm_v,
+                "grad_norm": out.grad_norm,
                 "tokens": self.tokens_seen,
                 "tokens_per_s": window.steps * self.tokens_per_step / busy,
                 "ms_per_step": 1000.0 * busy / window.steps,
