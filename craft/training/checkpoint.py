@@ -442,10 +442,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{p}: is a file; expected a run, checkpoint or exported model directory"
         )
     if (p / MARKER).exists() or (p / "model.safetensors").exists():
-        if read_marker(p) is None:
+        problem = checkpoint_problem(p)
+        if problem is not None:
             raise CheckpointError(
-                f"{p}: incomplete checkpoint (missing or inconsistent {MARKER} marker; "
-                "it was interrupted while being written)"
+                f"{p}: incomplete checkpoint ({problem}; it was interrupted while being "
+                "written, or changed since)"
             )
         return p
     root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p

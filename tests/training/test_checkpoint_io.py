@@ -111,9 +111,11 @@ def test_incomplete_or_corrupt_checkpoints_are_never_loaded(tmp_path: Path) -> N
         f.truncate(10)
     assert ckpt.latest_checkpoint(root) == good
     assert ckpt.resolve_checkpoint(tmp_path / "run") == good
-    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint \(no COMPLETE marker"):
         ckpt.resolve_checkpoint(bad)
-    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"incomplete checkpoint \(model\.safetensors holds 10 "
+    ):
         ckpt.resolve_checkpoint(trunc)
     # Damaged checkpoints are skipped, never removed (tests/training/test_run_safety.py).
 
