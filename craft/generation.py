@@ -86,7 +86,12 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The next token of each row: logits (B, V) -> (B,) int64. temperature 0 is argmax."""
+    """The next token of each row: logits (B, V) -> (B,) int64. temperature 0 is argmax.
+
+    Order: the logits are divided by `temperature` first, then top-k and top-p filter the
+    tempered distribution, which is the one sampled (so the top-p nucleus is measured on the
+    probabilities the tokens are actually drawn with).
+    """
     params = SamplingParams(temperature, top_k, top_p)
     logits = logits.float()
     if params.greedy:
