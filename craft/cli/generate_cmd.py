@@ -127,6 +127,7 @@ def register(app: typer.Typer) -> None:
             stderr_logging()
             text = read_prompt(prompt, prompt_file)  # before the slow torch import
 
+            from craft.errors import CheckpointError
             from craft.generation import SamplingParams, resolve_device, resolve_dtype
             from craft.generation import generate as sample
             from craft.training.checkpoint import load_model, resolve_checkpoint
@@ -158,18 +159,29 @@ def register(app: typer.Typer) -> None:
                 out.write(piece)
                 out.flush()
 
-            texts = sample(
-                model,
-                tokenizer,
-                text,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=use_seed,
-                num_samples=num_samples,
-                on_text=on_text if streaming else None,
-            )
+            try:
+                texts = sample(
+                    model,
+                    tokenizer,
+                    text,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    seed=use_seed,
+                    num_samples=num_samples,
+                    on_text=on_text if streaming else None,
+                )
+            except RuntimeError as e:  # torch.multinomial refuses NaN/inf probabilities
+                if "inf" not in str(e) or "nan" not in str(e):
+                    raise
+                hint = " (float16 overflows easily: try --dtype bfloat16)" * (
+                    dtype.value == "float16"
+                )
+                raise CheckpointError(
+                    f"{ck}: the model's next-token probabilities are not finite (NaN or inf) "
+                    f"although its weights are{hint}"
+                ) from None
             if streaming:
                 while current[0] < num_samples - 1:  # samples that produced no text
                     current[0] += 1

@@ -94,6 +94,16 @@ def test_non_finite_weights_are_a_checkpoint_error(run: Path, tmp_path: Path) ->
     r = _craft("generate", "--checkpoint", str(export), "--max-new-tokens", "3")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "non-finite value(s) (NaN or inf)" in r.stderr.strip().splitlines()[-1]
+    # Finite weights whose logits overflow: sampling meets NaN probabilities.
+    state["lm_head.weight"][3, 1] = 0.0
+    state["lm_head.weight"][5] = 3e38
+    state["lm_head.weight"][6] = -3e38
+    huge = ckpt.write_export(
+        tmp_path / "huge", model_state=state, config_toml=to_toml(cfg), tokenizer=tok, step=1
+    )
+    r = _craft("generate", "--checkpoint", str(huge), "--max-new-tokens", "3", "--seed", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "next-token probabilities are not finite" in r.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("seed", ["99999999999999999999999"])
