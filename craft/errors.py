@@ -41,5 +41,9 @@ class KernelError(CraftError):
     """A kernel backend cannot run the given inputs (unsupported shape, dtype or device)."""
 
 
+class BusyError(CraftError):
+    """Another process owns what this one needs (a dataset being prepared, a run directory)."""
+
+
 class TrainingError(CraftError):
     """The run cannot continue (non-finite loss, diverged gradients)."""

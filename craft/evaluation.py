@@ -3,8 +3,10 @@
 The split is cut into consecutive windows of the model's context length: window i feeds tokens
 [i*W, (i+1)*W) and predicts tokens [i*W+1, (i+1)*W+1), so every token after the first is predicted
 exactly once, with between 1 and W tokens of context. The last, shorter window is kept, so by
-default the whole split is scored; `max_batches` scores a prefix of it. The windows are fixed, so
-two evaluations of the same model and data give the same numbers.
+default the whole split is scored. `windows=N` scores N full windows spread evenly over the split,
+the same rule as training's evaluation (`eval.windows`), so with the same N the two report the
+same loss; `max_batches` scores a prefix (which depends on the batch size). The windows are fixed,
+so two evaluations of the same model and data give the same numbers.
 
 Bits per character (byte) divide the total negative log-likelihood, in bits, by the number of
 characters (UTF-8 bytes) of the decoded targets, which makes models with different tokenizers
@@ -45,8 +47,9 @@ class EvalResult:
     windows: int
     batches: int
     window: int
-    complete: bool  # the whole split was scored (no max_batches cut)
+    complete: bool  # the whole split was scored (no windows / max_batches cut)
     data: str = ""  # the prepared dataset directory, when known
+    checkpoint: str = ""  # the checkpoint (or export) directory whose weights were scored
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,12 +177,17 @@ def evaluate_tokens(
     progress: bool = False,
     autocast_dtype: torch.dtype | None = None,
     on_batch: Callable[[int, float], None] | None = None,
+    windows: int | None = None,
 ) -> EvalResult:
     """Score `tokens` (a 1-D id stream) with `model` in fixed windows of `window` predictions.
 
-    The model stays on its device and dtype; `autocast_dtype` runs the forward under autocast.
-    `on_batch(i, loss)` sees the mean loss of each batch.
+    `windows` picks that many full windows spread evenly over the stream (independent of
+    `batch_size`); `max_batches` keeps the first batches. The model stays on its device and
+    dtype; `autocast_dtype` runs the forward under autocast. `on_batch(i, loss)` sees the mean
+    loss of each batch.
     """
+    from craft.data.datasets import spread_evenly
+
     toks = np.asarray(tokens)
     if toks.ndim != 1:
         raise DataError(f"{split} split: expected a 1-D token stream, got shape {toks.shape}")
@@ -187,9 +195,17 @@ def evaluate_tokens(
         raise DataError(f"{split} split has {len(toks)} tokens; at least 2 are needed to score")
     if max_batches is not None and max_batches < 1:
         raise DataError(f"max_batches = {max_batches}: expected an integer >= 1")
-    plan = plan_batches(plan_windows(len(toks), window), batch_size)
-    complete = max_batches is None or max_batches >= len(plan)
-    plan = plan if complete else plan[:max_batches]
+    if windows is not None and windows < 1:
+        raise DataError(f"windows = {windows}: expected an integer >= 1")
+    every = plan_windows(len(toks), window)
+    chosen = every
+    if windows is not None and windows < len(every):
+        full = [w for w in every if w[1] == window]
+        chosen = [full[i] for i in spread_evenly(len(full), windows).tolist()]
+    plan = plan_batches(chosen, batch_size)
+    if max_batches is not None:
+        plan = plan[:max_batches]
+    complete = sum(len(b) for b in plan) == len(every)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     was_training = model.training
@@ -289,6 +305,7 @@ def evaluate_checkpoint(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
+    windows: int | None = None,
 ) -> EvalResult:
     """Score a checkpoint (run, checkpoint or export directory) on a split of prepared data.
 
@@ -297,14 +314,17 @@ def evaluate_checkpoint(
     """
     from craft.generation import resolve_device, resolve_dtype
     from craft.training.builders import model_block_size
-    from craft.training.checkpoint import load_model
+    from craft.training.checkpoint import load_model, resolve_checkpoint
 
     if split not in ("train", "val"):
         raise DataError(f"split = {split!r}: expected val or train")
     if batch_size is not None and batch_size < 1:
         raise DataError(f"batch_size = {batch_size}: expected an integer >= 1")
+    if windows is not None and max_batches is not None:
+        raise DataError("windows and max_batches: give one of them, not both")
     autocast = resolve_dtype(dtype)
-    model, tokenizer, cfg = load_model(checkpoint, device=resolve_device(device))
+    ck = resolve_checkpoint(checkpoint)  # a run directory: its newest complete checkpoint
+    model, tokenizer, cfg = load_model(ck, device=resolve_device(device))
     dataset = open_eval_data(cfg, data)
     check_same_vocabulary(tokenizer, model.vocab_size, dataset)
     window = getattr(model, "block_size", None) or model_block_size(cfg)
@@ -318,5 +338,6 @@ def evaluate_checkpoint(
         split=split,
         progress=progress,
         autocast_dtype=autocast,
+        windows=windows,
     )
-    return replace(result, data=str(dataset.path))
+    return replace(result, data=str(dataset.path), checkpoint=str(ck))

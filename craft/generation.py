@@ -316,6 +316,8 @@ def generate(
         raise ConfigError(f"max_new_tokens = {max_new_tokens}: expected an integer >= 0")
     if num_samples < 1:
         raise ConfigError(f"num_samples = {num_samples}: expected an integer >= 1")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ConfigError(f"seed = {seed}: expected an integer from 0 to 2**64 - 1")
     sampling = SamplingParams(temperature, top_k, top_p)
     if device is not None:
         model.to(resolve_device(device))

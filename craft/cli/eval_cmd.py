@@ -1,4 +1,4 @@
-"""`craft eval --checkpoint PATH [--data DIR] [--split val|train] [--max-batches N] [--json]`."""
+"""`craft eval --checkpoint PATH [--data DIR] [--split val|train] [--windows N] [--json]`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,12 @@ def _json_value(v: Any) -> Any:
 
 def format_report(result: dict[str, Any]) -> str:
     """The human-readable metrics block printed without --json."""
-    scope = "whole split" if result["complete"] else f"first {result['batches']} batches"
+    if result["complete"]:
+        scope = "whole split"
+    elif result.get("selection") == "spread":
+        scope = f"{result['windows']:,} windows spread evenly"
+    else:
+        scope = f"first {result['batches']} batches"
     lines = [
         f"checkpoint      {result['checkpoint']}",
         f"data            {result['data']} ({result['split']}, {scope})",
@@ -50,18 +55,27 @@ def register(app: typer.Typer) -> None:
             show_default=False,
         ),
         split: Split = typer.Option(Split.val, "--split", help="Split to score."),
+        windows: int | None = typer.Option(
+            None,
+            "--windows",
+            min=1,
+            help="Score N windows spread evenly over the split, as training's evaluation with "
+            "eval.windows = N does (default: the whole split).",
+            show_default=False,
+        ),
         max_batches: int | None = typer.Option(
             None,
             "--max-batches",
             min=1,
-            help="Score only the first N batches (default: the whole split).",
+            help="Score only the first N batches (depends on --batch-size; prefer --windows).",
             show_default=False,
         ),
         batch_size: int | None = typer.Option(
             None,
             "--batch-size",
             min=1,
-            help="Windows per batch (default: eval.batch_size, else training.batch_size).",
+            help="Windows per forward pass (default: eval.batch_size, else training.batch_size); "
+            "the result does not depend on it.",
             show_default=False,
         ),
         as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
@@ -82,11 +96,13 @@ def register(app: typer.Typer) -> None:
                 data=data,
                 split=split.value,
                 max_batches=max_batches,
+                windows=windows,
                 batch_size=batch_size,
                 device=device.value,
                 dtype=dtype.value,
             )
-            out = {"checkpoint": str(checkpoint), **result.to_dict()}
+            out = {"checkpoint": result.checkpoint, **result.to_dict()}
+            out["selection"] = "spread" if windows else ("prefix" if max_batches else "all")
             if as_json:
                 typer.echo(json.dumps({k: _json_value(v) for k, v in out.items()}, indent=2))
             else:

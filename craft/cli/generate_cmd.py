@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+MAX_SEED = 2**63 - 1  # as craft.config.sections.MAX_SEED (not imported: --help stays fast)
+
 SEPARATOR = "---------------"
 
 
@@ -100,7 +102,11 @@ def register(app: typer.Typer) -> None:
             help="Sample from the smallest set of tokens whose probability reaches p (0 < p <= 1).",
         ),
         seed: int | None = typer.Option(
-            None, "--seed", min=0, help="Random seed; without one a seed is drawn and printed."
+            None,
+            "--seed",
+            min=0,
+            max=MAX_SEED,
+            help="Random seed; without one a seed is drawn and printed.",
         ),
         num_samples: int = typer.Option(1, "--num-samples", min=1, help="Samples to draw."),
         stream: bool | None = typer.Option(
@@ -121,15 +127,16 @@ def register(app: typer.Typer) -> None:
             stderr_logging()
             text = read_prompt(prompt, prompt_file)  # before the slow torch import
 
+            from craft.errors import CheckpointError
             from craft.generation import SamplingParams, resolve_device, resolve_dtype
             from craft.generation import generate as sample
-            from craft.training.checkpoint import load_model
+            from craft.training.checkpoint import load_model, resolve_checkpoint
 
             SamplingParams(temperature, top_k, top_p)  # bad values fail before loading
             dev = resolve_device(device.value)
-            model, tokenizer, _ = load_model(
-                checkpoint, device=dev, dtype=resolve_dtype(dtype.value)
-            )
+            ck = resolve_checkpoint(checkpoint)  # a run directory: its newest complete checkpoint
+            sys.stderr.write(f"checkpoint: {ck}\n")
+            model, tokenizer, _ = load_model(ck, device=dev, dtype=resolve_dtype(dtype.value))
             use_seed = seed
             if use_seed is None:
                 use_seed = random.SystemRandom().randrange(2**31)
@@ -152,18 +159,29 @@ def register(app: typer.Typer) -> None:
                 out.write(piece)
                 out.flush()
 
-            texts = sample(
-                model,
-                tokenizer,
-                text,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=use_seed,
-                num_samples=num_samples,
-                on_text=on_text if streaming else None,
-            )
+            try:
+                texts = sample(
+                    model,
+                    tokenizer,
+                    text,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    seed=use_seed,
+                    num_samples=num_samples,
+                    on_text=on_text if streaming else None,
+                )
+            except RuntimeError as e:  # torch.multinomial refuses NaN/inf probabilities
+                if "inf" not in str(e) or "nan" not in str(e):
+                    raise
+                hint = " (float16 overflows easily: try --dtype bfloat16)" * (
+                    dtype.value == "float16"
+                )
+                raise CheckpointError(
+                    f"{ck}: the model's next-token probabilities are not finite (NaN or inf) "
+                    f"although its weights are{hint}"
+                ) from None
             if streaming:
                 while current[0] < num_samples - 1:  # samples that produced no text
                     current[0] += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from craft.config.registry import register
 from craft.config.sections import Section
@@ -170,12 +170,21 @@ register("data", "random", config=RandomDataConfig, builder="craft.data.datasets
 class AdamWConfig(Section):
     type: Literal["adamw"] = "adamw"
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.95), strict=False, description="Adam beta1, beta2 (each in [0, 1))."
+    )
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     weight_decay: float = Field(
         0.1, ge=0, description="Decoupled weight decay, applied to matrices only."
     )
     fused: bool | None = Field(None, description="Fused CUDA implementation; default: on CUDA.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_below_one(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
 
 
 class SGDConfig(Section):
@@ -224,6 +233,20 @@ for _name, _cls in [
     ("wsd", WSDSchedulerConfig),
 ]:
     register("scheduler", _name, config=_cls, builder=f"craft.training.schedulers:build_{_name}")
+
+# ------------------------------------------------------------------------------------ callbacks
+
+# Built-in callbacks (craft/training/callbacks.py, which fixes the order they run in); a recipe's
+# `training.callbacks` may name these or a plugin's.
+for _name, _builder in [
+    ("progress", "build_progress"),
+    ("metrics_jsonl", "build_metrics_file"),
+    ("trackers", "build_trackers"),
+    ("sample", "build_sample"),
+    ("early_stopping", "build_early_stopping"),
+    ("loss_curve", "build_loss_curve"),
+]:
+    register("callback", _name, builder=f"craft.training.callbacks:{_builder}")
 
 # The default `type` of each discriminated section when a recipe does not name one.
 DEFAULT_TYPES = {

@@ -20,6 +20,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 COMMAND_LINE = "command line"
+# Keys that say the same thing two ways: an override of one replaces the other when a file set it.
+EXCLUSIVE_KEYS = {"eval.windows": "eval.batches", "eval.batches": "eval.windows"}
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
 _POS_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
 
@@ -40,6 +42,7 @@ class RawConfig:
     origins: dict[str, str] = field(default_factory=dict)
     imports: list[str] = field(default_factory=list)
     path: Path | None = None
+    import_origins: dict[str, str] = field(default_factory=dict)  # module -> where it was listed
 
     def origin(self, dotted: str) -> str:
         """Where `dotted` (or its nearest set ancestor or descendant) was set, else 'default'."""
@@ -106,7 +109,11 @@ def _parse_toml(path: Path, label: str) -> dict[str, Any]:
     except IsADirectoryError:
         raise ConfigError(f"{label}: is a directory, expected a TOML file") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{label}: not UTF-8 text (byte {e.start})") from None
+        hint = ""
+        if e.start < 2 and e.object[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            hint = "; it starts with a UTF-16 byte order mark, save it as UTF-8"
+        raise ConfigError(f"{label}: not UTF-8 text (byte {e.start}){hint}") from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark (some editors write one)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -121,7 +128,7 @@ def _parse_toml(path: Path, label: str) -> dict[str, Any]:
         raise ConfigError(f"{label}: TOML syntax error: {msg}") from None
 
 
-def _string_list(value: Any, key: str, label: str) -> list[str]:
+def string_list(value: Any, key: str, label: str) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(x, str) for x in value):
@@ -139,8 +146,8 @@ def load_file(path: Path, chain: tuple[Path, ...] = ()) -> RawConfig:
         cycle = " -> ".join(display_path(p) for p in (*chain, resolved))
         raise ConfigError(f"include cycle: {cycle}")
     data = _parse_toml(resolved, label)
-    includes = _string_list(data.pop("include", []), "include", label)
-    imports = _string_list(data.pop("imports", []), "imports", label)
+    includes = string_list(data.pop("include", []), "include", label)
+    imports = string_list(data.pop("imports", []), "imports", label)
 
     raw = RawConfig(path=resolved)
     for inc in includes:
@@ -154,8 +161,12 @@ def load_file(path: Path, chain: tuple[Path, ...] = ()) -> RawConfig:
         sub = load_file(inc_path, (*chain, resolved))
         deep_merge(raw.data, sub.data, raw.origins, sub.origins)
         raw.imports += [m for m in sub.imports if m not in raw.imports]
+        for m, where in sub.import_origins.items():
+            raw.import_origins.setdefault(m, where)
     deep_merge(raw.data, data, raw.origins, label)
     raw.imports += [m for m in imports if m not in raw.imports]
+    for m in imports:
+        raw.import_origins.setdefault(m, label)
     return raw
 
 
@@ -183,9 +194,10 @@ def apply_overrides(raw: RawConfig, overrides: list[str]) -> None:
     for text in overrides:
         key, value = parse_override(text)
         if key == "imports":
-            raw.imports += [
-                m for m in _string_list(value, key, COMMAND_LINE) if m not in raw.imports
-            ]
+            for m in string_list(value, key, COMMAND_LINE):
+                if m not in raw.imports:
+                    raw.imports.append(m)
+                raw.import_origins.setdefault(m, COMMAND_LINE)
             continue
         parts = key.split(".")
         node = raw.data
@@ -204,6 +216,14 @@ def apply_overrides(raw: RawConfig, overrides: list[str]) -> None:
             COMMAND_LINE,
             ".".join(parts[:-1]) + "." if len(parts) > 1 else "",
         )
+        other = EXCLUSIVE_KEYS.get(key)
+        if other is not None and raw.origins.get(other, COMMAND_LINE) != COMMAND_LINE:
+            table, _, leaf = other.rpartition(".")
+            parent = raw.data
+            for part in table.split("."):
+                parent = parent.get(part, {})
+            parent.pop(leaf, None)
+            _drop_origins(raw.origins, other)
 
 
 def load_raw(path: str | Path, overrides: list[str] | None = None) -> RawConfig:

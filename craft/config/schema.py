@@ -6,6 +6,7 @@ import difflib
 import importlib
 import json
 import os
+import re
 import sys
 from typing import Annotated, Any, Union
 
@@ -56,6 +57,7 @@ def _component_type(kind: str) -> Any:
 
 
 _SCHEMA_CACHE: dict[int, type[BaseModel]] = {}
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def build_schema() -> type[BaseModel]:
@@ -97,11 +99,21 @@ def import_plugins(modules: list[str], raw: RawConfig | None = None) -> None:
     if modules and os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     for mod in modules:
+        where = (raw.import_origins.get(mod) or raw.origin("imports")) if raw else "imports"
+        if not _MODULE_RE.match(mod):
+            raise ConfigError(
+                f"{where}: imports: {mod!r} is not a module name; expected a dotted Python module "
+                "name such as 'my_plugins' or 'pkg.plugins' (not a file path)"
+            )
         try:
             importlib.import_module(mod)
         except ImportError as e:
-            where = raw.origin("imports") if raw else "imports"
             raise ConfigError(f"{where}: imports: cannot import module {mod!r}: {e}") from None
+        except Exception as e:  # the module's own code failed while it was imported
+            raise ConfigError(
+                f"{where}: imports: module {mod!r} failed while being imported: "
+                f"{type(e).__name__}: {e}"
+            ) from None
 
 
 def _fill_default_types(raw: RawConfig) -> dict[str, Any]:

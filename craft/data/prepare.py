@@ -13,6 +13,8 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import json
+import logging
 import os
 import secrets
 import shutil
@@ -31,7 +33,7 @@ from craft.data.progress import ByteProgress, quiet
 from craft.data.sources import is_source, resolve_source
 from craft.data.tokenizers import Tokenizer, load_tokenizer
 from craft.errors import DataError, TokenizerError
-from craft.fileio import atomic_write_json, fsync_dir, sha256_file
+from craft.fileio import atomic_write_json, exclusive_lock, fsync_dir, pid_alive, sha256_file
 
 META_FILE = "meta.json"
 FORMAT = "craft-tokens"
@@ -41,6 +43,7 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".tex")
 CHUNK_BYTES = 1 << 20  # bytes read per chunk
 UINT16_VOCAB_LIMIT = 1 << 16  # ids 0..65535 fit uint16
 _COPY_BLOCK = 1 << 24
+SCAN_BLOCK = 1 << 24  # ids per block when scanning a split for its largest id
 _TMP_MARK = ".preparing-"
 
 
@@ -109,6 +112,8 @@ def resolve_inputs(inputs: Sequence[str | Path]) -> list[InputFile]:
 
     for item in inputs:
         text = str(item)
+        if not text.strip():  # Path("") is the working directory: never read it by accident
+            raise DataError(f"input {text!r}: empty path")
         path = Path(text).expanduser()
         if path.is_file():
             add(path, text)
@@ -329,16 +334,6 @@ def is_prepared(path: Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _tmp_prefix(out: Path) -> str:
     """`.<name>.preparing-<host>-`: a temporary directory names its host and then its pid."""
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
@@ -353,7 +348,7 @@ def _remove_stale_temps(out: Path) -> None:
             pid = int(p.name[len(prefix) :].split("-", 1)[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -389,6 +384,22 @@ def _split_file(tokens_path: Path, out_dir: Path, n_train: int, itemsize: int) -
     os.replace(tokens_path, out_dir / SPLIT_FILES["train"])
 
 
+def lock_path(out: Path) -> Path:
+    """The lock file that gives a dataset directory one preparing process: `.<name>.lock` beside
+    it (the directory itself does not exist until it is complete)."""
+    return out.parent / f".{out.name}.lock"
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """`mkdir -p` the parent of `out`; returns the directories it created, outermost first."""
+    missing = [p for p in out.parents if not p.exists()][::-1]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only location, a parent that is a file
+        raise DataError(f"output directory {out}: cannot create it ({e.strerror or e})") from None
+    return missing
+
+
 def prepare(
     inputs: Sequence[str | Path],
     output_dir: str | Path,
@@ -400,10 +411,61 @@ def prepare(
     errors: str = "strict",
     chunk_bytes: int = CHUNK_BYTES,
     progress: bool = True,
+    wait: bool = False,
 ) -> dict[str, Any]:
-    """Prepare `inputs` into `output_dir` with the tokenizer of `tokenizer_cfg`; returns meta.json."""
+    """Prepare `inputs` into `output_dir` with the tokenizer of `tokenizer_cfg`; returns meta.json.
+
+    One process at a time prepares a given output directory: a second one gets a `BusyError`
+    naming the first one's pid (see `craft.fileio.exclusive_lock`), or with `wait=True` waits for
+    it and then uses what it prepared (unless `force`).
+    """
+    out = Path(output_dir).expanduser().absolute()
+    created = _make_parents(out)
+
+    def waiting(holder: str) -> None:
+        logging.getLogger("craft.data").warning(
+            "waiting for another process (%s) that is preparing %s", holder, out
+        )
+
+    try:
+        with exclusive_lock(
+            lock_path(out), f"output directory {out}", wait=wait, remove=True, on_wait=waiting
+        ):
+            if wait and not force and is_prepared(out):
+                try:
+                    return json.loads((out / META_FILE).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    pass  # reported by the checks below
+            return _prepare_locked(
+                inputs, out, tokenizer_cfg, val_fraction=val_fraction, workers=workers,
+                force=force, errors=errors, chunk_bytes=chunk_bytes, progress=progress,
+            )  # fmt: skip
+    except BaseException:
+        for d in reversed(created):  # only directories this call made, and only when empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _prepare_locked(
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    tokenizer_cfg: Any,
+    *,
+    val_fraction: float = 0.1,
+    workers: int | None = None,
+    force: bool = False,
+    errors: str = "strict",
+    chunk_bytes: int = CHUNK_BYTES,
+    progress: bool = True,
+) -> dict[str, Any]:
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction}: expected a number between 0 and 1")
+        raise DataError(
+            f"--val-fraction {val_fraction}: expected a number strictly between 0 and 1 (both "
+            "bounds excluded: each split needs tokens)"
+        )
     if errors not in ("strict", "replace"):
         raise DataError(f"--errors {errors!r}: expected 'strict' or 'replace'")
     out = Path(output_dir).expanduser().absolute()
@@ -463,6 +525,14 @@ def prepare(
             tokenizer, fingerprint, tok_files, tmp, dtype, n_train, n_val, files, hashes,
             val_fraction, errors, time.monotonic() - start,
         )  # fmt: skip
+        for info in meta["splits"].values():
+            ids = np.memmap(tmp / info["file"], dtype=dtype, mode="r")
+            info["max_id"] = max_id(ids)
+            if info["max_id"] >= tokenizer.vocab_size:
+                raise TokenizerError(
+                    f"the {tokenizer.type} tokenizer produced id {info['max_id']}, outside its "
+                    f"vocabulary of {tokenizer.vocab_size} ids"
+                )
         atomic_write_json(tmp / META_FILE, meta)
         fsync_dir(tmp)
         _commit(tmp, out)
@@ -470,6 +540,23 @@ def prepare(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def max_id(ids: np.ndarray) -> int:
+    """The largest id of a split (-1 when empty), scanned in blocks so memory stays bounded."""
+    top = -1
+    for s in range(0, ids.shape[0], SCAN_BLOCK):
+        top = max(top, int(ids[s : s + SCAN_BLOCK].max()))
+    return top
+
+
+def first_id_at_least(ids: np.ndarray, limit: int) -> int | None:
+    """The position of the first id >= `limit`, or None."""
+    for s in range(0, ids.shape[0], SCAN_BLOCK):
+        block = ids[s : s + SCAN_BLOCK]
+        if int(block.max()) >= limit:
+            return s + int(np.flatnonzero(block >= limit)[0])
+    return None
 
 
 def _meta(

@@ -25,6 +25,13 @@ def build_model(cfg: Any, vocab_size: int, *, fused_loss: bool = False) -> torch
 
     `fused_loss` is passed to builders that take it; asking a builder that does not is an error.
     """
+    declared = getattr(cfg.model, "vocab_size", None)
+    if isinstance(declared, int) and declared < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size = {declared}: smaller than the tokenizer's vocabulary of "
+            f"{vocab_size} ids (its ids would index past the embedding); unset it or use at "
+            f"least {vocab_size}"
+        )
     fn = registry.get("model", cfg.model.type).build_fn()
     if _accepts(fn, "fused_loss"):
         return fn(cfg.model, vocab_size, fused_loss=fused_loss)

@@ -63,69 +63,138 @@ def checkpoint_step(path: Path) -> int | None:
 # ------------------------------------------------------------------------------ completeness
 
 
-def read_marker(directory: Path) -> dict[str, Any] | None:
-    """The parsed completion marker, or None when it is missing, unreadable or does not match."""
+def _check_marker(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(marker, None) for a complete directory, else (None, what is wrong with it)."""
     try:
-        marker = json.loads((directory / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    files = marker.get("files")
+        text = (directory / MARKER).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, f"no {MARKER} marker"
+    except OSError as e:
+        return None, f"cannot read its {MARKER} marker ({e.strerror or e})"
+    try:
+        marker = json.loads(text)
+    except ValueError:
+        return None, f"its {MARKER} marker is not valid JSON"
+    files = marker.get("files") if isinstance(marker, dict) else None
     if not isinstance(files, dict):
-        return None
+        return None, f"its {MARKER} marker lists no files"
     for rel, size in files.items():
         try:
-            if (directory / rel).stat().st_size != size:
-                return None
+            actual = (directory / rel).stat().st_size
         except OSError:
-            return None
-    return marker
+            return None, f"{rel} is missing"
+        if actual != size:
+            return None, f"{rel} holds {actual} bytes, {MARKER} records {size}"
+    return marker, None
+
+
+def read_marker(directory: Path) -> dict[str, Any] | None:
+    """The parsed completion marker, or None when it is missing, unreadable or does not match."""
+    return _check_marker(directory)[0]
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """What keeps `directory` from loading as a complete checkpoint, or None when nothing does."""
+    if not directory.is_dir():
+        return "not a directory"
+    return _check_marker(directory)[1]
 
 
 def is_complete(directory: Path) -> bool:
     return directory.is_dir() and read_marker(directory) is not None
 
 
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of the complete checkpoints under `root`, oldest first."""
+def scan_checkpoints(root: Path) -> tuple[list[tuple[int, Path]], list[tuple[int, Path, str]]]:
+    """The `step_*` directories under `root`, oldest first: (step, dir) of the complete ones and
+    (step, dir, what is wrong) of those that fail validation."""
+    complete: list[tuple[int, Path]] = []
+    damaged: list[tuple[int, Path, str]] = []
     if not root.is_dir():
-        return []
-    out = []
+        return complete, damaged
     for p in root.iterdir():
         step = checkpoint_step(p)
-        if step is not None and is_complete(p):
-            out.append((step, p))
-    return sorted(out)
+        if step is None:
+            continue
+        problem = checkpoint_problem(p)
+        if problem is None:
+            complete.append((step, p))
+        else:
+            damaged.append((step, p, problem))
+    return sorted(complete), sorted(damaged)
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of the complete checkpoints under `root`, oldest first."""
+    return scan_checkpoints(root)[0]
+
+
+def newest_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint under `root` (the highest step; `latest` is a hint only),
+    and the newer step directories passed over because they fail validation (with the reason)."""
+    complete, damaged = scan_checkpoints(root)
+    newest = complete[-1] if complete else None
+    skipped = [(p, why) for step, p, why in damaged if newest is None or step > newest[0]]
+    return (newest[1] if newest else None), skipped
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint under `root` (the highest step; `latest` is a hint only)."""
-    found = complete_checkpoints(root)
-    return found[-1][1] if found else None
+    return newest_checkpoint(root)[0]
+
+
+def warn_skipped(skipped: list[tuple[Path, str]]) -> None:
+    """One warning per checkpoint passed over, naming it and what is wrong with it."""
+    for path, why in skipped:
+        log.warning("skipped checkpoint %s: %s (left on disk untouched)", path, why)
+
+
+_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|trash|replaced)-(?P<pid>\d+)$")
 
 
 def clean_stale(root: Path) -> list[Path]:
-    """Remove leftovers of interrupted writes and deletions (temporary or unmarked directories)."""
-    removed = []
+    """Tidy what interrupted writes and deletions of dead processes left under `root`.
+
+    Only Craft's own temporary names are touched: `.<name>.tmp-<pid>` (a write that never
+    completed) and `.<name>.trash-<pid>` (a deletion in progress) are removed;
+    `.<name>.replaced-<pid>` (a complete directory moved aside to be replaced) is renamed back when
+    its replacement never arrived, else removed. A checkpoint directory that fails validation is
+    never removed: it is skipped with a warning wherever checkpoints are looked up.
+    """
+    from craft.fileio import pid_alive
+
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
-    for p in root.iterdir():
-        stale_tmp = p.name.startswith(".") and (".tmp-" in p.name or ".trash-" in p.name)
-        unmarked = checkpoint_step(p) is not None and not is_complete(p)
-        if p.is_dir() and (stale_tmp or unmarked):
+    for p in sorted(root.iterdir()):
+        m = _LEFTOVER_RE.match(p.name)
+        if m is None:
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and pid_alive(pid):
+            continue  # another live process is writing it
+        target = root / m.group("name")
+        if m.group("kind") == "replaced" and not target.exists() and is_complete(p):
+            os.replace(p, target)
+            fsync_dir(root)
+            log.warning("restored %s, whose replacement was interrupted", target.name)
+            continue
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-        elif p.is_file() and stale_tmp:
+        else:
             p.unlink(missing_ok=True)
+        removed.append(p)
     return removed
 
 
 def _remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint so that no half-deleted directory ever looks complete."""
-    marker = path / MARKER
-    if marker.exists():
-        marker.unlink()
-        fsync_dir(path)
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete a checkpoint so that no half-deleted directory ever looks complete (or like a
+    damaged checkpoint): it is renamed to a temporary name first."""
+    trash = path.parent / f".{path.name}.trash-{os.getpid()}"
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ writing
@@ -175,11 +244,11 @@ def commit_directory(
         write_text_durable(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
         fsync_dir(tmp)
         if target.exists():
-            trash = parent / f".{target.name}.trash-{os.getpid()}"
-            os.replace(target, trash)
+            old = parent / f".{target.name}.replaced-{os.getpid()}"
+            os.replace(target, old)
             os.replace(tmp, target)
             fsync_dir(parent)
-            _remove_checkpoint(trash)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
         fsync_dir(parent)
@@ -301,9 +370,10 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{checkpoint}: cannot read trainer_state.json: {e}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(
-            f"{checkpoint}/trainer_state.json: expected a JSON object with an integer 'step'"
+            f"{checkpoint}/trainer_state.json: expected a JSON object with an integer 'step' >= 0"
         )
     return state
 
@@ -372,16 +442,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{p}: is a file; expected a run, checkpoint or exported model directory"
         )
     if (p / MARKER).exists() or (p / "model.safetensors").exists():
-        if read_marker(p) is None:
+        problem = checkpoint_problem(p)
+        if problem is not None:
             raise CheckpointError(
-                f"{p}: incomplete checkpoint (missing or inconsistent {MARKER} marker; "
-                "it was interrupted while being written)"
+                f"{p}: incomplete checkpoint ({problem}; it was interrupted while being "
+                "written, or changed since)"
             )
         return p
     root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
-    found = latest_checkpoint(root)
+    found, skipped = newest_checkpoint(root)
     if found is not None:
+        warn_skipped(skipped)
         return found
+    if skipped:
+        damaged = "; ".join(f"{c.name}: {why}" for c, why in skipped[-3:])
+        raise CheckpointError(f"{p}: no complete checkpoint in {root} ({damaged})")
     if root is not p or any(checkpoint_step(c) is not None for c in p.iterdir()):
         raise CheckpointError(f"{p}: no complete checkpoint in {root}")
     raise CheckpointError(
@@ -404,15 +479,78 @@ def _run_order(run: Path) -> tuple[str, int]:
     return run.name, 0
 
 
-def newest_run_with_checkpoint(runs_root: Path) -> tuple[Path, Path] | None:
-    """(run dir, checkpoint) of the newest run under `runs_root` that has a complete checkpoint."""
+def find_resume(runs_root: Path) -> tuple[Path, Path, list[tuple[Path, str]]] | None:
+    """(run dir, checkpoint, skipped) of the newest run under `runs_root` that has a complete
+    checkpoint; `skipped` lists the newer checkpoint directories passed over (with the reason)."""
     if not runs_root.is_dir():
         return None
+    skipped: list[tuple[Path, str]] = []
     for run in sorted((p for p in runs_root.iterdir() if p.is_dir()), key=_run_order, reverse=True):
-        ck = latest_checkpoint(run / CHECKPOINTS)
+        ck, passed = newest_checkpoint(run / CHECKPOINTS)
+        skipped += passed
         if ck is not None:
-            return run, ck
+            return run, ck, skipped
     return None
+
+
+def newest_run_with_checkpoint(runs_root: Path) -> tuple[Path, Path] | None:
+    """(run dir, checkpoint) of the newest run under `runs_root` that has a complete checkpoint."""
+    found = find_resume(runs_root)
+    return (found[0], found[1]) if found else None
+
+
+def later_state(run_dir: Path, checkpoint: Path) -> list[str]:
+    """What `run_dir` holds that is newer than `checkpoint`: step directories that fail
+    validation and an export of a later step. Resuming there would overwrite or delete them."""
+    step = checkpoint_step(checkpoint)
+    if step is None:
+        return []
+    out = [
+        f"{p.name} ({why})" for s, p, why in scan_checkpoints(run_dir / CHECKPOINTS)[1] if s > step
+    ]
+    exported = (read_marker(run_dir / EXPORT) or {}).get("step")
+    if isinstance(exported, int) and exported > step:
+        out.append(f"{EXPORT}/ (exported at step {exported})")
+    return out
+
+
+def choose_resume(runs_root: Path, resume: str) -> tuple[Path | None, Path | None]:
+    """(run directory to continue in, checkpoint to resume from) for `--resume auto|PATH`.
+
+    The run directory is None when the run must continue in a new one: the checkpoint is not its
+    run's newest, or the run holds later state that resuming in place would overwrite (see
+    `later_state`). `auto` with no complete checkpoint under `runs_root` gives (None, None).
+    Skipped damaged checkpoints are warned about by name.
+    """
+    if resume == "auto":
+        found = find_resume(runs_root)
+        if found is None:
+            log.warning(
+                "--resume auto: no complete checkpoint under %s; starting a new run", runs_root
+            )
+            return None, None
+        run_dir, ck, skipped = found
+        warn_skipped(skipped)
+    else:
+        ck = resolve_checkpoint(resume)
+        if (read_marker(ck) or {}).get("kind") != "checkpoint":
+            raise CheckpointError(
+                f"--resume {resume}: {ck} is an exported model (weights only), not a training "
+                "checkpoint"
+            )
+        run_dir = run_dir_of(ck)
+        if run_dir is None or latest_checkpoint(run_dir / CHECKPOINTS) != ck:
+            return None, ck  # an older checkpoint: its run's later ones stay as they are
+    later = later_state(run_dir, ck)
+    if later:
+        log.warning(
+            "resuming from %s in a new run directory: continuing in %s would overwrite its later %s",
+            ck,
+            run_dir,
+            ", ".join(later),
+        )
+        return None, ck
+    return run_dir, ck
 
 
 # ------------------------------------------------------------------------------ export / load
@@ -482,6 +620,13 @@ def load_weights_into(model: torch.nn.Module, weights: Path) -> None:
             raise CheckpointError(
                 f"{weights}: {name} has shape {tuple(state[name].shape)}, the model expects "
                 f"{tuple(t.shape)}"
+            )
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"{weights}: {name} holds {bad} non-finite value(s) (NaN or inf); these weights "
+                "cannot be used, take an earlier checkpoint"
             )
     model.load_state_dict(state, strict=True)
 
