@@ -199,15 +199,20 @@ class DecodeEngine:
             if self.mode == "per_row":
                 self.row_caches.append(self.model.new_cache(1, self.device, self.dtype))
             rows.append(row)
-        first = rows[0].slot
-        logits = self._fill(first, ids)
-        self._set_logits(first, logits)
-        for row in rows[1:]:
-            if self.mode == "batched":
-                self.cache.copy_row(first, row.slot)
-                self._set_logits(row.slot, logits)
-            else:  # separate caches cannot be copied: prefill each
-                self._set_logits(row.slot, self._fill(row.slot, ids))
+        try:
+            first = rows[0].slot
+            logits = self._fill(first, ids)
+            self._set_logits(first, logits)
+            for row in rows[1:]:
+                if self.mode == "batched":
+                    self.cache.copy_row(first, row.slot)
+                    self._set_logits(row.slot, logits)
+                else:  # separate caches cannot be copied: prefill each
+                    self._set_logits(row.slot, self._fill(row.slot, ids))
+        except BaseException:
+            for row in reversed(rows):
+                self.cancel(row)
+            raise
         return rows
 
     # ------------------------------------------------------------------------------------ step
