@@ -157,7 +157,8 @@ class _Chars:
     def __new__(cls, vocab: int) -> Any:
         from craft.data.tokenizers import CharTokenizer
 
-        return CharTokenizer(["\n", *(chr(32 + i) for i in range(vocab - 1))])
+        chars = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # 65
+        return CharTokenizer(list(chars[:vocab]))
 
 
 def way_generate(model: torch.nn.Module, tok: Any, batch: int, steps: int) -> float:

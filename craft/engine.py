@@ -56,6 +56,18 @@ class Row:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class Request:
+    """Rows to add: one per generator, all continuing `prompt` (see `DecodeEngine.add`)."""
+
+    prompt: Sequence[int]
+    sampling: SamplingParams
+    generators: Sequence[torch.Generator | None]
+    max_new_tokens: int
+    eos_id: int | None = None
+    first_index: int = 0
+
+
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
         if p.is_floating_point():
@@ -178,42 +190,79 @@ class DecodeEngine:
 
         The prompt is cropped to the model's window from the left (the caller warns).
         """
-        n = len(generators)
-        if n > self.free:
-            raise ValueError(f"{n} rows requested, {self.free} free of {self.max_rows}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens = {max_new_tokens}: expected >= 1")
-        ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt has no tokens")
-        if self.block is not None:
-            ids = ids[-self.block :]
-        rows = []
-        for i, gen in enumerate(generators):
-            row = Row(
-                first_index + i, sampling, gen, max_new_tokens, eos_id, len(prompt), list(ids)
-            )
-            row.slot = len(self.slots)
-            row.cached = len(ids)
-            self.slots.append(row)
-            if self.mode == "per_row":
-                self.row_caches.append(self.model.new_cache(1, self.device, self.dtype))
-            rows.append(row)
+        request = Request(prompt, sampling, generators, max_new_tokens, eos_id, first_index)
+        return self.add_many([request])[0]
+
+    @torch.no_grad()
+    def add_many(self, requests: Sequence[Request]) -> list[list[Row]]:
+        """`add` for several requests at once: prompts of equal length share one prefill forward."""
+        total = sum(len(r.generators) for r in requests)
+        if total > self.free:
+            raise ValueError(f"{total} rows requested, {self.free} free of {self.max_rows}")
+        prompts = []
+        for r in requests:
+            if r.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens = {r.max_new_tokens}: expected >= 1")
+            ids = [int(t) for t in r.prompt]
+            if not ids:
+                raise ValueError("the prompt has no tokens")
+            prompts.append(ids[-self.block :] if self.block is not None else ids)
+        # Slots: the first row of every request, shortest prompts first (equal lengths adjacent,
+        # so they prefill together), then the further samples, which copy their first row.
+        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
+        rows: list[list[Row]] = [[] for _ in requests]
+        for k in (0, 1):
+            for i in order:
+                r = requests[i]
+                gens = r.generators[:1] if k == 0 else r.generators[1:]
+                for j, gen in enumerate(gens, start=k):
+                    row = Row(
+                        r.first_index + j,
+                        r.sampling,
+                        gen,
+                        r.max_new_tokens,
+                        r.eos_id,
+                        len(r.prompt),
+                        list(prompts[i]),
+                    )
+                    row.slot, row.cached = len(self.slots), len(prompts[i])
+                    self.slots.append(row)
+                    if self.mode == "per_row":
+                        self.row_caches.append(self.model.new_cache(1, self.device, self.dtype))
+                    rows[i].append(row)
         try:
-            first = rows[0].slot
-            logits = self._fill(first, ids)
-            self._set_logits(first, logits)
-            for row in rows[1:]:
-                if self.mode == "batched":
-                    self.cache.copy_row(first, row.slot)
-                    self._set_logits(row.slot, logits)
-                else:  # separate caches cannot be copied: prefill each
-                    self._set_logits(row.slot, self._fill(row.slot, ids))
+            self._prefill([rows[i][0] for i in order])
+            for group in rows:
+                first = group[0]
+                for row in group[1:]:
+                    if self.mode == "batched":
+                        self.cache.copy_row(first.slot, row.slot)
+                        self.logits[row.slot] = self.logits[first.slot]
+                    else:  # separate caches cannot be copied: prefill each
+                        self._set_logits(row.slot, self._fill(row.slot, row.context))
         except BaseException:
-            for row in reversed(rows):
+            for row in sorted((r for g in rows for r in g), key=lambda r: -r.slot):
                 self.cancel(row)
             raise
         return rows
+
+    def _prefill(self, firsts: list[Row]) -> None:
+        """Prefill rows in adjacent slots; runs of equal length go through one forward."""
+        i = 0
+        while i < len(firsts):
+            j = i + 1
+            if self.mode == "batched":
+                while j < len(firsts) and len(firsts[j].context) == len(firsts[i].context):
+                    j += 1
+            run = firsts[i:j]
+            if len(run) == 1:
+                self._set_logits(run[0].slot, self._fill(run[0].slot, run[0].context))
+            else:
+                cache = self.cache.rows(run[0].slot, run[-1].slot + 1)
+                cache.reset()
+                idx = torch.tensor([r.context for r in run], dtype=torch.long, device=self.device)
+                self._set_logits(run[0].slot, self._forward(idx, cache))  # (R, T) -> (R, V)
+            i = j
 
     # ------------------------------------------------------------------------------------ step
 
@@ -295,4 +344,4 @@ class DecodeEngine:
                 self._set_logits(row.slot, self._forward(feed[row.slot : row.slot + 1], cache))
 
 
-__all__ = ["DecodeEngine", "Row", "model_device_dtype"]
+__all__ = ["DecodeEngine", "Request", "Row", "model_device_dtype"]

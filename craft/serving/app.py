@@ -111,7 +111,8 @@ def _encode(state: ServerState, text: str, param: str) -> list[int]:
     try:
         ids = encode_prompt(state.tokenizer, text)
     except TokenizerError as e:
-        raise P.ApiError(400, f"{param}: {e.message}", param=param) from None
+        msg = e.message.removeprefix("prompt: ")
+        raise P.ApiError(400, f"{param}: {msg}", param=param) from None
     if state.context is not None and len(ids) > state.context:
         raise P.ApiError(
             400,

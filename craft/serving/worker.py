@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from craft.engine import DecodeEngine, Row
+from craft.engine import DecodeEngine, Request, Row
 from craft.sampling import SamplingParams, row_generator
 
 log = logging.getLogger("craft.serving")
@@ -158,38 +158,42 @@ class BatchWorker:
                 self._fail_all(e)
 
     def _admit(self) -> None:
-        while True:
-            with self.lock:
-                if not self.pending:
-                    return
+        """Start every queued job the batch has room for, prefilling their prompts together."""
+        jobs: list[Job] = []
+        free = self.engine.free
+        with self.lock:
+            while self.pending:
                 job = self.pending[0]
                 if job.cancelled:
                     self.pending.popleft()
-                    continue
-                if job.size > self.engine.free:
-                    return
-                self.pending.popleft()
-            try:
-                self._start(job)
-            except Exception as e:
-                log.exception("starting a request failed")
-                for row in [r for r, (j, _, _) in self.texts.items() if j is job]:
-                    self.engine.cancel(row)
-                    del self.texts[row]
+                elif job.size <= free:
+                    jobs.append(self.pending.popleft())
+                    free -= job.size
+                else:
+                    break
+        if not jobs:
+            return
+        try:
+            self._start(jobs)
+        except Exception as e:
+            log.exception("starting requests failed")
+            for row in [r for r, (j, _, _) in self.texts.items() if j in jobs]:
+                self.engine.cancel(row)
+                del self.texts[row]
+            for job in jobs:
                 job.send(e)
 
-    def _start(self, job: Job) -> None:
-        seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**62)
-        for p, prompt in enumerate(job.prompts):
-            gens = [row_generator(seed, j, self.device) for j in range(job.n)]
-            rows = self.engine.add(
-                prompt,
-                job.sampling,
-                gens,
-                max_new_tokens=job.max_tokens,
-                eos_id=self.eos_id,
-                first_index=p * job.n,
-            )
+    def _start(self, jobs: list[Job]) -> None:
+        requests, owners = [], []
+        for job in jobs:
+            seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**62)
+            for p, prompt in enumerate(job.prompts):
+                gens = [row_generator(seed, j, self.device) for j in range(job.n)]
+                requests.append(
+                    Request(prompt, job.sampling, gens, job.max_tokens, self.eos_id, p * job.n)
+                )
+                owners.append((job, prompt))
+        for (job, prompt), rows in zip(owners, self.engine.add_many(requests), strict=True):
             for row in rows:
                 decoder = self.tokenizer.decoder()
                 decoder.push(prompt)  # the prompt is context: word boundaries of the first piece

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from craft.engine import DecodeEngine
+from craft.engine import DecodeEngine, Request
 from craft.generation import SamplingParams, generate, row_generator
 from tests.generation._fakes import Scripted, tiny_gpt, tiny_rnn
 from tests.generation.test_generate import _char
@@ -110,3 +110,24 @@ def test_streamed_pieces_stay_in_sample_order() -> None:
     order = [i for i, _ in seen]
     assert order == sorted(order)  # sample 0's pieces, then 1's, then 2's
     assert ["".join(p for i, p in seen if i == k) for k in range(3)] == out
+
+
+def test_requests_added_together_prefill_together_and_decode_as_alone() -> None:
+    model = tiny_gpt(12, block_size=16, positions="rope").eval()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8], [9, 10, 11, 1, 2], [3, 3]]
+    engine = DecodeEngine(model, 8)
+    reqs = [
+        Request(p, SAMPLE, [row_generator(i, j) for j in range(1 + (i == 2))], 12, None, 0)
+        for i, p in enumerate(prompts)
+    ]
+    rows = engine.add_many(reqs)
+    assert sorted(r.slot for g in rows for r in g) == list(range(6))
+    while engine.active:
+        engine.step()
+    for i, p in enumerate(prompts):
+        assert rows[i][0].tokens == _alone(model, p, 12, SAMPLE, i)
+    second = DecodeEngine(model, 1)
+    (row,) = second.add([6, 7, 8], SAMPLE, [row_generator(2, 1)], max_new_tokens=12)
+    while second.active:
+        second.step()
+    assert rows[2][1].tokens == row.tokens and rows[2][1].index == 1
