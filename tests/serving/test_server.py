@@ -300,3 +300,25 @@ def test_full_queue_is_503_and_disconnects_cancel(server: Server) -> None:
     _wait_load(server, 0, 0)  # every dropped client's generation was cancelled
     r = server.client.completions.create(model="tiny", prompt="a", max_tokens=3, temperature=0)
     assert r.choices[0].text == server.generate("a", max_new_tokens=3, temperature=0)[0]
+
+
+def test_taken_port_and_missing_key_variable_are_one_line_errors(server: Server) -> None:
+    base = [sys.executable, "-m", "craft", "serve", "--checkpoint", str(server.export)]
+    env = {k: v for k, v in os.environ.items() if k != "CRAFT_DEBUG"}
+    taken = subprocess.run(
+        [*base, "--port", str(server.port)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert taken.returncode == 2 and taken.stdout == ""
+    assert (
+        taken.stderr.startswith("error: cannot listen on 127.0.0.1:")
+        and "Traceback" not in taken.stderr
+    )
+    nokey = subprocess.run(
+        [*base, "--port", "0", "--api-key-env", "CRAFT_NO_SUCH_VARIABLE"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert nokey.returncode == 2 and "CRAFT_NO_SUCH_VARIABLE" in nokey.stderr
+    assert len(nokey.stderr.strip().splitlines()) == 1
