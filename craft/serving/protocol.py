@@ -163,75 +163,57 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def envelope(
+    rid: str, model: str, obj: str, choices: list[dict[str, Any]], usage_: dict | None = None
+) -> dict[str, Any]:
+    """The fields every response and chunk carries around its choices."""
+    out = {"id": rid, "object": obj, "created": int(time.time()), "model": model}
+    out["choices"] = choices
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
 def completion(
     rid: str, model: str, texts: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
     """`texts`: (text, finish_reason) of each choice."""
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "text": t, "logprobs": None, "finish_reason": f}
-            for i, (t, f) in enumerate(texts)
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    choices = [
+        {"index": i, "text": t, "logprobs": None, "finish_reason": f}
+        for i, (t, f) in enumerate(texts)
+    ]
+    return envelope(rid, model, "text_completion", choices, usage(prompt_tokens, completion_tokens))
 
 
 def completion_chunk(
     rid: str, model: str, index: int, text: str, finish: str | None
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
-    }
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    return envelope(rid, model, "text_completion", [choice])
 
 
 def chat_completion(
     rid: str, model: str, texts: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": t},
-                "logprobs": None,
-                "finish_reason": f,
-            }
-            for i, (t, f) in enumerate(texts)
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": t},
+            "logprobs": None,
+            "finish_reason": f,
+        }
+        for i, (t, f) in enumerate(texts)
+    ]
+    return envelope(rid, model, "chat.completion", choices, usage(prompt_tokens, completion_tokens))
 
 
 def chat_chunk(
     rid: str, model: str, index: int, delta: dict[str, str], finish: str | None
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return envelope(rid, model, "chat.completion.chunk", [choice])
 
 
 def usage_chunk(rid: str, model: str, obj: str, prompt: int, completion: int) -> dict[str, Any]:
     """The last chunk of a stream with `stream_options.include_usage`: no choices, the usage."""
-    return {
-        "id": rid,
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": usage(prompt, completion),
-    }
+    return envelope(rid, model, obj, [], usage(prompt, completion))
