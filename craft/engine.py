@@ -337,7 +337,8 @@ class DecodeEngine:
             [r.context[-1] for r in self.slots], dtype=torch.long, device=self.device
         )[:, None]  # (n, 1)
         if self.mode == "batched":
-            self._set_logits(0, self._forward(feed, self.cache.rows(0, n)))
+            cache = self.cache if n == self.max_rows else self.cache.rows(0, n)
+            self._set_logits(0, self._forward(feed, cache))
         else:
             for row in self.slots:
                 cache = self.row_caches[row.slot]

@@ -97,25 +97,27 @@ def sample_rows(
     one sample. The filters run once per distinct parameter set, batched over its rows.
     """
     logits = logits.float()
-    out = torch.argmax(logits, dim=-1)  # (B,) greedy rows keep this
     groups: dict[SamplingParams, list[int]] = {}
     for i, p in enumerate(params):
-        if not p.greedy:
-            groups.setdefault(p, []).append(i)
+        groups.setdefault(p, []).append(i)
     n = logits.shape[0]
+    out = torch.argmax(logits, dim=-1) if len(groups) > 1 or params[0].greedy else None  # (B,)
     tiny = torch.finfo(torch.float32).tiny
     for p, rows in groups.items():
+        if p.greedy:
+            continue
         every = len(rows) == n
         sub = logits if every else logits[rows]  # (R, V)
-        probs = torch.softmax(filter_logits(sub / p.temperature, p.top_k, p.top_p), dim=-1)
+        if p.temperature != 1.0:
+            sub = sub / p.temperature
+        probs = torch.softmax(filter_logits(sub, p.top_k, p.top_p), dim=-1)
         race = torch.empty_like(probs)
         for j, r in enumerate(rows):
             race[j].exponential_(generator=generators[r])
         tok = (probs / race.clamp_min_(tiny)).argmax(dim=-1)  # (R,)
         if every:
-            out = tok
-        else:
-            out[rows] = tok
+            return tok
+        out[rows] = tok
     return out
 
 

@@ -69,14 +69,14 @@ class KVCache:
 
     def begin(self, t: int, device: torch.device) -> None:
         """Prepare a forward pass of T new tokens per row: their positions, and the mask if ragged."""
-        first = int(self.lengths[0])
-        if bool((self.lengths == first).all()):
+        lengths = self.lengths.tolist()
+        first, longest = lengths[0], max(lengths)
+        self.keys = longest + t
+        if min(lengths) == longest:
             self.start, self.positions, self.mask = first, None, None
-            self.keys = first + t
             return
         self.start = None
         pos = (self.lengths[:, None] + torch.arange(t)).to(device)  # (B, T)
-        self.keys = int(self.lengths.max()) + t
         self.positions = pos
         self.mask = pos[:, None, :, None] >= torch.arange(self.keys, device=device)  # (B,1,T,S)
 
@@ -357,12 +357,12 @@ class GPT(nn.Module):
         if cache is not None:
             if cache.batch_size != b:
                 raise ValueError(f"cache holds {cache.batch_size} sequences, input has {b}")
-            if cache.pos + t > self.block_size:
+            cache.begin(t, idx.device)
+            if cache.keys > self.block_size:
                 raise ValueError(
-                    f"sequence of {cache.pos} cached + {t} new tokens exceeds block_size "
+                    f"sequence of {cache.keys - t} cached + {t} new tokens exceeds block_size "
                     f"{self.block_size}"
                 )
-            cache.begin(t, idx.device)
             start = cache.start  # None: rows of different lengths, positions per row
         elif t > self.block_size:
             raise ValueError(f"sequence of {t} tokens exceeds block_size {self.block_size}")
