@@ -20,6 +20,7 @@ every step exactly, at the cost of a full forward per token.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -218,8 +219,8 @@ def generate(
     if device is not None:
         model.to(resolve_device(device))
     dev, _ = model_device_dtype(model)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if seed is None:  # drawn from the OS, so the global RNG streams stay untouched
+        seed = random.SystemRandom().randrange(2**62)
     ids = crop_prompt(encode_prompt(tokenizer, prompt), getattr(model, "block_size", None))
     if max_new_tokens == 0:
         return [""] * num_samples

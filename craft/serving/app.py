@@ -336,7 +336,9 @@ def build_app(state: ServerState) -> Starlette:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         text = render(state.chat_template, messages, state.tokenizer, req.add_generation_prompt)
         prompt = _encode(state, text, "messages")
-        max_tokens = req.max_completion_tokens or req.max_tokens
+        max_tokens = req.max_tokens
+        if req.max_completion_tokens is not None:
+            max_tokens = req.max_completion_tokens
         job = _job(state, req, [prompt], max_tokens)
         rid = P.new_id("chatcmpl")
         _submit(state, job)

@@ -142,7 +142,11 @@ def serve(
         )
         sys.stdout.flush()
         config = uvicorn.Config(
-            application, log_level=log_level, access_log=log_level == "debug", lifespan="off"
+            application,
+            log_level=log_level,
+            access_log=log_level == "debug",
+            lifespan="off",
+            timeout_graceful_shutdown=5,  # open streams are cut after 5 s on Ctrl-C / SIGTERM
         )
         try:
             uvicorn.Server(config).run(sockets=[sock])
