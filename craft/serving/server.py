@@ -17,7 +17,8 @@ log = logging.getLogger("craft.serving")
 DEFAULT_MAX_TOKENS = 256
 
 
-def _imports() -> tuple[Any, Any]:
+def _uvicorn() -> Any:
+    """uvicorn, once the serve extra is known to be installed (torch is not imported yet)."""
     try:
         import starlette  # noqa: F401
         import uvicorn
@@ -27,9 +28,7 @@ def _imports() -> tuple[Any, Any]:
             f"craft serve needs the 'serve' extra ({e.name} is not installed): "
             "pip install 'craft-lm[serve]'"
         ) from None
-    from craft.serving import app
-
-    return uvicorn, app
+    return uvicorn
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -84,8 +83,12 @@ def serve(
     chat_template: Path | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve `checkpoint` until interrupted (Ctrl-C / SIGTERM)."""
-    uvicorn, app_mod = _imports()
+    """Serve `checkpoint` until interrupted (Ctrl-C / SIGTERM).
+
+    Argument errors (a taken port, a missing key variable, a bad template) are reported before
+    torch is imported and the checkpoint loaded, so they come back at once.
+    """
+    uvicorn = _uvicorn()
     if max_batch_size < 1 or max_queue < 1 or max_tokens_limit < 1:
         raise ConfigError("--max-batch-size, --max-queue and --max-tokens-limit must be >= 1")
     api_key = read_api_key(api_key_env)
@@ -104,6 +107,7 @@ def serve(
     sock = bind(host, port)  # before the slow load: a taken port fails at once
     try:
         from craft.generation import resolve_device, resolve_dtype
+        from craft.serving import app as app_mod
         from craft.serving.chat import compile_template
         from craft.serving.worker import BatchWorker
         from craft.training.checkpoint import load_model
