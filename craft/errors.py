@@ -45,5 +45,9 @@ class BusyError(CraftError):
     """Another process owns what this one needs (a dataset being prepared, a run directory)."""
 
 
+class GenerationError(CraftError):
+    """Decoding cannot continue: the model's next-token probabilities are not finite."""
+
+
 class TrainingError(CraftError):
     """The run cannot continue (non-finite loss, diverged gradients)."""

@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
             stderr_logging()
             text = read_prompt(prompt, prompt_file)  # before the slow torch import
 
-            from craft.errors import CheckpointError
+            from craft.errors import CheckpointError, GenerationError
             from craft.generation import SamplingParams, resolve_device, resolve_dtype
             from craft.generation import generate as sample
             from craft.training.checkpoint import load_model, resolve_checkpoint
@@ -172,9 +172,7 @@ def register(app: typer.Typer) -> None:
                     num_samples=num_samples,
                     on_text=on_text if streaming else None,
                 )
-            except RuntimeError as e:  # torch.multinomial refuses NaN/inf probabilities
-                if "inf" not in str(e) or "nan" not in str(e):
-                    raise
+            except GenerationError:
                 hint = " (float16 overflows easily: try --dtype bfloat16)" * (
                     dtype.value == "float16"
                 )

@@ -12,6 +12,7 @@ from craft.cli import (
     eval_cmd,
     generate_cmd,
     model_cmd,
+    serve_cmd,
     tokenizer_cmd,
     train_cmd,
 )
@@ -49,6 +50,7 @@ app.add_typer(tokenizer_cmd.app, name="tokenizer")
 generate_cmd.register(app)
 eval_cmd.register(app)
 bench_cmd.register(app)
+serve_cmd.register(app)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(model_cmd.app, name="model")
 

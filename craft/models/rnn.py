@@ -50,6 +50,37 @@ class RNNState:
         self.h = self.h.detach()
         self.c = None if self.c is None else self.c.detach()
 
+    def reset(self) -> None:
+        """Back to the zero initial state (in place)."""
+        self.h.zero_()
+        if self.c is not None:
+            self.c.zero_()
+        self.pos = 0
+
+    def rows(self, start: int, stop: int) -> RNNState:
+        """The state of rows start..stop-1; a forward with it writes into this state (no autograd)."""
+        return _RNNRows(self, start, stop)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` a copy of row `src`."""
+        self.h[:, dst] = self.h[:, src]
+        if self.c is not None:
+            self.c[:, dst] = self.c[:, src]
+
+
+class _RNNRows(RNNState):
+    """Rows of a batched state: `set` copies the new state into the parent's rows (generation)."""
+
+    def __init__(self, parent: RNNState, start: int, stop: int) -> None:
+        c = None if parent.c is None else parent.c[:, start:stop]
+        super().__init__(parent.h[:, start:stop], c)
+
+    def set(self, state: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
+        h, c = state if isinstance(state, tuple) else (state, None)
+        self.h.copy_(h)
+        if c is not None and self.c is not None:
+            self.c.copy_(c)
+
 
 class RNNLM(nn.Module):
     """Embedding -> recurrent layers -> (projection) -> output layer.
