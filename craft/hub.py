@@ -91,7 +91,11 @@ def hub_files(source: str) -> ModelFiles:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0", "false", "False")
     try:
         local = snapshot_download(
-            repo_id, revision=revision or None, allow_patterns=HUB_FILES, local_files_only=offline
+            repo_id,
+            revision=revision or None,
+            allow_patterns=HUB_FILES,
+            local_files_only=offline,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,  # read now, not at import
         )
     except Exception as e:  # huggingface_hub raises many types: offline, not found, gated, HTTP
         reason = _hub_reason(e, offline)
@@ -124,6 +128,6 @@ def model_files(source: str | Path) -> ModelFiles:
         if not p.is_dir():
             raise CheckpointError(f"{p}: is a file; expected a model directory")
         return local_files(p)
-    if isinstance(source, str) and looks_like_hub_id(source):
-        return hub_files(source)
+    if looks_like_hub_id(str(source)):
+        return hub_files(str(source))
     raise CheckpointError(f"{source}: not found (expected a model directory or a Hub id)")

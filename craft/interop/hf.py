@@ -478,9 +478,13 @@ def hf_state_dict(
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
-    """A directory with an HF config.json and no Craft config (config.toml)."""
+    """A directory laid out as an HF model (config.json or HF weight files) and not as a Craft
+    checkpoint or export (no config.toml, no COMPLETE marker)."""
     p = Path(path).expanduser()
-    return p.is_dir() and (p / CONFIG).is_file() and not (p / "config.toml").exists()
+    if not p.is_dir() or (p / "config.toml").exists() or (p / "COMPLETE").exists():
+        return False
+    names = (CONFIG, WEIGHTS, WEIGHTS_INDEX, *PICKLE_WEIGHTS)
+    return any((p / n).is_file() for n in names) or any(p.glob("model-*-of-*.safetensors"))
 
 
 def empty_gpt(cfg: GPTConfig, vocab_size: int) -> torch.nn.Module:
@@ -515,13 +519,17 @@ class Pretrained:
     def has_tokenizer(self) -> bool:
         return self.files.exists("tokenizer.json")
 
+    def check_weights(self) -> None:
+        """Read the weight headers (cheap): a bad checkpoint fails before any other work."""
+        weight_index(self.files, self.family)
+
     def load_into(self, model: torch.nn.Module) -> None:
         load_weights(model, weight_index(self.files, self.family), self.family, str(self.files.dir))
 
     def tokenizer(self) -> Any:
         from craft.data.tokenizers.hf import HFTokenizer
 
-        return HFTokenizer.from_hf_dir(self.files.dir)
+        return HFTokenizer.from_hf_dir(self.files)
 
 
 def open_pretrained(source: str | Path, files: ModelFiles | None = None) -> Pretrained:

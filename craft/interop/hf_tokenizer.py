@@ -11,8 +11,11 @@ Each representation is built with the `tokenizers` library to give exactly Craft
 - `sentencepiece`: the model's pieces, scores and byte fallback as a BPE (merges ordered by the
   score of the piece they make) or Unigram model, whitespace as U+2581 split like SentencePiece,
   `\\n` as a token of its own (Craft trains it as a user-defined symbol). Control pieces (`<s>`,
-  `</s>`) decode to nothing. One known difference: a Unigram model may encode a control piece
-  written literally in the text (`<s>`) as its id, which SentencePiece never does.
+  `</s>`) decode to nothing. One known difference: a Unigram model may encode a control or byte
+  piece written literally in the text (`<s>`, `<0x41>`) as its id, which SentencePiece never does.
+  Byte pieces that do not form valid UTF-8 decode to one U+FFFD per byte in `tokenizers`
+  (SentencePiece: one per maximal invalid subsequence, so `<0xB6><0x7F>` gives "\ufffd\x7f"
+  there and "\ufffd\ufffd" here); valid byte sequences decode alike.
 
 Converted tokenizers set `split_special_tokens`, so special tokens written in the text stay plain
 text, as in Craft.
@@ -151,8 +154,8 @@ def _sentencepiece(tok: Any) -> HFTokenizer:
             byte_fallback=byte_fallback,
         )
     elif trainer.model_type == pb.TrainerSpec.UNIGRAM:
-        # One difference: SentencePiece never matches a control piece written in the text
-        # ("<s>"), a Unigram lattice may.
+        # One difference: SentencePiece never matches a control or byte piece written in the
+        # text ("<s>", "<0x41>"), a Unigram lattice may.
         model = models.Unigram(
             [(p, s) for p, s, _ in pieces],
             unk_id=vocab.get(unk),

@@ -87,6 +87,8 @@ def resolve_pretrained(cfg: Any) -> Any:
         return cfg
     where = f"model.init_from = {src!r}"
     source = open_source(src)
+    if source.pretrained is not None:
+        source.pretrained.check_weights()
     if source.values.get("type") != "gpt":
         raise ConfigError(
             f"{where}: holds a {source.values.get('type')} model; init_from takes GPT weights"
@@ -109,7 +111,9 @@ def resolve_pretrained(cfg: Any) -> Any:
         if before.get(k) != after.get(k) and not _cropped(k, before.get(k), after.get(k))
     ]
     if changed:
-        keys = [k for k in sorted(explicit) if explicit[k] != source.values.get(k)]
+        keys = [
+            k for k in sorted(explicit) if k != "init_from" and explicit[k] != source.values.get(k)
+        ]
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise ConfigError(
             f"{where}: the recipe changes the shapes of pretrained weights: "

@@ -25,6 +25,7 @@ import numpy as np
 from craft.data.tokenizers.base import Tokenizer
 from craft.errors import CheckpointError, TokenizerError
 from craft.fileio import atomic_write_bytes
+from craft.hub import ModelFiles
 
 HF_FILE = "hf_tokenizer.json"  # the HF tokenizer.json inside a Craft-saved tokenizer directory
 HF_TOKENIZER = "tokenizer.json"
@@ -202,12 +203,12 @@ class HFTokenizer(Tokenizer):
         return tok
 
     @classmethod
-    def from_hf_dir(cls, source: str | Path) -> HFTokenizer:
+    def from_hf_dir(cls, source: str | Path | ModelFiles) -> HFTokenizer:
         """An HF tokenizer directory or Hub id (tokenizer.json + optional config files)."""
         from craft.hub import model_files
 
         try:
-            files = model_files(source)
+            files = source if isinstance(source, ModelFiles) else model_files(source)
             tok_path = files.file(HF_TOKENIZER)
             if not tok_path.is_file():
                 raise TokenizerError(
