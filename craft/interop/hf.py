@@ -493,6 +493,8 @@ def empty_gpt(cfg: GPTConfig, vocab_size: int) -> torch.nn.Module:
 
     with torch.device("meta"):
         model = GPT(cfg, vocab_size)
+    if cfg.tie_embeddings:  # to_empty would give each name of a tied weight its own memory
+        model.lm_head.register_parameter("weight", None)
     model = model.to_empty(device="cpu")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
