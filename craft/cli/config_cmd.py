@@ -18,7 +18,7 @@ OVERRIDES = typer.Argument(
 )
 
 
-def _resolved(cfg: Any) -> Any:
+def resolved(cfg: Any) -> Any:
     """Apply `model.init_from` (reads the source's config; imports torch only then)."""
     if not getattr(cfg.model, "init_from", None):
         return cfg
@@ -33,7 +33,7 @@ def show(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None
     filled from the pretrained source)."""
     from craft.config import load_config, to_toml
 
-    cfg = run_guarded(lambda: _resolved(load_config(recipe, overrides or [])))
+    cfg = run_guarded(lambda: resolved(load_config(recipe, overrides or [])))
     typer.echo(to_toml(cfg), nl=False)
 
 
@@ -42,7 +42,7 @@ def validate_cmd(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES)
     """Exit 0 when the recipe is valid, else print every problem and exit 2."""
     from craft.config import load_config
 
-    run_guarded(lambda: _resolved(load_config(recipe, overrides or [])))
+    run_guarded(lambda: resolved(load_config(recipe, overrides or [])))
     typer.echo(f"{recipe}: ok")
 
 

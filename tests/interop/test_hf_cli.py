@@ -147,12 +147,18 @@ def test_finetune_resume_export_loop(craft_cli, zoo, tmp_path: Path) -> None:
     assert cfg.model.init_from == str(zoo["gpt2"]) and cfg.model.n_layer == 2
     assert cfg.tokenizer.type == "hf"
     data = default_dataset_dir(cfg.data, cfg.tokenizer)
-    before = evaluate_checkpoint(
-        zoo["gpt2"], data=data, max_batches=6, device="cpu", progress=False
-    )
+    # craft eval takes the HF directory as --checkpoint (it records no dataset: --data is needed)
+    no_data = craft_cli("eval", "--checkpoint", str(zoo["gpt2"]), "--device", "cpu")
+    _one_line_error(no_data, "records no dataset", "--data")
+    res_before = craft_cli(
+        "eval", "--checkpoint", str(zoo["gpt2"]), "--data", str(data), "--max-batches", "6",
+        "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert res_before.returncode == 0, res_before.stderr
+    before = json.loads(res_before.stdout)
     after = evaluate_checkpoint(run, data=data, max_batches=6, device="cpu", progress=False)
-    assert after.window == before.window == 64
-    assert after.loss < before.loss - 0.05
+    assert after.window == before["window"] == 64
+    assert after.loss < before["loss"] - 0.05
 
     resumed = craft_cli("train", str(RECIPE), *args, "training.max_steps=25", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
