@@ -178,7 +178,12 @@ def _markdown(doc: dict) -> str:
     ]
     for ck, info in doc["checkpoints"].items():
         for method, s in info["methods"].items():
-            w, a, r, p = s["wall_s"], s["added_rss_bytes"], s["added_over_weights"], s["peak_rss_bytes"]
+            w, a, r, p = (
+                s["wall_s"],
+                s["added_rss_bytes"],
+                s["added_over_weights"],
+                s["peak_rss_bytes"],
+            )
             lines.append(
                 f"| {ck} ({info['files']} file{'s' if info['files'] > 1 else ''}, "
                 f"{info['weights_bytes'] / 1e6:.1f} MB) | {method} | "
@@ -202,7 +207,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="Runs per method and checkpoint.")
     parser.add_argument(
-        "--work", type=Path, default=None, help="Where to keep the checkpoints (default: a temp dir)."
+        "--work",
+        type=Path,
+        default=None,
+        help="Where to keep the checkpoints (default: a temp dir).",
     )
     parser.add_argument(
         "--methods", default="craft,safe_open,transformers", help="Comma-separated methods."
