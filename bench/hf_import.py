@@ -197,7 +197,9 @@ def _markdown(doc: dict) -> str:
         "safe_open copy = the same model filled from `safetensors.safe_open` views (the pages "
         "of the memory map stay resident until the file is closed, so a single-file checkpoint "
         "is held twice at the end); transformers = `AutoModelForCausalLM.from_pretrained`, its "
-        "own GPT-2 class (a different code base, shown for reference).",
+        "own GPT-2 class (a different code base, shown for reference). Its added RSS counts only the "
+        "pages the load touched: its parameters stay backed by the mapped file until first used, "
+        "so that figure is not the memory of a model whose weights have all been read.",
         "",
     ]
     return "\n".join(lines)
