@@ -478,12 +478,13 @@ def hf_state_dict(
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
-    """A directory laid out as an HF model (config.json or HF weight files) and not as a Craft
-    checkpoint or export (no config.toml, no COMPLETE marker)."""
+    """A directory laid out as an HF model (config.json, tokenizer.json, HF weight files) and not
+    as a Craft checkpoint or export (no config.toml, no COMPLETE marker)."""
     p = Path(path).expanduser()
     if not p.is_dir() or (p / "config.toml").exists() or (p / "COMPLETE").exists():
         return False
-    names = (CONFIG, WEIGHTS, WEIGHTS_INDEX, *PICKLE_WEIGHTS)
+    # model.safetensors alone is also what an interrupted Craft checkpoint holds: not a sign
+    names = (CONFIG, GENERATION_CONFIG, "tokenizer.json", WEIGHTS_INDEX, *PICKLE_WEIGHTS)
     return any((p / n).is_file() for n in names) or any(p.glob("model-*-of-*.safetensors"))
 
 
