@@ -289,6 +289,11 @@ def open_eval_data(cfg: Any, data: str | Path | None) -> Any:
             f"the checkpoint was trained on data.type = {cfg.data.type!r}, which has no text to "
             "score; pass --data DIR (a prepared dataset)"
         )
+    if not (cfg.data.source or cfg.data.files or cfg.data.dir):
+        raise DataError(
+            "the checkpoint records no dataset (e.g. a Hugging Face model); pass --data DIR "
+            "(a dataset prepared with the model's tokenizer)"
+        )
     from craft.training.builders import build_data
 
     module = build_data(cfg, rank=0, world_size=1, is_main=True, wait=lambda: None)

@@ -132,8 +132,8 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
                 "give a non-empty prompt"
             )
         return ids
-    try:
-        ids = list(tokenizer.encode(prompt))
+    try:  # prompt_ids: encode plus the special tokens the tokenizer adds (e.g. a Llama bos)
+        ids = list(getattr(tokenizer, "prompt_ids", tokenizer.encode)(prompt))
     except TokenizerError as e:
         raise TokenizerError(f"prompt: {e.message}") from None
     if not ids:

@@ -17,6 +17,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 # The suite never touches the network: named sources come from the shared mirror.
 os.environ.setdefault("CRAFT_DATA_MIRROR", str(SHARED_DATA))
+# ... and never asks the Hugging Face Hub (a path that does not exist may read as a Hub id).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tests run tiny models, for which one CPU thread is fastest; pytest-xdist runs one worker per core,
 # and subprocesses (CLI tests) inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

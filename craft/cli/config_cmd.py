@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -17,12 +18,22 @@ OVERRIDES = typer.Argument(
 )
 
 
+def resolved(cfg: Any) -> Any:
+    """Apply `model.init_from` (reads the source's config; imports torch only then)."""
+    if not getattr(cfg.model, "init_from", None):
+        return cfg
+    from craft.training.pretrained import resolve_pretrained
+
+    return resolve_pretrained(cfg)
+
+
 @app.command("show")
 def show(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
-    """Print the resolved, validated config as TOML."""
+    """Print the resolved, validated config as TOML (with `model.init_from`, the model section
+    filled from the pretrained source)."""
     from craft.config import load_config, to_toml
 
-    cfg = run_guarded(lambda: load_config(recipe, overrides or []))
+    cfg = run_guarded(lambda: resolved(load_config(recipe, overrides or [])))
     typer.echo(to_toml(cfg), nl=False)
 
 
@@ -31,7 +42,7 @@ def validate_cmd(recipe: Path = RECIPE, overrides: list[str] | None = OVERRIDES)
     """Exit 0 when the recipe is valid, else print every problem and exit 2."""
     from craft.config import load_config
 
-    run_guarded(lambda: load_config(recipe, overrides or []))
+    run_guarded(lambda: resolved(load_config(recipe, overrides or [])))
     typer.echo(f"{recipe}: ok")
 
 

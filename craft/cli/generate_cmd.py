@@ -30,7 +30,8 @@ class DType(str, Enum):
 CHECKPOINT = typer.Option(
     ...,
     "--checkpoint",
-    help="Run directory (its latest checkpoint), checkpoint directory or exported model.",
+    help="Run directory (its latest checkpoint), checkpoint directory, exported model, or a "
+    "Hugging Face model directory or Hub id.",
     show_default=False,
 )
 DEVICE = typer.Option(Device.auto, "--device", help="Where to run.")

@@ -10,6 +10,7 @@ from craft.cli import (
     config_cmd,
     data_cmd,
     eval_cmd,
+    export_cmd,
     generate_cmd,
     model_cmd,
     serve_cmd,
@@ -49,6 +50,7 @@ app.add_typer(data_cmd.app, name="dataset", hidden=True)
 app.add_typer(tokenizer_cmd.app, name="tokenizer")
 generate_cmd.register(app)
 eval_cmd.register(app)
+export_cmd.register(app)
 bench_cmd.register(app)
 serve_cmd.register(app)
 app.add_typer(config_cmd.app, name="config")

@@ -94,9 +94,11 @@ def _bytes(n: float) -> str:
 
 
 def _info(recipe: Path, overrides: list[str], vocab_option: int | None) -> None:
+    from craft.cli.config_cmd import resolved
     from craft.config import load_config, registry
 
     cfg = load_config(recipe, overrides)  # a bad recipe fails here, before torch is imported
+    cfg = resolved(cfg)  # model.init_from: the pretrained model's shape
 
     import torch
     from rich.console import Console

@@ -34,11 +34,14 @@ class GPTConfig(Section):
         "learned", description="Learned absolute position embeddings or rotary embeddings."
     )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
-    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="Feed-forward block.")
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = Field(
+        "gelu",
+        description="Feed-forward block: GELU (exact erf), GELU with the tanh approximation (GPT-2's gelu_new) or SwiGLU.",
+    )
     mlp_hidden: int | None = Field(
         None,
         ge=1,
-        description="Feed-forward hidden size; default 4*d_model (gelu) or 8/3*d_model rounded up to a multiple of 64 (swiglu).",
+        description="Feed-forward hidden size; default 4*d_model (gelu, gelu_tanh) or 8/3*d_model rounded up to a multiple of 64 (swiglu).",
     )
     bias: bool = Field(True, description="Biases in linear and norm layers.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
@@ -46,6 +49,10 @@ class GPTConfig(Section):
         True, description="Share the token embedding with the output layer."
     )
     init_std: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")
+    init_from: str | None = Field(
+        None,
+        description="Start from these weights: a Craft run, checkpoint or export directory, a Hugging Face model directory or a Hub id (e.g. gpt2). The other model keys are taken from it; a recipe may only change those that keep every weight's shape (dropout, a shorter block_size, ...).",
+    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> GPTConfig:
@@ -112,6 +119,26 @@ class SentencePieceTokenizerConfig(Section):
     )
 
 
+class HFTokenizerConfig(Section):
+    type: Literal["hf"] = "hf"
+    path: str = Field(
+        description="A Hugging Face tokenizer directory (tokenizer.json), a tokenizer saved by Craft, or a Hub id."
+    )
+
+    def fingerprint(self) -> dict[str, str]:
+        """What fixes the ids (recorded with prepared data): a local tokenizer file's sha256,
+        else the Hub id."""
+        import hashlib
+        from pathlib import Path
+
+        root = Path(self.path).expanduser()
+        for name in ("hf_tokenizer.json", "tokenizer.json"):
+            if (root / name).is_file() and not (root / name).is_symlink():
+                digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
+                return {"type": self.type, "tokenizer_sha256": digest}
+        return {"type": self.type, "path": self.path}
+
+
 register(
     "tokenizer", "char", config=CharTokenizerConfig, builder="craft.data.tokenizers.char:build"
 )
@@ -124,6 +151,7 @@ register(
     config=SentencePieceTokenizerConfig,
     builder="craft.data.tokenizers.sentencepiece:build",
 )
+register("tokenizer", "hf", config=HFTokenizerConfig, builder="craft.data.tokenizers.hf:build")
 
 # ------------------------------------------------------------------------------------- datasets
 

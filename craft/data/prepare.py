@@ -221,7 +221,11 @@ def _sp_model_path(model: str) -> Path:
 
 def tokenizer_fingerprint(cfg: Any) -> dict[str, Any]:
     """What determines the ids a tokenizer config produces (a given model file counts by its
-    sha256, not its path). Stored in meta.json and hashed into default dataset directory names."""
+    sha256, not its path). Stored in meta.json and hashed into default dataset directory names.
+    A tokenizer config may define `fingerprint()` to say this itself."""
+    own = getattr(cfg, "fingerprint", None)
+    if callable(own):
+        return own()
     data = cfg.model_dump(mode="json")
     if data.get("type") == "sentencepiece" and data.get("model"):
         return {"type": "sentencepiece", "model_sha256": sha256_file(_sp_model_path(data["model"]))}

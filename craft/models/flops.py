@@ -68,7 +68,7 @@ def _activation_elements_per_token(model: nn.Module, fused_loss: bool) -> float:
         cfg = model.config
         c, c_kv = cfg.d_model, model.n_kv_head * model.head_size
         hidden = mlp_hidden_size(cfg)
-        per_layer = 4 * c + (c + 2 * c_kv) + c + (2 if cfg.mlp == "gelu" else 4) * hidden
+        per_layer = 4 * c + (c + 2 * c_kv) + c + (4 if cfg.mlp == "swiglu" else 2) * hidden
         return cfg.n_layer * per_layer + 3 * c + out  # + embedding sum, final norm in/out
     if isinstance(model, RNNLM):
         cfg = model.config

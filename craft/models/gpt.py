@@ -216,19 +216,19 @@ def mlp_hidden_size(cfg: GPTConfig) -> int:
     """cfg.mlp_hidden, else 4*C for GELU and 8/3*C rounded up to a multiple of 64 for SwiGLU."""
     if cfg.mlp_hidden is not None:
         return cfg.mlp_hidden
-    if cfg.mlp == "gelu":
+    if cfg.mlp != "swiglu":
         return 4 * cfg.d_model
     return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
 
 
 class MLP(nn.Module):
-    """Feed-forward block: GELU(x W1) W2, or SwiGLU: (SiLU(x Wg) * x Wu) W2."""
+    """Feed-forward block: GELU(x W1) W2 (exact or tanh GELU), or SwiGLU: (SiLU(x Wg) * x Wu) W2."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
         hidden = mlp_hidden_size(cfg)
-        width = hidden if cfg.mlp == "gelu" else 2 * hidden  # SwiGLU: gate and up in one matmul
+        width = 2 * hidden if cfg.mlp == "swiglu" else hidden  # SwiGLU: gate and up in one matmul
         self.c_fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -237,6 +237,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
         if self.kind == "gelu":
             h = F.gelu(h)
+        elif self.kind == "gelu_tanh":  # GPT-2's gelu_new
+            h = F.gelu(h, approximate="tanh")
         else:
             gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
             h = F.silu(gate) * up

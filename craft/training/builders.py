@@ -42,6 +42,19 @@ def build_model(cfg: Any, vocab_size: int, *, fused_loss: bool = False) -> torch
     return fn(cfg.model, vocab_size)
 
 
+def build_start_model(
+    cfg: Any, vocab_size: int, tokenizer: Any, *, fused_loss: bool, pretrained: bool
+) -> torch.nn.Module:
+    """The model a run starts from: `build_model`, then with `pretrained` (a new run, not a
+    resume) the weights of `model.init_from` when the config names one."""
+    model = build_model(cfg, vocab_size, fused_loss=fused_loss)
+    if pretrained and getattr(cfg.model, "init_from", None):
+        from craft.training.pretrained import load_init_weights
+
+        load_init_weights(cfg, model, tokenizer)
+    return model
+
+
 def model_block_size(cfg: Any) -> int:
     """Training window length: `model.block_size` (every sequence model config has one)."""
     block = getattr(cfg.model, "block_size", None)

@@ -222,9 +222,18 @@ def _fsync_tree(directory: Path) -> None:
 
 
 def commit_directory(
-    target: Path, write: Callable[[Path], None], *, kind: str, step: int | None
+    target: Path,
+    write: Callable[[Path], None],
+    *,
+    kind: str,
+    step: int | None,
+    write_marker: bool = True,
 ) -> Path:
-    """Run `write(tmp)`, mark `tmp` complete and rename it to `target` atomically."""
+    """Run `write(tmp)`, mark `tmp` complete and rename it to `target` atomically.
+
+    `write_marker=False` leaves out the `COMPLETE` marker (a directory for other tools, e.g. a Hugging
+    Face export; the rename alone makes it appear complete or not at all).
+    """
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".{target.name}.tmp-{os.getpid()}"
@@ -241,8 +250,9 @@ def commit_directory(
             "step": step,
             "files": _file_sizes(tmp),
         }
-        write_text_durable(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
-        fsync_dir(tmp)
+        if write_marker:
+            write_text_durable(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
+            fsync_dir(tmp)
         if target.exists():
             old = parent / f".{target.name}.replaced-{os.getpid()}"
             os.replace(target, old)
@@ -634,10 +644,16 @@ def load_weights_into(model: torch.nn.Module, weights: Path) -> None:
 def load_model(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[torch.nn.Module, Any, Any]:
-    """(model in eval mode, tokenizer, config) from a run, checkpoint or exported model directory."""
+    """(model in eval mode, tokenizer, config) from a run, checkpoint or exported model directory,
+    or a Hugging Face model directory or Hub id (converted by `craft.interop.hf`)."""
     from craft.data.tokenizers import load_tokenizer
+    from craft.interop.hf import is_hf_source, load_for_inference
     from craft.training.builders import build_model
 
+    if is_hf_source(path):
+        model, tokenizer, cfg = load_for_inference(path)
+        model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        return model, tokenizer, cfg
     ck = resolve_checkpoint(path)
     cfg = read_config(ck)
     if not (ck / "tokenizer").is_dir():

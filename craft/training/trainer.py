@@ -30,9 +30,10 @@ from craft.config import registry, to_toml
 from craft.errors import CheckpointError, ConfigError, TrainingError
 from craft.fileio import atomic_write_text
 from craft.training import checkpoint as ckpt
-from craft.training.builders import build_data, build_model
+from craft.training.builders import build_data, build_start_model
 from craft.training.callbacks import BUILTINS, Callback, ProgressCallback
 from craft.training.logs import setup_logging
+from craft.training.pretrained import resolve_pretrained
 from craft.training.rng import capture_rng, restore_rng, seed_everything
 from craft.training.schedulers import restore_scheduler, scheduler_state
 from craft.training.signals import StopSignals
@@ -147,7 +148,7 @@ class Trainer:
     def __init__(
         self, cfg: Any, *, resume: str | None = None, callbacks: list[Callback] | None = None
     ) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = resolve_pretrained(cfg)  # model.init_from fills the model section
         self.run_name = cfg.run.name
         self.max_steps = cfg.training.max_steps
         self.step = 0
@@ -219,7 +220,13 @@ class Trainer:
 
         ops.configure(cfg.kernels, self.device.type)  # logs the backend chosen for each op
 
-        model = build_model(cfg, self.data.vocab_size, fused_loss=cfg.kernels.fused_loss)
+        model = build_start_model(
+            cfg,
+            self.data.vocab_size,
+            self.tokenizer,
+            fused_loss=cfg.kernels.fused_loss,
+            pretrained=resume_from is None,
+        )
         self.raw_model = model
         n_params = (
             model.num_params()

@@ -46,6 +46,9 @@ class Tokenizer(ABC):
     bos_id: int | None = None
     eos_id: int | None = None
     unk_id: int | None = None
+    # A Jinja chat template (Hugging Face's `chat_template`) that turns a list of messages into a
+    # prompt, or None when the tokenizer has none (then a model offers no chat completions).
+    chat_template: str | None = None
 
     @property
     @abstractmethod
@@ -75,6 +78,11 @@ class Tokenizer(ABC):
     def encode(self, text: str) -> list[int]:
         """Encode `text` into a list of ids."""
         return self.encode_array(text).tolist()
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Ids that start generation from `text`: `encode`, plus any special tokens the tokenizer
+        adds to a model input (e.g. a Hugging Face Llama tokenizer's leading bos)."""
+        return self.encode(text)
 
     def decode(self, ids: Sequence[int] | Any) -> str:
         """Decode ids (list, numpy array or tensor) into text."""
