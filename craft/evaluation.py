@@ -319,7 +319,7 @@ def evaluate_checkpoint(
     """
     from craft.generation import resolve_device, resolve_dtype
     from craft.training.builders import model_block_size
-    from craft.training.checkpoint import load_model, resolve_checkpoint
+    from craft.training.checkpoint import load_model, resolve_source
 
     if split not in ("train", "val"):
         raise DataError(f"split = {split!r}: expected val or train")
@@ -328,7 +328,7 @@ def evaluate_checkpoint(
     if windows is not None and max_batches is not None:
         raise DataError("windows and max_batches: give one of them, not both")
     autocast = resolve_dtype(dtype)
-    ck = resolve_checkpoint(checkpoint)  # a run directory: its newest complete checkpoint
+    ck = resolve_source(checkpoint)  # a run directory: its newest complete checkpoint
     model, tokenizer, cfg = load_model(ck, device=resolve_device(device))
     dataset = open_eval_data(cfg, data)
     check_same_vocabulary(tokenizer, model.vocab_size, dataset)

@@ -131,13 +131,13 @@ def register(app: typer.Typer) -> None:
             from craft.errors import CheckpointError, GenerationError
             from craft.generation import SamplingParams, resolve_device, resolve_dtype
             from craft.generation import generate as sample
-            from craft.training.checkpoint import load_model, resolve_checkpoint
+            from craft.training.checkpoint import load_model, resolve_source
 
             SamplingParams(temperature, top_k, top_p)  # bad values fail before loading
             dev = resolve_device(device.value)
-            ck = resolve_checkpoint(checkpoint)  # a run directory: its newest complete checkpoint
-            sys.stderr.write(f"checkpoint: {ck}\n")
+            ck = resolve_source(checkpoint)  # a run directory: its newest complete checkpoint
             model, tokenizer, _ = load_model(ck, device=dev, dtype=resolve_dtype(dtype.value))
+            sys.stderr.write(f"checkpoint: {ck}\n")
             use_seed = seed
             if use_seed is None:
                 use_seed = random.SystemRandom().randrange(2**31)

@@ -474,6 +474,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def resolve_source(path: str | Path) -> Path | str:
+    """What `load_model(path)` will read: a Hugging Face directory or Hub id as given, else the
+    complete checkpoint or export directory `resolve_checkpoint` picks (naming skipped ones)."""
+    from craft.interop.hf import is_hf_source
+
+    return path if is_hf_source(path) else resolve_checkpoint(path)
+
+
 def run_dir_of(checkpoint: Path) -> Path | None:
     """The run directory that holds `checkpoint`, when it sits in the standard layout."""
     if checkpoint.parent.name == CHECKPOINTS and checkpoint_step(checkpoint) is not None:
