@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m craft.train", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("recipe", help="Recipe TOML file.")
+    parser.add_argument("recipe", help="Recipe TOML file, or a recipe name (char_small).")
     parser.add_argument("overrides", nargs="*", help="Overrides: section.key=value.")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint path.")
     args = parser.parse_args(argv)

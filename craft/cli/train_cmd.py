@@ -10,7 +10,12 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
-        recipe: Path = typer.Argument(..., help="Recipe TOML file.", show_default=False),
+        recipe: Path = typer.Argument(
+            ...,
+            help="Recipe TOML file, or a recipe name: `char_small` or `experiment=char_small` "
+            "(./recipes/NAME.toml, else one installed with craft; see `craft config list`).",
+            show_default=False,
+        ),
         overrides: list[str] | None = typer.Argument(
             None, help="Overrides: section.key=value.", show_default=False
         ),

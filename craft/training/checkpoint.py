@@ -367,9 +367,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(
             f"{p}: not found (expected a run, checkpoint or exported model directory)"
         )
+    if p.is_file() and p.name == LATEST:
+        p = _follow_latest(p)
     if not p.is_dir():
         raise CheckpointError(
-            f"{p}: is a file; expected a run, checkpoint or exported model directory"
+            f"{p}: is a file; expected a run, checkpoint or exported model directory "
+            f"(or a checkpoints/{LATEST} pointer)"
         )
     if (p / MARKER).exists() or (p / "model.safetensors").exists():
         if read_marker(p) is None:
@@ -387,6 +390,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(
         f"{p}: not a run, checkpoint or exported model directory (no {CHECKPOINTS}/ or {MARKER})"
     )
+
+
+def _follow_latest(pointer: Path) -> Path:
+    """The checkpoint a `latest` pointer file names: a sibling `step_XXXXXXXX` directory only."""
+    try:
+        with open(pointer, "rb") as f:
+            name = f.read(256).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: cannot read the {LATEST} pointer ({e})") from None
+    if not STEP_RE.match(name):
+        raise CheckpointError(
+            f"{pointer}: not a {LATEST} pointer (expected the name of a step_XXXXXXXX checkpoint "
+            f"next to it, found {name[:40]!r})"
+        )
+    target = pointer.parent / name
+    if target.is_symlink() or not target.is_dir():
+        raise CheckpointError(
+            f"{pointer}: points to {name}, which is not a checkpoint directory next to it; pass "
+            f"{pointer.parent} to use the newest complete checkpoint"
+        )
+    return target
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
