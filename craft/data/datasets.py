@@ -449,6 +449,7 @@ def build_tokens(
                 errors=cfg.errors,
                 workers=workers,
                 progress=progress,
+                text_field=cfg.text_field,
             )
     finally:
         if wait is not None:
