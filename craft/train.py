@@ -12,9 +12,10 @@ from pathlib import Path
 
 def train_from_recipe(recipe: str | Path, overrides: list[str], resume: str | None = None) -> None:
     from craft.config import load_config
+
+    cfg = load_config(recipe, overrides)  # a bad recipe fails here, before torch is imported
     from craft.training.run import train
 
-    cfg = load_config(recipe, overrides)
     try:
         train(cfg, resume=resume)
     finally:

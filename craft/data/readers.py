@@ -52,6 +52,7 @@ MAX_RECORD_BYTES = 256 << 20  # a longer JSON line is a bad record (a file witho
 PARQUET_BATCH_ROWS = 1024
 _READ_BUFFER = 1 << 20
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_JSON = json.JSONDecoder()
 
 Chunk = str | list[str | int]
 
@@ -179,8 +180,8 @@ class RecordReader:
         yield self._pack(items), f.size - reported
 
     def _pack(self, items: list[str | int]) -> Chunk:
-        """One string when every item is text (the fast path), else the list."""
-        if all(isinstance(x, str) for x in items):
+        """One string when the separator is text (the fast path), else the list."""
+        if isinstance(self.separator, str):
             return "".join(items)  # type: ignore[arg-type]
         return items
 
@@ -203,24 +204,13 @@ class RecordReader:
             buffered = io.BufferedReader(tap, buffer_size=_READ_BUFFER)
             gz = f.path.name.lower().endswith(".gz")
             stream: Any = gzip.GzipFile(fileobj=buffered, mode="rb") if gz else buffered
-            n = 0
-            while True:
-                try:
-                    line = stream.readline(MAX_RECORD_BYTES + 1)
-                except (OSError, EOFError, zlib.error) as e:
-                    detail = f"corrupt or truncated gzip data ({e})"
-                    self._unreadable(f, n + 1, detail, reason="unreadable rest of a gzip file")
-                    break
-                if not line:
-                    break
-                n += 1
-                if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
+            for n, line in self._lines(f, stream):
+                if line is None:
                     self._bad(f, n, _BadRecord("too long", _too_long()))
-                    _skip_rest_of_line(stream)
                     continue
                 if n == 1:
                     line = line.removeprefix(b"\xef\xbb\xbf")
-                if not line.strip():
+                if not line or line.isspace():
                     continue  # blank lines are not records (but count as lines)
                 try:
                     text = self._parse_json_line(line)
@@ -232,6 +222,42 @@ class RecordReader:
             while tap.readinto(bytearray(_READ_BUFFER)):  # hash what was left unread (skip)
                 pass
 
+    def _lines(self, f: InputFile, stream: Any) -> Iterator[tuple[int, bytes | None]]:
+        """(line number, line without its newline) from blocks of the stream; None stands for a
+        line longer than MAX_RECORD_BYTES, which is read past without being held."""
+        pending: list[bytes] = []  # the start of a line that continues in the next block
+        held = 0
+        too_long = False
+        n = 0
+        while True:
+            try:
+                block = stream.read1(_READ_BUFFER)  # what one step gives: damage loses least
+            except (OSError, EOFError, zlib.error) as e:
+                detail = f"corrupt or truncated gzip data ({e})"
+                self._unreadable(f, n + 1, detail, reason="unreadable rest of a gzip file")
+                return
+            if not block:
+                break
+            lines: list[bytes | None] = list(block.split(b"\n"))
+            tail = lines.pop()
+            if lines and (pending or too_long):
+                first = lines[0]
+                assert first is not None
+                whole = not too_long and held + len(first) <= MAX_RECORD_BYTES
+                lines[0] = b"".join([*pending, first]) if whole else None
+                pending, held, too_long = [], 0, False
+            for line in lines:
+                n += 1
+                yield n, line if line is None or len(line) <= MAX_RECORD_BYTES else None
+            if tail and not too_long:
+                pending.append(tail)
+                held += len(tail)
+                if held > MAX_RECORD_BYTES:
+                    pending, held, too_long = [], 0, True
+        if pending or too_long:  # a last line without a newline
+            n += 1
+            yield n, None if too_long else b"".join(pending)
+
     def _parse_json_line(self, line: bytes) -> str:
         try:
             decoded = line.decode("utf-8", errors="strict")
@@ -241,7 +267,7 @@ class RecordReader:
                 raise _BadRecord("invalid UTF-8", detail, replaceable=True) from None
             decoded = line.decode("utf-8", errors="replace")
         try:
-            obj = json.loads(decoded.rstrip("\r\n"))
+            obj = _parse_json(decoded)
         except json.JSONDecodeError as e:
             raise _BadRecord("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
         except RecursionError:
@@ -363,6 +389,17 @@ class RecordReader:
             return out
 
 
+def _parse_json(text: str) -> Any:
+    """`json.loads` without its whitespace scans in the common case (no leading whitespace)."""
+    try:
+        obj, end = _JSON.raw_decode(text)
+    except json.JSONDecodeError:
+        return json.loads(text)  # leading whitespace, or the error with its position
+    if end != len(text) and not text[end:].isspace():
+        raise json.JSONDecodeError("Extra data", text, end)
+    return obj
+
+
 def _pyarrow(f: InputFile) -> tuple[Any, Any]:
     try:
         import pyarrow as pa
@@ -384,13 +421,6 @@ def _hash_file(f: InputFile, hasher: Any) -> None:
 def _fraction(done: float, size: int) -> int:
     """Bytes of progress for a fraction of the file read (whole bytes, never past the size)."""
     return min(size, int(done * size))
-
-
-def _skip_rest_of_line(stream: Any) -> None:
-    while True:
-        piece = stream.readline(_READ_BUFFER)
-        if not piece or piece.endswith(b"\n"):
-            return
 
 
 def _too_long() -> str:

@@ -196,14 +196,24 @@ def test_truncated_gzip(tmp_path: Path) -> None:
     assert meta["sources"][0]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
 
 
-def test_record_longer_than_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("block", [1 << 20, 16], ids=["one-block", "lines-across-blocks"])
+def test_record_longer_than_the_limit(
+    block: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(readers, "MAX_RECORD_BYTES", 100)
+    monkeypatch.setattr(readers, "_READ_BUFFER", block)
     src = tmp_path / "c.jsonl"
     src.write_text(f'{GOOD}\n{{"text": "{"y" * 500}"}}\n{GOOD}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"c\.jsonl record 2: longer than 100 bytes"):
         _run([src], tmp_path / "ds", BytesTokenizerConfig())
     meta = _run([src], tmp_path / "ds", BytesTokenizerConfig(), errors="skip", val_fraction=0.5)
     assert meta["records"]["records"] == 2 and meta["records"]["skipped"] == {"too long": 1}
+    tok = load_tokenizer(tmp_path / "ds")
+    np.testing.assert_array_equal(_ids(tmp_path / "ds"), expected_ids(tok, ["good", "good"]))
+    long_last = tmp_path / "last.jsonl"  # the long record is the last line, without a newline
+    long_last.write_text(f'{GOOD}\n{GOOD}\n{{"text": "{"y" * 500}"}}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"last\.jsonl record 3: longer than 100 bytes"):
+        _run([long_last], tmp_path / "ds2", BytesTokenizerConfig(), val_fraction=0.5)
 
 
 def test_bad_parquet_files(tmp_path: Path) -> None:
@@ -284,3 +294,11 @@ def test_chunks_stay_bounded(tmp_path: Path) -> None:
     assert sum(sizes) == sum(len(d) for d in docs)
     # a chunk is closed once it reaches chunk_bytes, and a record above chunk_bytes is cut
     assert max(sizes) < 2 * 1000 and len(sizes) >= 10 + 200 * 270 // 2000
+
+
+def test_bom_and_crlf_are_accepted(tmp_path: Path) -> None:
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + f"{GOOD}\r\n{GOOD}\r\n".encode())
+    _run([src], tmp_path / "ds", BytesTokenizerConfig(), val_fraction=0.5)
+    tok = load_tokenizer(tmp_path / "ds")
+    np.testing.assert_array_equal(_ids(tmp_path / "ds"), expected_ids(tok, ["good", "good"]))
