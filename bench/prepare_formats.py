@@ -8,7 +8,7 @@ give the same token stream (checked). The JSON Lines files hold `{"text": ...}` 
 Parquet file is written by pyarrow with its defaults (snappy) in row groups of one pass over the
 documents. Every run is a fresh child process preparing with the char tokenizer in-process (so the
 numbers are the cost of reading each format, not of encoding), timed end to end, its peak RSS
-from RUSAGE_SELF. Runs are interleaved across formats, `--repeats` times each.
+from /proc/self/status (VmHWM). Runs are interleaved across formats, `--repeats` times each.
 
     python bench/prepare_formats.py [--size-mb 200] [--repeats 3] [--formats txt,jsonl,jsonl.gz,parquet]
 
@@ -97,9 +97,18 @@ def child(args: argparse.Namespace) -> dict:
     return {
         "seconds": seconds,
         "cpu_s": me.ru_utime + me.ru_stime,
-        "rss_kb": me.ru_maxrss,  # Linux: kB
+        "rss_kb": _peak_rss_kb(),
         "tokens": meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"],
     }
+
+
+def _peak_rss_kb() -> int:
+    """This process's own peak RSS (VmHWM). ru_maxrss would also count the parent's RSS at the
+    fork, which Linux carries over the exec into the child's figure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise SystemExit("no VmHWM in /proc/self/status (this benchmark reads Linux's peak RSS)")
 
 
 def _run_child(path: Path, out: Path) -> dict:

@@ -148,7 +148,7 @@ def _run_prepare(
         skipped = records["skipped"]
         typer.echo(
             f"records: {records['records']:,} read from field {records['text_field']!r}"
-            + (f", {sum(skipped.values()):,} bad ones skipped" if skipped else "")
+            + (f", {sum(skipped.values()):,} bad record(s) skipped" if skipped else "")
         )
 
 
@@ -270,6 +270,15 @@ def _run_info(path: Path) -> None:
     for src in m["sources"]:
         typer.echo(
             f"source      {src['name']} ({src['bytes']:,} bytes, sha256 {src['sha256'][:16]}…)"
+        )
+    rec = m.get("records")
+    if isinstance(rec, dict):
+        sep = rec.get("separator", {})
+        sep_text = f"id {sep['id']}" if "id" in sep else repr(sep.get("text"))
+        skipped = sum(rec.get("skipped", {}).values())
+        typer.echo(
+            f"records     {rec.get('records', 0):,} from field {rec.get('text_field')!r}, "
+            f"separator {sep_text}, {skipped:,} skipped"
         )
     typer.echo(f"created     {m.get('created', '?')} by craft {m.get('craft_version', '?')}")
 

@@ -302,3 +302,20 @@ def test_bom_and_crlf_are_accepted(tmp_path: Path) -> None:
     _run([src], tmp_path / "ds", BytesTokenizerConfig(), val_fraction=0.5)
     tok = load_tokenizer(tmp_path / "ds")
     np.testing.assert_array_equal(_ids(tmp_path / "ds"), expected_ids(tok, ["good", "good"]))
+
+
+def test_cli_prepare_records(tmp_path: Path) -> None:
+    from tests.data.test_cli import assert_user_error, craft
+
+    src = tmp_path / "c.jsonl.gz"
+    write_jsonl(src, [*DOCS, None], field="body")  # the last record's body is null
+    bad = craft("data", "prepare", "-i", str(src), "-o", str(tmp_path / "a"), "-t", "bytes",
+                "--text-field", "body", "-q")  # fmt: skip
+    assert_user_error(bad, "c.jsonl.gz record 8: field 'body' is a JSON null", "--errors skip")
+    res = craft("data", "prepare", "-i", str(src), "-o", str(tmp_path / "b"), "-t", "bytes",
+                "--text-field", "body", "--errors", "skip", "-q")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "records: 7 read from field 'body', 1 bad record(s) skipped" in res.stdout
+    assert "warning: skipped 1 bad record(s): 1 field 'body' not a string" in res.stderr
+    info = craft("data", "info", str(tmp_path / "b"))
+    assert "records     7 from field 'body', separator id 257, 1 skipped" in info.stdout
