@@ -235,7 +235,7 @@ def prepare_cmd(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
-    """Tokenize text into train.bin / val.bin / meta.json (streamed, parallel, atomic)."""
+    """Tokenize text, JSON Lines or Parquet into train.bin / val.bin / meta.json (streamed, parallel, atomic)."""
     run_guarded(
         lambda: _run_prepare(
             [*(input or []), *(more_inputs or [])],

@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
         resume: str | None = typer.Option(
             None,
             "--resume",
-            help="'auto' (newest complete checkpoint of the run) or a checkpoint path.",
+            help="'auto' (newest complete checkpoint of the run) or a checkpoint path (a run or "
+            "checkpoint directory, or its checkpoints/latest pointer).",
         ),
     ) -> None:
         """Train a model from a recipe (also under `accelerate launch` / `torchrun` via `python -m craft.train`)."""
