@@ -1,4 +1,4 @@
-"""`craft config show|validate|schema`."""
+"""`craft config show|validate|schema|list`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from craft.cli.errors import run_guarded
 
 app = typer.Typer(help="Inspect and validate recipes.", no_args_is_help=True)
 
-RECIPE = typer.Argument(..., help="Recipe TOML file.", show_default=False)
+RECIPE = typer.Argument(
+    ..., help="Recipe TOML file, or a recipe name (see `craft config list`).", show_default=False
+)
 OVERRIDES = typer.Argument(
     None, help="Overrides: section.key=value (value parsed as TOML).", show_default=False
 )
@@ -52,3 +54,23 @@ def schema() -> None:
     from craft.config import build_schema
 
     typer.echo(json.dumps(build_schema().model_json_schema(), indent=2))
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List the recipes that can be named instead of a path (./recipes first, then installed)."""
+    from craft.config.loader import display_path
+    from craft.config.recipes import available_recipes
+
+    recipes = available_recipes()
+    if not recipes:
+        typer.echo("no recipes found (none in ./recipes and none installed with craft)")
+        return
+    rows = [
+        (r.name, display_path(r.path) if r.origin == "./recipes" else f"{r.path} (installed)",
+         r.description)
+        for r in recipes.values()
+    ]  # fmt: skip
+    w0, w1 = (max(len(row[i]) for row in rows) for i in (0, 1))
+    for name, where, description in rows:
+        typer.echo(f"{name:<{w0}}  {where:<{w1}}  {description}".rstrip())

@@ -20,6 +20,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Output(str, Enum):
+    """What `craft generate` produces; `text` is the only kind, accepted for `generate text`."""
+
+    text = "text"
+
+
 class DType(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -30,8 +36,8 @@ class DType(str, Enum):
 CHECKPOINT = typer.Option(
     ...,
     "--checkpoint",
-    help="Run directory (its latest checkpoint), checkpoint directory, exported model, or a "
-    "Hugging Face model directory or Hub id.",
+    help="Run directory (its latest checkpoint), checkpoint directory, a checkpoints/latest "
+    "pointer, exported model, or a Hugging Face model directory or Hub id.",
     show_default=False,
 )
 DEVICE = typer.Option(Device.auto, "--device", help="Where to run.")
@@ -78,6 +84,12 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
+        output: Output | None = typer.Argument(
+            None,
+            metavar="text",
+            help="Optional: `craft generate text ...` is an alias of `craft generate ...`.",
+            show_default=False,
+        ),
         checkpoint: Path = CHECKPOINT,
         prompt: str | None = typer.Option(
             None,

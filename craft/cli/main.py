@@ -21,7 +21,8 @@ from craft.cli.errors import debug, fail, run_guarded
 
 app = typer.Typer(
     name="craft",
-    help="Build, train, evaluate and sample language models.",
+    help="Build, train, evaluate and sample language models.\n\n"
+    "Also runs as `python -m craft` or `python -m craft.cli.run` (the same commands).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -46,7 +47,7 @@ def _root(
 
 train_cmd.register(app)
 app.add_typer(data_cmd.app, name="data")
-app.add_typer(data_cmd.app, name="dataset", hidden=True)
+app.add_typer(data_cmd.app, name="dataset", help="Alias of `craft data`.")
 app.add_typer(tokenizer_cmd.app, name="tokenizer")
 generate_cmd.register(app)
 eval_cmd.register(app)

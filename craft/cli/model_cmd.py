@@ -15,7 +15,9 @@ from craft.cli.errors import run_guarded
 
 app = typer.Typer(help="Inspect models.", no_args_is_help=True)
 
-RECIPE = typer.Argument(..., help="Recipe TOML file.", show_default=False)
+RECIPE = typer.Argument(
+    ..., help="Recipe TOML file, or a recipe name (see `craft config list`).", show_default=False
+)
 OVERRIDES = typer.Argument(
     None, help="Overrides: section.key=value (value parsed as TOML).", show_default=False
 )

@@ -163,7 +163,7 @@ class TokensDataConfig(Section):
     )
     files: list[str] = Field(
         default_factory=list,
-        description="Text files, directories or globs to prepare (instead of a source).",
+        description="Text, JSON Lines (.jsonl, .jsonl.gz, .json.gz) or Parquet files, directories or globs to prepare (instead of a source).",
     )
     dir: str | None = Field(
         None,
@@ -172,8 +172,14 @@ class TokensDataConfig(Section):
     val_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="Tail of the token stream kept for validation."
     )
-    errors: Literal["strict", "replace"] = Field(
-        "strict", description="Non-UTF-8 input: fail naming file and offset, or replace the bytes."
+    errors: Literal["strict", "replace", "skip"] = Field(
+        "strict",
+        description="Bad input: fail naming file and offset or record (strict), replace non-UTF-8 bytes with U+FFFD (replace), or skip bad JSON Lines/Parquet records and count them (skip).",
+    )
+    text_field: str = Field(
+        "text",
+        min_length=1,
+        description="JSON Lines / Parquet inputs: the field holding each record's text.",
     )
 
     @model_validator(mode="after")

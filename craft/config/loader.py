@@ -227,9 +227,10 @@ def apply_overrides(raw: RawConfig, overrides: list[str]) -> None:
 
 
 def load_raw(path: str | Path, overrides: list[str] | None = None) -> RawConfig:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"recipe {display_path(path)}: file not found")
-    raw = load_file(path)
+    """Load a recipe given by path or by name (`char_small`, `experiment=char_small`)."""
+    from craft.config.recipes import find_recipe, split_recipe_args
+
+    ref, overrides = split_recipe_args(path, list(overrides or []))
+    raw = load_file(find_recipe(ref))
     apply_overrides(raw, overrides or [])
     return raw

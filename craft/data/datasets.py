@@ -493,6 +493,7 @@ def build_tokens(
                 workers=workers,
                 progress=progress,
                 wait=True,  # another run preparing the same dataset: use its result
+                text_field=cfg.text_field,
             )
     finally:
         if wait is not None:

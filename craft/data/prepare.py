@@ -1,5 +1,8 @@
 """Streaming dataset preparation: text files -> tokenizer -> `train.bin`, `val.bin`, `meta.json`.
 
+JSON Lines and Parquet inputs (one document per record) are read by `craft/data/readers.py` into
+the same chunks, with a separator after every document.
+
 Memory stays bounded whatever the input size: files are read and decoded in chunks (cut after a
 newline so that every tokenizer encodes a chunk exactly as it would encode the whole text), chunks
 are encoded by a pool of worker processes with a bounded window of chunks in flight, and ids are
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from craft.data.progress import ByteProgress, quiet
+from craft.data.readers import TEXT_SEPARATOR, RecordReader, encode_chunk, record_format
 from craft.data.sources import is_source, resolve_source
 from craft.data.tokenizers import Tokenizer, load_tokenizer
 from craft.errors import DataError, TokenizerError
@@ -84,13 +88,13 @@ def _dir_files(path: Path) -> list[Path]:
         p
         for p in path.rglob("*")
         if p.is_file()
-        and p.suffix.lower() in TEXT_SUFFIXES
+        and (p.suffix.lower() in TEXT_SUFFIXES or record_format(p) is not None)
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
         raise DataError(
             f"{path}: directory holds no text files (looked for {', '.join(TEXT_SUFFIXES)}, "
-            "hidden files skipped)"
+            ".jsonl[.gz], .json.gz, .parquet; hidden files skipped)"
         )
     return files
 
@@ -190,19 +194,40 @@ def iter_file_chunks(
             carry, pending_bytes = buf[cut:], 0
 
 
+def input_chunks(
+    f: InputFile,
+    errors: str,
+    chunk_bytes: int,
+    records: RecordReader,
+    hasher: Any = None,
+) -> Iterator[tuple[Any, int]]:
+    """Chunks of a text file, or of a JSON Lines / Parquet file (craft/data/readers.py)."""
+    if record_format(f.path) is not None:
+        return records.chunks(f, chunk_bytes, hasher)
+    # `skip` is about records; a text file has none, so bad bytes there stay an error
+    return iter_file_chunks(f, "strict" if errors == "skip" else errors, chunk_bytes, hasher)
+
+
 class TextStream:
     """Re-iterable text chunks of all inputs, read lazily (a tokenizer that needs no text never
-    reads it); each full pass shows a progress bar."""
+    reads it); each full pass shows a progress bar. Records are joined with a blank line."""
 
     def __init__(
-        self, files: Sequence[InputFile], errors: str, chunk_bytes: int, label: str
+        self,
+        files: Sequence[InputFile],
+        errors: str,
+        chunk_bytes: int,
+        label: str,
+        text_field: str = "text",
     ) -> None:
         self.files, self.errors, self.chunk_bytes, self.label = files, errors, chunk_bytes, label
+        self.text_field = text_field
 
     def __iter__(self) -> Iterator[str]:
+        records = RecordReader(self.text_field, self.errors, TEXT_SEPARATOR)
         with ByteProgress(self.label, sum(f.size for f in self.files)) as bar:
             for f in self.files:
-                for text, n in iter_file_chunks(f, self.errors, self.chunk_bytes):
+                for text, n in input_chunks(f, self.errors, self.chunk_bytes, records):
                     bar.advance(n)
                     yield text
 
@@ -270,15 +295,15 @@ def _init_worker(tokenizer_dir: str, dtype: str) -> None:
     _WORKER_DTYPE = np.dtype(dtype)
 
 
-def _encode_in_worker(text: str) -> bytes:
+def _encode_in_worker(text: Any) -> bytes:
     assert _WORKER_TOKENIZER is not None and _WORKER_DTYPE is not None
-    return _WORKER_TOKENIZER.encode_array(text).astype(_WORKER_DTYPE).tobytes()
+    return encode_chunk(_WORKER_TOKENIZER, text).astype(_WORKER_DTYPE).tobytes()
 
 
 def _encode_stream(
     tokenizer: Tokenizer,
     tokenizer_dir: Path,
-    chunks: Iterable[tuple[str, int]],
+    chunks: Iterable[tuple[Any, int]],
     dtype: np.dtype,
     workers: int,
     out: Any,
@@ -288,7 +313,7 @@ def _encode_stream(
     n_tokens = 0
     if workers <= 1:
         for text, nbytes in chunks:
-            ids = tokenizer.encode_array(text).astype(dtype)
+            ids = encode_chunk(tokenizer, text).astype(dtype)
             out.write(ids.tobytes())
             n_tokens += ids.size
             bar.advance(nbytes)
@@ -416,12 +441,14 @@ def prepare(
     chunk_bytes: int = CHUNK_BYTES,
     progress: bool = True,
     wait: bool = False,
+    text_field: str = "text",
 ) -> dict[str, Any]:
     """Prepare `inputs` into `output_dir` with the tokenizer of `tokenizer_cfg`; returns meta.json.
 
     One process at a time prepares a given output directory: a second one gets a `BusyError`
     naming the first one's pid (see `craft.fileio.exclusive_lock`), or with `wait=True` waits for
-    it and then uses what it prepared (unless `force`).
+    it and then uses what it prepared (unless `force`). `text_field` names the field that holds
+    the text of JSON Lines and Parquet records.
     """
     out = Path(output_dir).expanduser().absolute()
     created = _make_parents(out)
@@ -443,6 +470,7 @@ def prepare(
             return _prepare_locked(
                 inputs, out, tokenizer_cfg, val_fraction=val_fraction, workers=workers,
                 force=force, errors=errors, chunk_bytes=chunk_bytes, progress=progress,
+                text_field=text_field,
             )  # fmt: skip
     except BaseException:
         for d in reversed(created):  # only directories this call made, and only when empty
@@ -464,14 +492,17 @@ def _prepare_locked(
     errors: str = "strict",
     chunk_bytes: int = CHUNK_BYTES,
     progress: bool = True,
+    text_field: str = "text",
 ) -> dict[str, Any]:
     if not 0.0 < val_fraction < 1.0:
         raise DataError(
             f"--val-fraction {val_fraction}: expected a number strictly between 0 and 1 (both "
             "bounds excluded: each split needs tokens)"
         )
-    if errors not in ("strict", "replace"):
-        raise DataError(f"--errors {errors!r}: expected 'strict' or 'replace'")
+    if errors not in ("strict", "replace", "skip"):
+        raise DataError(f"--errors {errors!r}: expected 'strict', 'replace' or 'skip'")
+    if not text_field:
+        raise DataError("--text-field: expected a field name, got an empty string")
     out = Path(output_dir).expanduser().absolute()
     _check_output(out, force)
     files = resolve_inputs(inputs)
@@ -490,7 +521,9 @@ def _prepare_locked(
     start = time.monotonic()
     try:
         with quiet(not progress):
-            stream = TextStream(files, errors, chunk_bytes, "reading text for the tokenizer")
+            stream = TextStream(
+                files, errors, chunk_bytes, "reading text for the tokenizer", text_field
+            )
             tokenizer = build_tokenizer(tokenizer_cfg, stream, tmp)
             tok_files = tokenizer.save(tmp)
             dtype = dtype_for_vocab(tokenizer.vocab_size)
@@ -498,10 +531,12 @@ def _prepare_locked(
                 workers = default_workers() if tokenizer.parallel_encode else 1
             workers = min(workers, max(1, -(-total_bytes // chunk_bytes)))  # no idle processes
             hashes = {f.path: hashlib.sha256() for f in files}
+            sep = tokenizer.eos_id if tokenizer.eos_id is not None else TEXT_SEPARATOR
+            records = RecordReader(text_field, errors, sep)
             chunks = (
                 item
                 for f in files
-                for item in iter_file_chunks(f, errors, chunk_bytes, hasher=hashes[f.path])
+                for item in input_chunks(f, errors, chunk_bytes, records, hashes[f.path])
             )
             tokens_path = tmp / "tokens.partial"
             with (
@@ -516,8 +551,9 @@ def _prepare_locked(
         n_val = int(n_tokens * val_fraction)
         n_train = n_tokens - n_val
         if n_tokens == 0:
+            skipped = f" ({records.report.describe()})" if records.report.n_skipped else ""
             raise DataError(
-                f"input is empty: {', '.join(f.label for f in files[:5])} contain no text"
+                f"input is empty: {', '.join(f.label for f in files[:5])} contain no text{skipped}"
             )
         if n_val < 2 or n_train < 2:
             raise DataError(
@@ -537,6 +573,8 @@ def _prepare_locked(
                     f"the {tokenizer.type} tokenizer produced id {info['max_id']}, outside its "
                     f"vocabulary of {tokenizer.vocab_size} ids"
                 )
+        if any(record_format(f.path) for f in files):
+            meta["records"] = _records_meta(records, text_field)
         atomic_write_json(tmp / META_FILE, meta)
         fsync_dir(tmp)
         _commit(tmp, out)
@@ -605,6 +643,20 @@ def _meta(
     }
 
 
+def _records_meta(records: RecordReader, text_field: str) -> dict[str, Any]:
+    """How JSON Lines / Parquet records were read (meta.json `records`); warns about skips."""
+    if records.report.n_skipped:
+        import logging
+
+        logging.getLogger("craft.data").warning("%s", records.report.describe())
+    sep = records.separator
+    return {
+        "text_field": text_field,
+        "separator": {"id": sep} if isinstance(sep, int) else {"text": sep},
+        **records.report.meta(),
+    }
+
+
 def _commit(tmp: Path, out: Path) -> None:
     """Rename the finished temporary directory into place (replacing an old dataset or empty dir)."""
     if out.exists():
@@ -650,5 +702,7 @@ def default_dataset_dir(data_cfg: Any, tokenizer_cfg: Any) -> Path:
         "errors": data_cfg.errors,
         "format_version": FORMAT_VERSION,
     }
+    if getattr(data_cfg, "text_field", "text") != "text":  # the default keeps existing names
+        key["text_field"] = data_cfg.text_field
     tok_type = tokenizer_cfg.model_dump().get("type", "tok")
     return datasets_dir() / f"{base}-{tok_type}-{short_hash(key, 10)}"

@@ -447,9 +447,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(
             f"{p}: not found (expected a run, checkpoint or exported model directory)"
         )
+    if p.is_file() and p.name == LATEST:
+        p = _follow_latest(p)
     if not p.is_dir():
         raise CheckpointError(
-            f"{p}: is a file; expected a run, checkpoint or exported model directory"
+            f"{p}: is a file; expected a run, checkpoint or exported model directory "
+            f"(or a checkpoints/{LATEST} pointer)"
         )
     if (p / MARKER).exists() or (p / "model.safetensors").exists():
         problem = checkpoint_problem(p)
@@ -480,6 +483,27 @@ def resolve_source(path: str | Path) -> Path | str:
     from craft.interop.hf import is_hf_source
 
     return path if is_hf_source(path) else resolve_checkpoint(path)
+
+
+def _follow_latest(pointer: Path) -> Path:
+    """The checkpoint a `latest` pointer file names: a sibling `step_XXXXXXXX` directory only."""
+    try:
+        with open(pointer, "rb") as f:
+            name = f.read(256).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: cannot read the {LATEST} pointer ({e})") from None
+    if not STEP_RE.match(name):
+        raise CheckpointError(
+            f"{pointer}: not a {LATEST} pointer (expected the name of a step_XXXXXXXX checkpoint "
+            f"next to it, found {name[:40]!r})"
+        )
+    target = pointer.parent / name
+    if target.is_symlink() or not target.is_dir():
+        raise CheckpointError(
+            f"{pointer}: points to {name}, which is not a checkpoint directory next to it; pass "
+            f"{pointer.parent} to use the newest complete checkpoint"
+        )
+    return target
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
