@@ -10,7 +10,14 @@ from typing import Any
 
 import typer
 
-from craft.cli.generate_cmd import CHECKPOINT, DEVICE, Device, DType, stderr_logging
+from craft.cli.generate_cmd import (
+    CHECKPOINT,
+    DEVICE,
+    TRUST_IMPORTS,
+    Device,
+    DType,
+    stderr_logging,
+)
 
 
 class Split(str, Enum):
@@ -69,6 +76,7 @@ def register(app: typer.Typer) -> None:
         dtype: DType = typer.Option(
             DType.float32, "--dtype", help="Autocast dtype of the forward pass."
         ),
+        trust_imports: bool = TRUST_IMPORTS,
     ) -> None:
         """Loss, perplexity and bits per token/character/byte of a checkpoint on a data split."""
         from craft.cli.errors import run_guarded
@@ -85,6 +93,7 @@ def register(app: typer.Typer) -> None:
                 batch_size=batch_size,
                 device=device.value,
                 dtype=dtype.value,
+                trust_imports=trust_imports,
             )
             out = {"checkpoint": str(checkpoint), **result.to_dict()}
             if as_json:

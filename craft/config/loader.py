@@ -20,6 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 COMMAND_LINE = "command line"
+MAX_DEPTH = 64  # tables and arrays nested deeper than this are refused (no RecursionError later)
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
 _POS_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
 
@@ -40,6 +41,7 @@ class RawConfig:
     origins: dict[str, str] = field(default_factory=dict)
     imports: list[str] = field(default_factory=list)
     path: Path | None = None
+    recipe_dir: Path | None = None  # where `imports` may also be found: the recipe's directory
 
     def origin(self, dotted: str) -> str:
         """Where `dotted` (or its nearest set ancestor or descendant) was set, else 'default'."""
@@ -65,9 +67,15 @@ def _leaves(data: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def _drop_origins(origins: dict[str, str], dotted: str) -> None:
-    for k in [k for k in origins if k == dotted or k.startswith(dotted + ".")]:
-        del origins[k]
+def _drop_origins(origins: dict[str, str], dotted: str, old: Any) -> None:
+    """Forget where `dotted` and the leaves of its old value `old` were set.
+
+    Only the old value's own leaves are visited (never every origin), so N overrides cost O(N).
+    """
+    origins.pop(dotted, None)
+    if isinstance(old, dict) and old:
+        for leaf in _leaves(old, dotted + "."):
+            origins.pop(leaf, None)
 
 
 def deep_merge(
@@ -83,7 +91,7 @@ def deep_merge(
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             deep_merge(base[k], v, origins, over_origin, dotted + ".")
             continue
-        _drop_origins(origins, dotted)
+        _drop_origins(origins, dotted, base.get(k))
         base[k] = _copy(v)
         leaves = _leaves(v, dotted + ".") if isinstance(v, dict) and v else [dotted]
         for leaf in leaves:
@@ -99,16 +107,14 @@ def _copy(v: Any) -> Any:
 
 
 def _parse_toml(path: Path, label: str) -> dict[str, Any]:
+    from craft.safety import MAX_TOML_BYTES, read_text_bounded
+
+    # A FIFO, a device (/dev/zero) or a huge file is an error, not a hang or a MemoryError.
+    text = read_text_bounded(path, MAX_TOML_BYTES, what=label, error=ConfigError)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{label}: file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{label}: is a directory, expected a TOML file") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{label}: not UTF-8 text (byte {e.start})") from None
-    try:
-        return tomllib.loads(text)
+        return _check_depth(tomllib.loads(text), label)
+    except RecursionError:
+        raise ConfigError(f"{label}: nested more than {MAX_DEPTH} levels deep") from None
     except tomllib.TOMLDecodeError as e:
         msg = str(e)
         m = _POS_RE.search(msg)
@@ -119,6 +125,27 @@ def _parse_toml(path: Path, label: str) -> dict[str, Any]:
                 f"column {m.group(2)}: {reason}"
             ) from None
         raise ConfigError(f"{label}: TOML syntax error: {msg}") from None
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of tables and arrays, without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            break
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def _check_depth(data: dict[str, Any], label: str) -> dict[str, Any]:
+    if _depth(data) > MAX_DEPTH:
+        raise ConfigError(f"{label}: nested more than {MAX_DEPTH} levels deep")
+    return data
 
 
 def _string_list(value: Any, key: str, label: str) -> list[str]:
@@ -170,6 +197,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     value = value.strip()
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
+        _check_depth({"v": parsed}, f"{COMMAND_LINE}: override {text[:40]!r}")
+    except RecursionError:
+        raise ConfigError(
+            f"{COMMAND_LINE}: override {text[:40]!r}: nested more than {MAX_DEPTH} levels deep"
+        ) from None
     except tomllib.TOMLDecodeError:
         if value and value[0] in "[{\"'":
             raise ConfigError(
@@ -211,5 +243,6 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> RawConfig:
     if not path.exists():
         raise ConfigError(f"recipe {display_path(path)}: file not found")
     raw = load_file(path)
+    raw.recipe_dir = path.resolve().parent
     apply_overrides(raw, overrides or [])
     return raw

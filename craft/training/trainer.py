@@ -357,7 +357,11 @@ class Trainer:
     def _check_resume(self, path: Path, model: torch.nn.Module) -> dict[str, Any]:
         """Trainer state of `path` after checking that it fits the model; reports config changes."""
         state = ckpt.read_trainer_state(path)
-        saved_cfg = ckpt.read_config(path)
+        saved_cfg = ckpt.read_config(  # imports only what the recipe being run imports
+            path,
+            trusted=self.cfg.imports,
+            hint="add them to the recipe's imports if you trust them",
+        )
         changes = ckpt.config_changes(ckpt.config_dict(saved_cfg), ckpt.config_dict(self.cfg))
         model_changes = [c for c in changes if c.startswith(("model.", "tokenizer."))]
         shapes = ckpt.weight_shapes(path / "model.safetensors")
