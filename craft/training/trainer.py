@@ -34,7 +34,7 @@ from craft.training.callbacks import BUILTINS, Callback, ProgressCallback
 from craft.training.logs import setup_logging
 from craft.training.rng import capture_rng, restore_rng, seed_everything
 from craft.training.schedulers import restore_scheduler, scheduler_state
-from craft.training.signals import StopSignals
+from craft.training.signals import StopSignals, any_process
 from craft.training.state_io import flatten_state, unflatten_state
 
 log = logging.getLogger("craft.training")
@@ -655,11 +655,22 @@ class Trainer:
                 window_t0, window_steps, paused = time.perf_counter(), 0, 0.0
 
             t_pause = time.perf_counter()
-            if step_no % cfg.eval.interval == 0:
+            waited = step_no % cfg.eval.interval == 0
+            if waited:
                 self.evaluate()
             stopping = signal_stop is not None or self._stop_reason is not None
             if step_no % cfg.checkpoint.interval == 0 or stopping:
+                waited = True
                 self.save_checkpoint(elapsed=self._elapsed_before + time.perf_counter() - t_start)
+            if waited and not stopping and any_process(self._signals.received, self.device, multi):
+                # A signal during the evaluation or checkpoint: stop now, not after another step.
+                signal_stop = self._signals.received or "a signal on another process"
+                log.warning("received %s at step %d; exiting", signal_stop, step_no)
+                if self._saved_step != step_no:
+                    self.save_checkpoint(
+                        elapsed=self._elapsed_before + time.perf_counter() - t_start
+                    )
+                stopping = True
             paused += time.perf_counter() - t_pause
             if stopping:
                 if self._stop_reason:
