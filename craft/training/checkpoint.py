@@ -531,8 +531,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
     found = latest_checkpoint(root)
-    if found is not None:
-        return found
+    if found is not None:  # a step directory symlinked from elsewhere is not this run's
+        return inside(p, str(found.relative_to(p)), what="checkpoint", error=CheckpointError)
     if root is not p or any(checkpoint_step(c) is not None for c in p.iterdir()):
         raise CheckpointError(f"{p}: no complete checkpoint in {root}")
     raise CheckpointError(

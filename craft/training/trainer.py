@@ -756,7 +756,7 @@ class Trainer:
         pointer = root / ckpt.BEST
         name = pointer.read_text().strip() if pointer.exists() else None
         best_loss = None
-        if name and ckpt.is_complete(root / name):
+        if name and ckpt.checkpoint_step(Path(name)) is not None and ckpt.is_complete(root / name):
             best_loss = ckpt.read_trainer_state(root / name).get("last_val_loss")
         else:
             name = None

@@ -246,3 +246,15 @@ def test_export_copies_only_the_files_the_marker_lists(evil, tmp_path) -> None:
     assert secret.untouched()
     model, _, _ = ckpt.load_model(out)
     assert model.num_params() > 0
+
+
+def test_a_run_directory_cannot_point_at_a_checkpoint_elsewhere(export, tmp_path, capsys) -> None:
+    elsewhere = tmp_path / "elsewhere" / "step_00000009"
+    shutil.copytree(export, elsewhere)
+    run = tmp_path / "downloads" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000009").symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match="points outside"):
+        ckpt.load_model(run)
+    res = run_craft(["generate", "--checkpoint", str(run), "--prompt", "a"], capsys)
+    assert res.code == 2 and "points outside" in res.err
