@@ -1,7 +1,7 @@
 """Guards for what Craft reads from files it did not write and for what it may delete.
 
 Checkpoints, exports, datasets and tokenizers are often downloaded; their files are data, never
-instructions. Every layer that opens one goes through these helpers:
+instructions. Every layer that opens one goes through these functions:
 
 - `inside(base, rel)`: a path named inside such a directory is relative, has no `..`, and still
   lies inside the directory once symlinks are resolved;
@@ -190,14 +190,34 @@ def read_json_bounded(
 # ------------------------------------------------------------------------- cache directories
 
 
+def _private_group(gid: int) -> bool:
+    """Whether `gid` is this user's own group (a user-private group: the primary group, with no
+    other listed members), so that group write access is nobody else's."""
+    if gid != os.getgid():
+        return False
+    try:
+        import grp
+        import pwd
+
+        me = pwd.getpwuid(os.getuid())
+        if set(grp.getgrgid(gid).gr_mem) - {me.pw_name}:
+            return False
+        return not any(u.pw_gid == gid and u.pw_uid != me.pw_uid for u in pwd.getpwall())
+    except (ImportError, KeyError):
+        return False
+
+
 def _writable_by_others(st: os.stat_result) -> bool:
-    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    if st.st_mode & stat.S_IWOTH:
+        return True
+    return bool(st.st_mode & stat.S_IWGRP) and not _private_group(st.st_gid)
 
 
 def check_private(path: Path, *, what: str, error: type[CraftError] = CraftError) -> None:
     """Refuse a directory that another user owns or could write (so could plant files in).
 
-    Owned by this user (or root) and not writable by group or others passes.
+    Owned by this user (or root) and not writable by others passes; group write access passes
+    only for the user's own private group (the default with umask 002 on many systems).
     """
     if not hasattr(os, "getuid"):  # pragma: no cover - not POSIX
         return

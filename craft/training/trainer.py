@@ -202,7 +202,7 @@ class Trainer:
 
         state: dict[str, Any] | None = None
         if resume_from is not None:
-            state = self._check_resume(resume_from, model)
+            state = self._check_resume(resume_from, model, own_run=resume == "auto")
             ckpt.load_weights_into(model, resume_from / "model.safetensors")
 
         self.run_dir = run_dir if run_dir is not None else self._create_run_dir()
@@ -354,11 +354,17 @@ class Trainer:
         # Resuming from an older checkpoint must not overwrite that run's later ones.
         return None, str(found_ckpt)
 
-    def _check_resume(self, path: Path, model: torch.nn.Module) -> dict[str, Any]:
-        """Trainer state of `path` after checking that it fits the model; reports config changes."""
+    def _check_resume(self, path: Path, model: torch.nn.Module, own_run: bool) -> dict[str, Any]:
+        """Trainer state of `path` after checking that it fits the model; reports config changes.
+
+        `own_run` (--resume auto: found under this recipe's run.output_dir) imports what the
+        checkpoint's config names, as the recipe that started the run did; another path imports
+        only what the recipe being run imports.
+        """
         state = ckpt.read_trainer_state(path)
-        saved_cfg = ckpt.read_config(  # imports only what the recipe being run imports
+        saved_cfg = ckpt.read_config(
             path,
+            trust_imports=own_run,
             trusted=self.cfg.imports,
             hint="add them to the recipe's imports if you trust them",
         )

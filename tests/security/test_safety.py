@@ -11,6 +11,7 @@ import pytest
 from craft.errors import CraftError, DataError
 from craft.paths import cache_dir
 from craft.safety import (
+    _private_group,
     check_output_location,
     inside,
     owned_entries,
@@ -105,9 +106,15 @@ def test_private_dir_refuses_what_others_can_write(tmp_path: Path, monkeypatch) 
     with pytest.raises(CraftError, match="can be written by other users"):
         private_dir(shared, what="cache")
     os.chmod(shared, 0o775)
-    with pytest.raises(CraftError, match="chmod go-w"):
+    if _private_group(os.getgid()):  # umask 002 with a user-private group: nobody else writes
         private_dir(shared, what="cache")
+    if hasattr(os, "chown") and os.getuid() == 0:
+        os.chown(shared, -1, 65534)  # a group other users are in
+        with pytest.raises(CraftError, match="chmod go-w"):
+            private_dir(shared, what="cache")
+        os.chown(shared, -1, os.getgid())
     # CRAFT_HOME itself and every level below it are checked
+    os.chmod(shared, 0o777)
     monkeypatch.setenv("CRAFT_HOME", str(shared))
     with pytest.raises(DataError, match="other users"):
         cache_dir("datasets", error=DataError)

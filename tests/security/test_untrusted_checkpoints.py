@@ -258,3 +258,14 @@ def test_a_run_directory_cannot_point_at_a_checkpoint_elsewhere(export, tmp_path
         ckpt.load_model(run)
     res = run_craft(["generate", "--checkpoint", str(run), "--prompt", "a"], capsys)
     assert res.code == 2 and "points outside" in res.err
+
+
+def test_resume_path_imports_only_what_the_recipe_imports(tmp_path) -> None:
+    from craft.training.run import train
+    from tests.training._helpers import tiny_config
+
+    first = train(tiny_config(tmp_path, "training.max_steps=2", "imports=['json']"))
+    again = tiny_config(tmp_path, "training.max_steps=3")
+    with pytest.raises(CheckpointError, match=r"\('json'\).*recipe's imports"):
+        train(again, resume=str(first.last_checkpoint))
+    assert train(again, resume="auto").step == 3  # your own run, found in your output_dir
