@@ -4,8 +4,8 @@
 builds them as the extension `craft._C`. When that module is missing, the first use on a CUDA
 machine compiles the same sources just in time (torch.utils.cpp_extension.load) into
 `<CRAFT_HOME>/torch_extensions/`, once; later processes reuse that build (a build folder that
-another user owns or can write is refused, since the library found there is loaded). `CRAFT_CUDA_JIT=0`
-turns the just-in-time build off.
+another user owns or can write is refused, since the library found there is loaded).
+`CRAFT_CUDA_JIT=0` turns the just-in-time build off.
 
 The kernels take x, residual (same dtype) in float32/float16/bfloat16 with weight/bias of any of
 those dtypes, compute in float32, and return y in x's dtype; gradients of weight/bias come back in

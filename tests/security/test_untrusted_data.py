@@ -196,3 +196,26 @@ def test_a_planted_named_source_dataset_is_refused(tmp_path, monkeypatch) -> Non
     prepare([tmp_path / "corpus.txt"], path, cfg.tokenizer, progress=False)
     with pytest.raises(DataError, match="not prepared from it"):
         build_tokens(cfg.data, cfg.tokenizer, block_size=8, progress=False)
+
+
+def test_cuda_jit_build_folder_others_can_write_is_never_loaded(tmp_path, monkeypatch) -> None:
+    from torch.utils import cpp_extension
+
+    from craft.ops import cuda
+
+    loaded: list[str] = []
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: loaded.append(kw["build_directory"]))
+    monkeypatch.setenv("CRAFT_CUDA_JIT", "1")
+    home = tmp_path / "home"
+    (home / "torch_extensions").mkdir(parents=True)
+    os.chmod(home, 0o700)
+    os.chmod(home / "torch_extensions", 0o777)  # anyone could plant a built library here
+    monkeypatch.setenv("CRAFT_HOME", str(home))
+    module, reason = cuda._jit_build()
+    assert module is None and loaded == []
+    assert "refused" in reason and "other users" in reason
+    os.chmod(home / "torch_extensions", 0o700)
+    cuda._jit_build()
+    assert len(loaded) == 1 and loaded[0].startswith(str(home / "torch_extensions"))
