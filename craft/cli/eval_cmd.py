@@ -43,7 +43,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"bits/char       {result['bits_per_char']:.4f}  ({result['characters']:,} characters)",
         f"bits/byte       {result['bits_per_byte']:.4f}  ({result['bytes']:,} UTF-8 bytes)",
     ]
-    return "\n".join(lines)
+    from craft.safety import printable
+
+    return printable("\n".join(lines))  # paths may come from a checkpoint's config
 
 
 def register(app: typer.Typer) -> None:
