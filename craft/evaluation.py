@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from craft.errors import DataError
+from craft.errors import CraftError, DataError
 
 _DECODE_CHUNK = 1 << 22  # tokens decoded at once when counting characters
 
@@ -278,9 +278,42 @@ def check_same_vocabulary(model_tokenizer: Any, model_vocab: int, dataset: Any) 
         )
 
 
-def open_eval_data(cfg: Any, data: str | Path | None) -> Any:
-    """The PreparedDataset to score: `data` when given, else the checkpoint config's own data."""
+def checkpoint_dataset_dir(cfg: Any, tokenizer: Any) -> Path | None:
+    """Where the dataset a checkpoint's config names would be prepared, found without reading
+    (or preparing) anything that config names: `data.dir`, or the cache entry of a known named
+    source or of plain `data.files` (located by their size and time, never read).
+
+    The config comes from a checkpoint that may have been downloaded, so its paths are looked up,
+    never written to; None when the location cannot be known that way.
+    """
+    from craft.data.prepare import default_dataset_dir
+    from craft.data.sources import is_source
+
+    d = cfg.data
+    if d.dir:
+        return Path(d.dir).expanduser()
+    fingerprint = None
+    if getattr(cfg.tokenizer, "type", None) == "sentencepiece" and cfg.tokenizer.model:
+        # The model file the config names is not read: the checkpoint carries that tokenizer.
+        fingerprint = {"type": "sentencepiece", "model_sha256": tokenizer.config()["model_sha256"]}
+    if d.source:
+        if not is_source(d.source):
+            return None
+    elif not d.files or not all(
+        not any(c in f for c in "*?[") and Path(f).expanduser().is_file() for f in d.files
+    ):
+        return None
+    try:
+        return default_dataset_dir(d, cfg.tokenizer, fingerprint=fingerprint)
+    except CraftError:
+        return None
+
+
+def open_eval_data(cfg: Any, data: str | Path | None, tokenizer: Any = None) -> Any:
+    """The PreparedDataset to score: `data` when given, else the checkpoint's own dataset if it
+    is already prepared on this machine (nothing the checkpoint names is ever prepared)."""
     from craft.data.datasets import PreparedDataset
+    from craft.data.prepare import is_prepared
 
     if data is not None:
         return PreparedDataset(data)
@@ -294,10 +327,15 @@ def open_eval_data(cfg: Any, data: str | Path | None) -> Any:
             "the checkpoint records no dataset (e.g. a Hugging Face model); pass --data DIR "
             "(a dataset prepared with the model's tokenizer)"
         )
-    from craft.training.builders import build_data
-
-    module = build_data(cfg, rank=0, world_size=1, is_main=True, wait=lambda: None)
-    return module.dataset
+    path = checkpoint_dataset_dir(cfg, tokenizer)
+    if path is None or not is_prepared(path):
+        where = f" (looked for {path})" if path is not None else ""
+        raise DataError(
+            f"the checkpoint's own dataset is not prepared on this machine{where}; Craft never "
+            "prepares data a checkpoint's config names; pass --data DIR (a prepared dataset with "
+            "the same tokenizer)"
+        )
+    return PreparedDataset(path)
 
 
 def evaluate_checkpoint(
@@ -311,6 +349,7 @@ def evaluate_checkpoint(
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
     windows: int | None = None,
+    trust_imports: bool = False,
 ) -> EvalResult:
     """Score a checkpoint (run, checkpoint or export directory) on a split of prepared data.
 
@@ -329,8 +368,10 @@ def evaluate_checkpoint(
         raise DataError("windows and max_batches: give one of them, not both")
     autocast = resolve_dtype(dtype)
     ck = resolve_source(checkpoint)  # a run directory: its newest complete checkpoint
-    model, tokenizer, cfg = load_model(ck, device=resolve_device(device))
-    dataset = open_eval_data(cfg, data)
+    model, tokenizer, cfg = load_model(
+        ck, device=resolve_device(device), trust_imports=trust_imports
+    )
+    dataset = open_eval_data(cfg, data, tokenizer)
     check_same_vocabulary(tokenizer, model.vocab_size, dataset)
     window = getattr(model, "block_size", None) or model_block_size(cfg)
     result = evaluate_tokens(

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,19 +43,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def exclusive_temp_file(path: Path, tag: str = "tmp") -> tuple[int, Path]:
+    """(fd, path) of a new file next to `path` with an unpredictable name, created exclusively
+    (O_EXCL: a file or symlink planted under a guessable name is never followed or reused)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{tag}-", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # the mode a plain open() would give
+    return fd, Path(name)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file, fsync and rename: never a half-written file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, tmp = exclusive_temp_file(path)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 

@@ -42,7 +42,7 @@ def _one_thread() -> Iterator[None]:
 def _craft_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test session gets its own cache so tests never see a user's prepared datasets."""
     home = tmp_path_factory.getbasetemp() / "craft_home"
-    home.mkdir(exist_ok=True)
+    home.mkdir(mode=0o700, exist_ok=True)  # private, as Craft requires of its cache
     monkeypatch.setenv("CRAFT_HOME", str(home))
 
 

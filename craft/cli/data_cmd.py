@@ -108,8 +108,13 @@ def _run_prepare(
         if not data.source and not data.files:
             raise ConfigError(f"{config}: set data.source or data.files to say what to prepare")
         inputs = [data.source] if data.source else list(data.files)
-        if output_dir is None:
-            output_dir = Path(data.dir) if data.dir else default_dataset_dir(data, tok_cfg)
+        if output_dir is None and data.dir:
+            output_dir = Path(data.dir)
+        elif output_dir is None:
+            from craft.paths import cache_dir
+
+            cache_dir("datasets", error=ConfigError)  # refused if another user could write it
+            output_dir = default_dataset_dir(data, tok_cfg)
         val_fraction = data.val_fraction if val_fraction is None else val_fraction
         errors = data.errors if errors is None else errors
         text_field = data.text_field if text_field is None else text_field
@@ -258,19 +263,26 @@ def prepare_cmd(
 
 def _run_info(path: Path) -> None:
     from craft.data.datasets import PreparedDataset
+    from craft.safety import printable
+
+    def show(v: Any) -> str:  # text from meta.json: control characters escaped, never executed
+        return printable(v, newlines=False)
 
     ds = PreparedDataset(path)
     m = ds.meta
     tok = m["tokenizer"]
-    typer.echo(f"dataset     {ds.path}")
-    typer.echo(f"tokenizer   {tok['type']} (vocab {m['vocab_size']}), ids stored as {m['dtype']}")
+    typer.echo(f"dataset     {show(ds.path)}")
+    typer.echo(
+        f"tokenizer   {show(tok.get('type'))} (vocab {m['vocab_size']}), ids stored as {m['dtype']}"
+    )
     for split in ("train", "val"):
         typer.echo(f"{split:<11} {ds.num_tokens(split):,} tokens")
     typer.echo(f"ids         all below the vocabulary size {m['vocab_size']} (checked)")
-    typer.echo(f"val share   {m['val_fraction']}")
-    for src in m["sources"]:
+    typer.echo(f"val share   {show(m.get('val_fraction', '?'))}")
+    for src in m.get("sources", []):
         typer.echo(
-            f"source      {src['name']} ({src['bytes']:,} bytes, sha256 {src['sha256'][:16]}…)"
+            f"source      {show(src['name'])} ({src['bytes']:,} bytes, sha256 "
+            f"{show(src['sha256'][:16])}…)"
         )
     rec = m.get("records")
     if isinstance(rec, dict):
@@ -281,7 +293,9 @@ def _run_info(path: Path) -> None:
             f"records     {rec.get('records', 0):,} from field {rec.get('text_field')!r}, "
             f"separator {sep_text}, {skipped:,} skipped"
         )
-    typer.echo(f"created     {m.get('created', '?')} by craft {m.get('craft_version', '?')}")
+    typer.echo(
+        f"created     {show(m.get('created', '?'))} by craft {show(m.get('craft_version', '?'))}"
+    )
 
 
 @app.command("info")

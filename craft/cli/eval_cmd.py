@@ -10,7 +10,14 @@ from typing import Any
 
 import typer
 
-from craft.cli.generate_cmd import CHECKPOINT, DEVICE, Device, DType, stderr_logging
+from craft.cli.generate_cmd import (
+    CHECKPOINT,
+    DEVICE,
+    TRUST_IMPORTS,
+    Device,
+    DType,
+    stderr_logging,
+)
 
 
 class Split(str, Enum):
@@ -41,7 +48,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"bits/char       {result['bits_per_char']:.4f}  ({result['characters']:,} characters)",
         f"bits/byte       {result['bits_per_byte']:.4f}  ({result['bytes']:,} UTF-8 bytes)",
     ]
-    return "\n".join(lines)
+    from craft.safety import printable
+
+    return printable("\n".join(lines))  # paths may come from a checkpoint's config
 
 
 def register(app: typer.Typer) -> None:
@@ -83,6 +92,7 @@ def register(app: typer.Typer) -> None:
         dtype: DType = typer.Option(
             DType.float32, "--dtype", help="Autocast dtype of the forward pass."
         ),
+        trust_imports: bool = TRUST_IMPORTS,
     ) -> None:
         """Loss, perplexity and bits per token/character/byte of a checkpoint on a data split."""
         from craft.cli.errors import run_guarded
@@ -100,6 +110,7 @@ def register(app: typer.Typer) -> None:
                 batch_size=batch_size,
                 device=device.value,
                 dtype=dtype.value,
+                trust_imports=trust_imports,
             )
             out = {"checkpoint": result.checkpoint, **result.to_dict()}
             out["selection"] = "spread" if windows else ("prefix" if max_batches else "all")

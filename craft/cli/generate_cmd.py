@@ -6,6 +6,7 @@ import logging
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -41,6 +42,12 @@ CHECKPOINT = typer.Option(
     show_default=False,
 )
 DEVICE = typer.Option(Device.auto, "--device", help="Where to run.")
+TRUST_IMPORTS = typer.Option(
+    False,
+    "--trust-imports",
+    help="Import the Python modules the checkpoint's config names (runs their code; only for "
+    "checkpoints you trust). Without it such a checkpoint is refused.",
+)
 
 
 def stderr_logging() -> None:
@@ -51,7 +58,9 @@ def stderr_logging() -> None:
 
     class _Lower(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
-            return f"{record.levelname.lower()}: {record.getMessage()}"
+            from craft.safety import printable
+
+            return f"{record.levelname.lower()}: {printable(record.getMessage())}"
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Lower())
@@ -69,16 +78,27 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise ConfigError("--prompt and --prompt-file: give one of them, not both")
     if prompt_file is None:
         return prompt or ""
-    try:
-        return prompt_file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--prompt-file {prompt_file}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            f"--prompt-file {prompt_file}: not UTF-8 text (byte offset {e.start})"
-        ) from None
-    except OSError as e:
-        raise ConfigError(f"--prompt-file {prompt_file}: cannot read it ({e.strerror})") from None
+    from craft.safety import MAX_PROMPT_BYTES, read_text_bounded
+
+    # A FIFO or /dev/zero is refused and the size bounded: a prompt longer than any context
+    # is cropped anyway.
+    return read_text_bounded(
+        prompt_file, MAX_PROMPT_BYTES, what=f"--prompt-file {prompt_file}", error=ConfigError
+    )
+
+
+class _Escaping:
+    """A terminal stream that shows control characters of model output (an escape sequence the
+    model or a doctored vocabulary produces) as text instead of executing them."""
+
+    def __init__(self, stream: Any, clean: Any) -> None:
+        self.stream, self.clean = stream, clean
+
+    def write(self, text: str) -> int:
+        return self.stream.write(self.clean(text))
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def register(app: typer.Typer) -> None:
@@ -130,6 +150,7 @@ def register(app: typer.Typer) -> None:
         ),
         device: Device = DEVICE,
         dtype: DType = typer.Option(DType.float32, "--dtype", help="Weights and cache dtype."),
+        trust_imports: bool = TRUST_IMPORTS,
     ) -> None:
         """Sample text from a checkpoint (KV-cached decoding; stops at max tokens or end-of-text)."""
         from craft.cli.errors import run_guarded
@@ -148,15 +169,19 @@ def register(app: typer.Typer) -> None:
             SamplingParams(temperature, top_k, top_p)  # bad values fail before loading
             dev = resolve_device(device.value)
             ck = resolve_source(checkpoint)  # a run directory: its newest complete checkpoint
-            model, tokenizer, _ = load_model(ck, device=dev, dtype=resolve_dtype(dtype.value))
+            model, tokenizer, _ = load_model(
+                ck, device=dev, dtype=resolve_dtype(dtype.value), trust_imports=trust_imports
+            )
             sys.stderr.write(f"checkpoint: {ck}\n")
             use_seed = seed
             if use_seed is None:
                 use_seed = random.SystemRandom().randrange(2**31)
                 if temperature > 0:  # greedy decoding draws no random numbers
                     sys.stderr.write(f"seed: {use_seed}\n")
+            from craft.safety import printable
+
             streaming = sys.stdout.isatty() if stream is None else stream
-            out = sys.stdout
+            out = _Escaping(sys.stdout, printable) if sys.stdout.isatty() else sys.stdout
 
             def header(i: int) -> None:
                 if i > 0:

@@ -43,7 +43,11 @@ def to_toml(cfg: BaseModel) -> str:
 
 
 def from_dict(data: dict[str, Any], label: str = "config") -> Any:
-    """Validate an already-resolved dict (e.g. the config stored in a checkpoint)."""
+    """Validate an already-resolved dict (e.g. the config stored in a checkpoint).
+
+    Its `imports` are imported: check them first when the dict comes from a file Craft did not
+    write (`craft.training.checkpoint.read_config` does).
+    """
     imports = string_list(data.get("imports", []), "imports", label)
     raw = RawConfig(
         data={k: v for k, v in data.items() if k != "imports"},

@@ -111,7 +111,9 @@ class SentencePieceTokenizerConfig(Section):
     model: str | None = Field(
         None, description="Path to a trained .model file; when unset one is trained on the data."
     )
-    vocab_size: int = Field(2000, ge=16, description="Vocabulary size when training a model.")
+    vocab_size: int = Field(
+        2000, ge=16, le=1 << 24, description="Vocabulary size when training a model."
+    )
     model_type: Literal["bpe", "unigram"] = Field("bpe", description="SentencePiece algorithm.")
     byte_fallback: bool = Field(True, description="Encode unknown characters as UTF-8 bytes.")
     character_coverage: float = Field(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
-import os
 import re
 import sys
 from typing import Annotated, Any, Union
@@ -93,11 +92,12 @@ def build_schema() -> type[BaseModel]:
 def import_plugins(modules: list[str], raw: RawConfig | None = None) -> None:
     """Import the recipe's `imports` modules; this runs their code, like any Python import.
 
-    The working directory is importable too (as with `python -m`), so a plugin file next to where
-    the command runs needs no install.
+    Modules are found on `sys.path` and next to the recipe file (a recipe is run on purpose, so
+    its directory is trusted); the working directory is never added.
     """
-    if modules and os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
+    here = str(raw.recipe_dir) if raw and raw.recipe_dir else None
+    if modules and here and here not in sys.path:
+        sys.path.append(here)
     for mod in modules:
         where = (raw.import_origins.get(mod) or raw.origin("imports")) if raw else "imports"
         if not _MODULE_RE.match(mod):

@@ -32,6 +32,8 @@ from craft.data.prepare import (
 from craft.data.tokenizers import Tokenizer, load_tokenizer
 from craft.errors import CraftError, DataError
 from craft.fileio import sha256_file
+from craft.paths import cache_dir
+from craft.safety import check_private, inside, read_json_bounded
 
 SPLITS = ("train", "val")
 SAMPLER_STATE_VERSION = 1
@@ -65,8 +67,11 @@ class PreparedDataset:
 
     def _load_tokenizer(self) -> Tokenizer:
         where = f"{self.path / META_FILE}"
-        for name, digest in self.meta["tokenizer"].get("files", {}).items():
-            file = self.path / name
+        files = self.meta["tokenizer"].get("files", {})
+        if not isinstance(files, dict):
+            raise DataError(f"{where}: tokenizer.files: expected an object of file name -> sha256")
+        for name, digest in files.items():
+            file = inside(self.path, name, what=f"{where}: tokenizer.files", error=DataError)
             if not file.is_file():
                 raise DataError(f"{where}: tokenizer file {name} is missing from {self.path}")
             if sha256_file(file) != digest:
@@ -94,7 +99,12 @@ class PreparedDataset:
 
     def _check_size(self, split: str) -> None:
         info = self.meta["splits"][split]
-        file = self.path / info["file"]
+        file = inside(
+            self.path,
+            info["file"],
+            what=f"{self.path / META_FILE}: splits.{split}.file",
+            error=DataError,
+        )
         if not file.is_file():
             raise DataError(f"{self.path}: {info['file']} is missing (listed in {META_FILE})")
         expected = info["tokens"] * self.dtype.itemsize
@@ -152,10 +162,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise DataError(
             f"{path}: not a prepared dataset (no {META_FILE}); prepare it with `craft data prepare`"
         )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{meta_path}: not valid JSON ({e})") from None
+    inside(path, META_FILE, what="dataset", error=DataError)
+    meta = read_json_bounded(meta_path, what=str(meta_path), error=DataError)
     problems = _meta_problems(meta)
     if problems:
         raise DataError(f"{meta_path}: {problems[0]}")
@@ -196,7 +204,20 @@ def _meta_problems(meta: Any) -> list[str]:
         top = info.get("max_id")
         if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < -1):
             return [f"splits.{split}.max_id {top!r}: expected an integer id"]
+    sources = meta.get("sources", [])
+    if not isinstance(sources, list) or not all(
+        isinstance(s, dict)
+        and isinstance(s.get("name"), str)
+        and _is_int(s.get("bytes"))
+        and isinstance(s.get("sha256"), str)
+        for s in sources
+    ):
+        return ["sources: expected a list of {name, bytes (an integer), sha256}"]
     return []
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -476,7 +497,12 @@ def build_tokens(
     """Registry builder of `data.type = "tokens"`: open the prepared directory, preparing it first
     (main process only; the others wait) when it is missing and a source or files are given."""
     out = Path(cfg.dir).expanduser() if cfg.dir else default_dataset_dir(cfg, tokenizer_cfg)
+    cached = not cfg.dir  # in CRAFT_HOME: checked, since it is used without being asked for
     try:
+        if cached and is_main:
+            cache_dir("datasets", error=DataError)
+            if out.exists():
+                check_private(out, what="cached dataset", error=DataError)
         if is_main and not is_prepared(out):
             if not cfg.source and not cfg.files:
                 raise DataError(
@@ -504,6 +530,8 @@ def build_tokens(
             "see the main process's error"
         )
     ds = PreparedDataset(out)
+    if cached and is_main:
+        verify_cached(ds, cfg)
     if not tokenizer_matches(ds.meta, tokenizer_cfg):
         where = f"data.dir = {cfg.dir!r}" if cfg.dir else str(out)
         raise DataError(
@@ -513,6 +541,33 @@ def build_tokens(
             "prepare it again (craft data prepare --force) or fix the tokenizer section"
         )
     return open_prepared(ds, block_size, rank=rank, world_size=world_size)
+
+
+def verify_cached(ds: PreparedDataset, cfg: Any) -> None:
+    """Check a dataset found in the cache against the hashes recorded when it was prepared.
+
+    The token files must match their recorded sha256, and a named source's recorded sha256 must be
+    that source's published one, so a dataset that was altered (or planted) is never trained on.
+    """
+    from craft.data.sources import get_source
+
+    for split in SPLITS:
+        info = ds.meta["splits"][split]
+        digest = info.get("sha256")
+        if digest is not None and sha256_file(ds.path / info["file"]) != digest:
+            raise DataError(
+                f"{ds.path}: {info['file']} does not match the sha256 recorded when it was "
+                "prepared; the cached dataset was modified: delete it and run again"
+            )
+    if cfg.source:
+        expected = get_source(cfg.source).sha256
+        recorded = [s.get("sha256") for s in ds.meta.get("sources", [])]
+        if recorded != [expected]:
+            raise DataError(
+                f"{ds.path / META_FILE}: sources do not record the published sha256 of "
+                f"{cfg.source!r}; the cached dataset was not prepared from it: delete it and run "
+                "again"
+            )
 
 
 def build_random(

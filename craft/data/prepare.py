@@ -38,6 +38,13 @@ from craft.data.sources import is_source, resolve_source
 from craft.data.tokenizers import Tokenizer, load_tokenizer
 from craft.errors import DataError, TokenizerError
 from craft.fileio import atomic_write_json, exclusive_lock, fsync_dir, pid_alive, sha256_file
+from craft.safety import (
+    check_output_location,
+    owned_entries,
+    read_json_bounded,
+    remove_owned,
+    unique_sibling,
+)
 
 META_FILE = "meta.json"
 FORMAT = "craft-tokens"
@@ -381,9 +388,47 @@ def _remove_stale_temps(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _check_output(out: Path, force: bool) -> None:
+def dataset_files(out: Path, *, option: str = "output directory") -> list[str]:
+    """The entries of the dataset directory `out` that Craft wrote, which is all there is.
+
+    Raises DataError unless `meta.json` is Craft's (format and version) and every entry of `out`
+    is a plain file it lists (the splits, meta.json, the tokenizer files): what `--force` may
+    delete, and nothing else.
+    """
+    meta = read_json_bounded(out / META_FILE, what=f"{option} {out / META_FILE}", error=DataError)
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT
+        or not isinstance(meta.get("format_version"), int)
+    ):
+        raise DataError(
+            f"{option} {out}: its {META_FILE} is not one Craft wrote (format {FORMAT!r}); "
+            "--force replaces only a dataset Craft prepared; choose another directory"
+        )
+    listed = {META_FILE, *SPLIT_FILES.values()}
+    splits = meta.get("splits")
+    if isinstance(splits, dict):
+        listed.update(
+            info["file"]
+            for info in splits.values()
+            if isinstance(info, dict) and isinstance(info.get("file"), str)
+        )
+    tok_files = (
+        (meta.get("tokenizer") or {}).get("files")
+        if isinstance(meta.get("tokenizer"), dict)
+        else None
+    )
+    if isinstance(tok_files, dict):
+        listed.update(tok_files)
+    listed = {n for n in listed if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")}
+    return owned_entries(out, listed, option=option, what="a dataset", error=DataError)
+
+
+def _check_output(out: Path, force: bool) -> list[str]:
+    """Refuse an output Craft must not write to; the entries `--force` will replace."""
+    check_output_location(out, option="output directory", error=DataError)
     if not out.exists():
-        return
+        return []
     if not out.is_dir():
         raise DataError(f"output directory {out}: exists and is not a directory")
     if is_prepared(out):
@@ -392,11 +437,13 @@ def _check_output(out: Path, force: bool) -> None:
                 f"output directory {out}: already holds a prepared dataset; pass --force to "
                 "replace it"
             )
-    elif any(out.iterdir()):
+        return dataset_files(out)
+    if any(out.iterdir()):
         raise DataError(
             f"output directory {out}: exists, is not empty and is not a prepared dataset; "
             "choose another directory (--output-dir or data.dir)"
         )
+    return []
 
 
 def _split_file(tokens_path: Path, out_dir: Path, n_train: int, itemsize: int) -> None:
@@ -504,8 +551,12 @@ def _prepare_locked(
     if not text_field:
         raise DataError("--text-field: expected a field name, got an empty string")
     out = Path(output_dir).expanduser().absolute()
-    _check_output(out, force)
+    check_output_location(out, option="output directory", error=DataError)
     files = resolve_inputs(inputs)
+    check_output_location(
+        out, option="output directory", inputs=[f.path for f in files], error=DataError
+    )
+    _check_output(out, force)
     fingerprint = tokenizer_fingerprint(tokenizer_cfg)
     total_bytes = sum(f.size for f in files)
     if workers is not None and workers < 1:
@@ -577,7 +628,7 @@ def _prepare_locked(
             meta["records"] = _records_meta(records, text_field)
         atomic_write_json(tmp / META_FILE, meta)
         fsync_dir(tmp)
-        _commit(tmp, out)
+        _commit(tmp, out, force)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -631,8 +682,8 @@ def _meta(
             "files": {name: sha256_file(tmp / name) for name in tok_files},
         },
         "splits": {
-            "train": {"file": SPLIT_FILES["train"], "tokens": n_train},
-            "val": {"file": SPLIT_FILES["val"], "tokens": n_val},
+            split: {"file": name, "tokens": n, "sha256": sha256_file(tmp / name)}
+            for (split, name), n in zip(SPLIT_FILES.items(), (n_train, n_val), strict=True)
         },
         "val_fraction": val_fraction,
         "errors": errors,
@@ -657,13 +708,15 @@ def _records_meta(records: RecordReader, text_field: str) -> dict[str, Any]:
     }
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory into place (replacing an old dataset or empty dir)."""
+def _commit(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished temporary directory into place, replacing an empty directory or (with
+    `force`) a dataset Craft prepared: only the files it wrote are deleted."""
     if out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
+        owned = _check_output(out, force)  # again: the directory may have changed meanwhile
+        old = unique_sibling(out, "replaced")
         os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_owned(old, owned)
     else:
         try:
             os.replace(tmp, out)
@@ -675,12 +728,15 @@ def _commit(tmp: Path, out: Path) -> None:
 # ------------------------------------------------------------------------------ default paths
 
 
-def default_dataset_dir(data_cfg: Any, tokenizer_cfg: Any) -> Path:
+def default_dataset_dir(
+    data_cfg: Any, tokenizer_cfg: Any, *, fingerprint: dict[str, Any] | None = None
+) -> Path:
     """`<CRAFT_HOME>/datasets/<source or files-hash>-<tokenizer type>-<hash>`.
 
     The hash covers the tokenizer fingerprint, val_fraction and errors, so changing any of them
     never reuses a dataset prepared differently. For `files`, the base hash covers the resolved
     paths with their sizes and modification times, so edited files are prepared again.
+    `fingerprint` replaces `tokenizer_fingerprint(tokenizer_cfg)` when already known.
     """
     from craft.fileio import short_hash
     from craft.paths import datasets_dir
@@ -697,7 +753,7 @@ def default_dataset_dir(data_cfg: Any, tokenizer_cfg: Any) -> Path:
             "globs) or data.dir (a prepared dataset)"
         )
     key = {
-        "tokenizer": tokenizer_fingerprint(tokenizer_cfg),
+        "tokenizer": fingerprint or tokenizer_fingerprint(tokenizer_cfg),
         "val_fraction": data_cfg.val_fraction,
         "errors": data_cfg.errors,
         "format_version": FORMAT_VERSION,

@@ -408,3 +408,23 @@ class GPT(nn.Module):
 def build(cfg: GPTConfig, vocab_size: int, *, fused_loss: bool = False) -> GPT:
     """The model builder of the registry; `cfg.vocab_size` wins over `vocab_size` when set."""
     return GPT(cfg, cfg.vocab_size or vocab_size, fused_loss=fused_loss)
+
+
+def param_counts(cfg: GPTConfig, vocab_size: int):  # -> craft.models.flops.ParamCounts
+    """The parameter counts of `GPT(cfg, vocab_size)`, by arithmetic (nothing is built)."""
+    from craft.models.flops import ParamCounts
+
+    c, v = cfg.d_model, cfg.vocab_size or vocab_size
+    hs, kv = c // cfg.n_head, cfg.n_kv_head or cfg.n_head
+    qkv = (cfg.n_head + 2 * kv) * hs
+    hidden = mlp_hidden_size(cfg)
+    width = hidden if cfg.mlp == "gelu" else 2 * hidden
+    b = int(cfg.bias)
+    norm = c + (c if cfg.bias and cfg.norm == "layernorm" else 0)
+    attn = c * qkv + b * qkv + c * c + b * c  # c_attn, c_proj
+    mlp = c * width + b * width + hidden * c + b * c  # c_fc, c_proj
+    embedding = v * c + (cfg.block_size * c if cfg.positions == "learned" else 0)
+    head = 0 if cfg.tie_embeddings else v * c
+    total = embedding + cfg.n_layer * (2 * norm + attn + mlp) + norm + head
+    tied = v * c if cfg.tie_embeddings else 0
+    return ParamCounts(total, embedding, total - embedding, total - embedding + tied)

@@ -174,3 +174,20 @@ class RNNLM(nn.Module):
 def build(cfg: RNNConfig, vocab_size: int, *, fused_loss: bool = False) -> RNNLM:
     """The model builder of the registry; `cfg.vocab_size` wins over `vocab_size` when set."""
     return RNNLM(cfg, cfg.vocab_size or vocab_size, fused_loss=fused_loss)
+
+
+def param_counts(cfg: RNNConfig, vocab_size: int):  # -> craft.models.flops.ParamCounts
+    """The parameter counts of `RNNLM(cfg, vocab_size)`, by arithmetic (nothing is built)."""
+    from craft.models.flops import ParamCounts
+
+    v, e, h = cfg.vocab_size or vocab_size, cfg.d_embed, cfg.hidden_size
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell] * h
+    # weight_ih, weight_hh, bias_ih, bias_hh per layer; layer 0 reads the embedding
+    recurrent = gates * (e + h + 2) + (cfg.n_layer - 1) * gates * (2 * h + 2)
+    proj = h * e if cfg.tie_embeddings and h != e else 0
+    out = e if proj else h
+    head = v if cfg.tie_embeddings else v * out + v  # the bias is never tied
+    embedding = v * e
+    total = embedding + recurrent + proj + head
+    tied = v * e if cfg.tie_embeddings else 0
+    return ParamCounts(total, embedding, total - embedding, total - embedding + tied)

@@ -15,14 +15,16 @@ directory without a valid `COMPLETE` is never loaded. Nothing here unpickles.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from craft.errors import CheckpointError, ConfigError
+from craft.errors import CheckpointError, ConfigError, CraftError
 from craft.fileio import atomic_write_text, fsync_dir, write_text_durable
+from craft.safety import (
+    MAX_JSON_BYTES,
+    MAX_TOML_BYTES,
+    check_relative,
+    inside,
+    printable,
+    read_json_bounded,
+    read_text_bounded,
+    staging_dir,
+    unique_sibling,
+)
 from craft.training.state_io import dedupe_shared, save_state, save_tensors, write_json
 
 if sys.version_info >= (3, 11):
@@ -41,6 +54,7 @@ else:  # pragma: no cover
 
 log = logging.getLogger("craft.training")
 
+FORMAT = "craft-checkpoint"
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 LATEST = "latest"
@@ -63,24 +77,56 @@ def checkpoint_step(path: Path) -> int | None:
 # ------------------------------------------------------------------------------ completeness
 
 
-def _check_marker(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(marker, None) for a complete directory, else (None, what is wrong with it)."""
+def _parse_marker(directory: Path) -> dict[str, Any] | None:
+    """The marker's JSON when it is Craft's and every file it lists is named safely, else None."""
     try:
-        text = (directory / MARKER).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None, f"no {MARKER} marker"
-    except OSError as e:
-        return None, f"cannot read its {MARKER} marker ({e.strerror or e})"
-    try:
-        marker = json.loads(text)
-    except ValueError:
-        return None, f"its {MARKER} marker is not valid JSON"
-    files = marker.get("files") if isinstance(marker, dict) else None
+        marker = read_json_bounded(directory / MARKER, MAX_JSON_BYTES, what=MARKER)  # no message
+    except CraftError:
+        return None
+    if not isinstance(marker, dict) or marker.get("format", FORMAT) != FORMAT:
+        return None
+    files = marker.get("files")
     if not isinstance(files, dict):
-        return None, f"its {MARKER} marker lists no files"
-    for rel, size in files.items():
+        return None
+    try:
+        for rel in files:
+            check_relative(rel, what=MARKER)
+    except CraftError:
+        return None
+    return marker
+
+
+def unsafe_marker_path(directory: Path) -> str | None:
+    """Why the marker of `directory` lists a file outside it (a doctored checkpoint), else None."""
+    try:
+        marker = read_json_bounded(directory / MARKER, MAX_JSON_BYTES, what=MARKER)
+        files = marker.get("files") if isinstance(marker, dict) else None
+        for rel in files if isinstance(files, dict) else {}:
+            inside(directory, rel, what=f"{directory / MARKER} lists a file that")
+    except CraftError as e:
+        return None if e.message.startswith(MARKER) else e.message
+    return None
+
+
+def _check_marker(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(marker, None) for a complete directory, else (None, what is wrong with it).
+
+    Every file the marker lists must lie inside `directory` (no absolute paths, `..` or symlinks
+    leading out) and have the recorded size.
+    """
+    if not (directory / MARKER).is_file():
+        return None, f"no {MARKER} marker"
+    marker = _parse_marker(directory)
+    if marker is None:
+        return None, (
+            f"its {MARKER} marker is not one Craft wrote (unreadable, not valid JSON, listing no "
+            "files or names outside the directory)"
+        )
+    for rel, size in marker["files"].items():
         try:
-            actual = (directory / rel).stat().st_size
+            actual = inside(directory, rel, what=MARKER).stat().st_size
+        except CraftError:
+            return None, f"its {MARKER} marker lists {rel!r}, which leads outside the directory"
         except OSError:
             return None, f"{rel} is missing"
         if actual != size:
@@ -148,7 +194,10 @@ def warn_skipped(skipped: list[tuple[Path, str]]) -> None:
         log.warning("skipped checkpoint %s: %s (left on disk untouched)", path, why)
 
 
-_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|trash|replaced)-(?P<pid>\d+)$")
+# `.<name>.<kind>-<pid>-<random>` (older versions wrote `.<name>.<kind>-<pid>`).
+_LEFTOVER_RE = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>tmp|trash|replaced)-(?P<pid>\d+)(?:-[A-Za-z0-9_]+)?$"
+)
 
 
 def clean_stale(root: Path) -> list[Path]:
@@ -178,23 +227,79 @@ def clean_stale(root: Path) -> list[Path]:
             fsync_dir(root)
             log.warning("restored %s, whose replacement was interrupted", target.name)
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
+        if p.is_symlink() or not p.is_dir():
             p.unlink(missing_ok=True)
+        elif m.group("kind") == "tmp":  # a directory this process's predecessor made exclusively
+            shutil.rmtree(p, ignore_errors=True)
+        else:  # a checkpoint moved aside: only what its marker lists (what is left stays)
+            listed = _parse_marker(p)
+            if listed is not None:
+                _delete_listed(p, listed)
+            with contextlib.suppress(OSError):
+                p.rmdir()
+            if p.exists():
+                log.warning("left %s in place: it holds files Craft did not write", p)
+                continue
         removed.append(p)
     return removed
 
 
 def _remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint so that no half-deleted directory ever looks complete (or like a
-    damaged checkpoint): it is renamed to a temporary name first."""
-    trash = path.parent / f".{path.name}.trash-{os.getpid()}"
-    if trash.exists():
-        shutil.rmtree(trash, ignore_errors=True)
+    """Delete a checkpoint Craft wrote so that no half-deleted directory ever looks complete or
+    damaged: it is first renamed to a temporary name, then only what its marker lists is deleted
+    (a file someone else put there stays, in that renamed directory)."""
+    marker = _parse_marker(path)
+    if marker is None:
+        return
+    trash = unique_sibling(path, "trash")
     os.replace(path, trash)
     fsync_dir(path.parent)
-    shutil.rmtree(trash, ignore_errors=True)
+    _delete_listed(trash, marker)
+
+
+def _delete_listed(path: Path, marker: dict[str, Any]) -> None:
+    """Delete the files `marker` lists under `path`, then the marker and the directories left
+    empty; anything else (and the directories holding it) stays."""
+    root = path.resolve()
+    dirs = {path}
+    for rel in marker["files"]:
+        f = path / rel
+        where = f.parent.resolve()
+        if where != root and root not in where.parents:
+            continue  # a directory symlinked out of the checkpoint: not Craft's to touch
+        if f.is_symlink() or f.is_file():
+            f.unlink(missing_ok=True)
+        dirs.update(p for p in f.parents if path in p.parents)
+    (path / MARKER).unlink(missing_ok=True)
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def check_replaceable(target: Path) -> None:
+    """Refuse to replace `target` unless it is a checkpoint or export Craft wrote.
+
+    That is: not a symlink, a `COMPLETE` marker of Craft's format, and no entry besides the files
+    it lists (so replacing it deletes nothing Craft did not write).
+    """
+    if target.is_symlink() or not target.is_dir():
+        raise CheckpointError(
+            f"{target}: exists and is not a directory Craft wrote (a file or a symlink); "
+            "Craft does not replace it"
+        )
+    marker = _parse_marker(target)
+    if marker is None or marker.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{target}: exists and has no {MARKER} marker of Craft's; Craft replaces only a "
+            "checkpoint or exported model it wrote; move it away or choose another directory"
+        )
+    listed = {MARKER} | {Path(rel).parts[0] for rel in marker["files"]}
+    extra = sorted(p.name for p in target.iterdir() if p.name not in listed)
+    if extra:
+        raise CheckpointError(
+            f"{target}: holds files Craft did not write ({', '.join(extra[:5])}); Craft "
+            "replaces only a checkpoint or exported model it wrote; move them away first"
+        )
 
 
 # ------------------------------------------------------------------------------ writing
@@ -236,15 +341,14 @@ def commit_directory(
     """
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if target.exists() or target.is_symlink():
+        check_replaceable(target)
+    tmp = staging_dir(parent, f".{target.name}.tmp-{os.getpid()}-")
     try:
         write(tmp)
         _fsync_tree(tmp)
         marker = {
-            "format": "craft-checkpoint",
+            "format": FORMAT,
             "version": FORMAT_VERSION,
             "kind": kind,
             "step": step,
@@ -254,11 +358,14 @@ def commit_directory(
             write_text_durable(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
             fsync_dir(tmp)
         if target.exists():
-            old = parent / f".{target.name}.replaced-{os.getpid()}"
+            check_replaceable(target)  # again: it may have changed while `write` ran
+            old = unique_sibling(target, "replaced")
             os.replace(target, old)
             os.replace(tmp, target)
             fsync_dir(parent)
-            shutil.rmtree(old, ignore_errors=True)
+            listed = _parse_marker(old)
+            if listed is not None:
+                _delete_listed(old, listed)
         else:
             os.replace(tmp, target)
         fsync_dir(parent)
@@ -289,6 +396,31 @@ def retie_state(state: dict[str, torch.Tensor], module: torch.nn.Module) -> dict
     return state
 
 
+def _aliases(path: Path, meta: dict[str, str], stored: set[str]) -> dict[str, str]:
+    """The `craft.aliases` metadata: {tied name: stored name}, checked before it is used."""
+    text = meta.get(ALIASES_KEY)
+    if text is None:
+        return {}
+    try:
+        aliases = json.loads(text)
+    except (ValueError, RecursionError):
+        aliases = None
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise CheckpointError(
+            f"{path}: metadata {ALIASES_KEY!r} is not a JSON object of tensor names "
+            f"({printable(text[:60], newlines=False)!r})"
+        )
+    for alias, name in aliases.items():
+        if name not in stored:
+            raise CheckpointError(
+                f"{path}: metadata {ALIASES_KEY!r} ties {printable(alias, newlines=False)!r} to "
+                f"{printable(name, newlines=False)!r}, which the file does not hold"
+            )
+    return aliases
+
+
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
     """Inverse of `save_model_weights`: every name of the model, tied ones included."""
     try:
@@ -297,20 +429,26 @@ def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{path}: cannot read model weights: {e}") from None
-    for alias, name in json.loads(meta.get(ALIASES_KEY, "{}")).items():
+    for alias, name in _aliases(path, meta, set(state)).items():
         state[alias] = state[name]
     return state
 
 
-def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes stored in a `model.safetensors`, read from its header only."""
+def stored_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(shapes of the tensors stored in a `model.safetensors`, aliases), from its header only."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{path}: cannot read model weights: {e}") from None
-    for alias, name in json.loads(meta.get(ALIASES_KEY, "{}")).items():
+    return shapes, _aliases(path, meta, set(shapes))
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes stored in a `model.safetensors` (tied names included), header only."""
+    shapes, aliases = stored_shapes(path)
+    for alias, name in aliases.items():
         shapes[alias] = shapes[name]
     return shapes
 
@@ -376,10 +514,8 @@ def read_rng(checkpoint: Path, rank: int) -> dict[str, torch.Tensor] | None:
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{checkpoint}: cannot read trainer_state.json: {e}") from None
+    path = inside(checkpoint, "trainer_state.json", what="trainer state", error=CheckpointError)
+    state = read_json_bounded(path, what=str(path), error=CheckpointError)
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(
@@ -422,15 +558,46 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return lines
 
 
-def read_config(directory: Path) -> Any:
-    """The validated config stored in a checkpoint or export directory."""
+TRUST_HINT = (
+    "pass --trust-imports to import them (this runs their code: only for a checkpoint you trust)"
+)
+
+
+def read_config(
+    directory: Path,
+    *,
+    trust_imports: bool = False,
+    trusted: Collection[str] = (),
+    hint: str = TRUST_HINT,
+) -> Any:
+    """The validated config stored in a checkpoint or export directory.
+
+    Its `imports` are modules whose code would run: they are imported only with `trust_imports`,
+    or when each is in `trusted` (already imported by the recipe being run); otherwise this is a
+    CheckpointError naming them and `hint` (how to opt in).
+    """
     from craft.config import from_dict
 
-    path = directory / "config.toml"
+    path = inside(directory, "config.toml", what="stored config", error=CheckpointError)
+    text = read_text_bounded(path, MAX_TOML_BYTES, what=str(path), error=CheckpointError)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the stored config: {e}") from None
+        data = tomllib.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read the stored config: {printable(e, newlines=False)}"
+        ) from None
+    imports = data.get("imports", [])
+    if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
+        raise CheckpointError(
+            f"{path}: imports = {printable(repr(imports))[:80]}: expected a list of module names"
+        )
+    asked = [m for m in imports if m not in trusted]
+    if asked and not trust_imports:
+        names = ", ".join(printable(repr(m), newlines=False) for m in asked)
+        raise CheckpointError(
+            f"{path}: the checkpoint names Python modules to import ({names}); Craft never runs "
+            f"code from a checkpoint on its own; {hint}"
+        )
     try:
         return from_dict(data, label=str(path))
     except ConfigError as e:
@@ -455,6 +622,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"(or a checkpoints/{LATEST} pointer)"
         )
     if (p / MARKER).exists() or (p / "model.safetensors").exists():
+        unsafe = unsafe_marker_path(p)
+        if unsafe is not None:
+            raise CheckpointError(unsafe)
         problem = checkpoint_problem(p)
         if problem is not None:
             raise CheckpointError(
@@ -464,9 +634,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
     found, skipped = newest_checkpoint(root)
-    if found is not None:
+    if found is not None:  # a step directory symlinked from elsewhere is not this run's
         warn_skipped(skipped)
-        return found
+        return inside(p, str(found.relative_to(p)), what="checkpoint", error=CheckpointError)
     if skipped:
         damaged = "; ".join(f"{c.name}: {why}" for c, why in skipped[-3:])
         raise CheckpointError(f"{p}: no complete checkpoint in {root} ({damaged})")
@@ -602,14 +772,21 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
     """Write the model weights, config and tokenizer of a checkpoint to `out_dir` (atomic)."""
     src = resolve_checkpoint(source)
     out = Path(out_dir)
+    marker = read_marker(src) or {}
+    # Only what the marker lists (each checked to lie inside the checkpoint) is copied.
+    wanted = [
+        rel
+        for rel in marker.get("files", {})
+        if rel in ("model.safetensors", "config.toml") or Path(rel).parts[0] == "tokenizer"
+    ]
 
     def write(tmp: Path) -> None:
-        shutil.copy2(src / "model.safetensors", tmp / "model.safetensors")
-        shutil.copy2(src / "config.toml", tmp / "config.toml")
-        if (src / "tokenizer").is_dir():
-            shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+        for rel in wanted:
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(inside(src, rel, what=MARKER, error=CheckpointError), dest)
 
-    step = (read_marker(src) or {}).get("step")
+    step = marker.get("step")
     return commit_directory(out, write, kind="export", step=step)
 
 
@@ -646,6 +823,30 @@ def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read {what}: {e}") from None
 
 
+def check_weights_fit(cfg: Any, vocab_size: int, weights: Path) -> None:
+    """Compare the model `cfg` describes with the tensors in `weights` before building it.
+
+    The header of the safetensors file says how many parameters it holds; a config that claims a
+    different model (e.g. a huge one next to small weights) is an error before anything is
+    allocated. Built-in models are counted arithmetically; others are built on the meta device.
+    """
+    from craft.config import registry
+    from craft.models import flops
+
+    shapes, _ = stored_shapes(weights)
+    stored = sum(math.prod(s) for s in shapes.values())
+    counts = flops.param_counts(cfg.model, vocab_size)
+    if counts is None:  # a plugin model: exact shapes from a model built on the meta device
+        model = flops.meta_model(registry.build, "model", cfg.model, vocab_size)
+        counts = flops.count_params(model)
+    if counts.total != stored:
+        raise CheckpointError(
+            f"{weights}: holds {stored:,} parameters, but its config.toml describes a "
+            f"{cfg.model.type} model of {counts.total:,} (vocab {vocab_size}); the config and "
+            "the weights do not belong together"
+        )
+
+
 def load_weights_into(model: torch.nn.Module, weights: Path) -> None:
     """Load `model.safetensors` into `model`, naming the first mismatch on failure."""
     state = load_model_weights(weights)
@@ -674,10 +875,19 @@ def load_weights_into(model: torch.nn.Module, weights: Path) -> None:
 
 
 def load_model(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_imports: bool = False,
 ) -> tuple[torch.nn.Module, Any, Any]:
     """(model in eval mode, tokenizer, config) from a run, checkpoint or exported model directory,
-    or a Hugging Face model directory or Hub id (converted by `craft.interop.hf`)."""
+    or a Hugging Face model directory or Hub id (converted by `craft.interop.hf`).
+
+    The directory is treated as untrusted: nothing outside it is read, modules its config names
+    are imported only with `trust_imports`, and the config is checked against the weights file
+    before the model is built.
+    """
     from craft.data.tokenizers import load_tokenizer
     from craft.interop.hf import is_hf_source, load_for_inference
     from craft.training.builders import build_model
@@ -687,12 +897,16 @@ def load_model(
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
         return model, tokenizer, cfg
     ck = resolve_checkpoint(path)
-    cfg = read_config(ck)
-    if not (ck / "tokenizer").is_dir():
+    cfg = read_config(ck, trust_imports=trust_imports)
+    tok_dir = inside(ck, "tokenizer", what="checkpoint tokenizer", error=CheckpointError)
+    if not tok_dir.is_dir():
         raise CheckpointError(f"{ck}: has no tokenizer/ (trained on random tokens); cannot load it")
-    tokenizer = load_tokenizer(ck / "tokenizer")
+    tokenizer = load_tokenizer(tok_dir)
+    weights = inside(ck, "model.safetensors", what="model weights", error=CheckpointError)
+    vocab = getattr(cfg.model, "vocab_size", None) or tokenizer.vocab_size
+    check_weights_fit(cfg, vocab, weights)
     model = build_model(cfg, tokenizer.vocab_size, fused_loss=False)
-    load_weights_into(model, ck / "model.safetensors")
+    load_weights_into(model, weights)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     return model, tokenizer, cfg

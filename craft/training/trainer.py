@@ -36,7 +36,7 @@ from craft.training.logs import setup_logging
 from craft.training.pretrained import resolve_pretrained
 from craft.training.rng import capture_rng, restore_rng, seed_everything
 from craft.training.schedulers import restore_scheduler, scheduler_state
-from craft.training.signals import StopSignals
+from craft.training.signals import StopSignals, any_process
 from craft.training.state_io import flatten_state, unflatten_state
 
 log = logging.getLogger("craft.training")
@@ -243,7 +243,7 @@ class Trainer:
 
         state: dict[str, Any] | None = None
         if resume_from is not None:
-            state = self._check_resume(resume_from, model)
+            state = self._check_resume(resume_from, model, own_run=resume == "auto")
             ckpt.load_weights_into(model, resume_from / "model.safetensors")
 
         self.run_dir = run_dir if run_dir is not None else self._create_run_dir()
@@ -379,10 +379,20 @@ class Trainer:
         run_dir, found = ckpt.choose_resume(runs_root, resume)
         return (str(run_dir) if run_dir else None), (str(found) if found else None)
 
-    def _check_resume(self, path: Path, model: torch.nn.Module) -> dict[str, Any]:
-        """Trainer state of `path` after checking that it fits the model; reports config changes."""
+    def _check_resume(self, path: Path, model: torch.nn.Module, own_run: bool) -> dict[str, Any]:
+        """Trainer state of `path` after checking that it fits the model; reports config changes.
+
+        `own_run` (--resume auto: found under this recipe's run.output_dir) imports what the
+        checkpoint's config names, as the recipe that started the run did; another path imports
+        only what the recipe being run imports.
+        """
         state = ckpt.read_trainer_state(path)
-        saved_cfg = ckpt.read_config(path)
+        saved_cfg = ckpt.read_config(
+            path,
+            trust_imports=own_run,
+            trusted=self.cfg.imports,
+            hint="add them to the recipe's imports if you trust them",
+        )
         changes = ckpt.config_changes(ckpt.config_dict(saved_cfg), ckpt.config_dict(self.cfg))
         model_changes = [c for c in changes if c.startswith(("model.", "tokenizer."))]
         shapes = ckpt.weight_shapes(path / "model.safetensors")
@@ -681,11 +691,22 @@ class Trainer:
                 window_t0, window_steps, paused = time.perf_counter(), 0, 0.0
 
             t_pause = time.perf_counter()
-            if step_no % cfg.eval.interval == 0:
+            waited = step_no % cfg.eval.interval == 0
+            if waited:
                 self.evaluate()
             stopping = signal_stop is not None or self._stop_reason is not None
             if step_no % cfg.checkpoint.interval == 0 or stopping:
+                waited = True
                 self.save_checkpoint(elapsed=self._elapsed_before + time.perf_counter() - t_start)
+            if waited and not stopping and any_process(self._signals.received, self.device, multi):
+                # A signal during the evaluation or checkpoint: stop now, not after another step.
+                signal_stop = self._signals.received or "a signal on another process"
+                log.warning("received %s at step %d; exiting", signal_stop, step_no)
+                if self._saved_step != step_no:
+                    self.save_checkpoint(
+                        elapsed=self._elapsed_before + time.perf_counter() - t_start
+                    )
+                stopping = True
             paused += time.perf_counter() - t_pause
             if stopping:
                 if self._stop_reason:
@@ -771,7 +792,7 @@ class Trainer:
         pointer = root / ckpt.BEST
         name = pointer.read_text().strip() if pointer.exists() else None
         best_loss = None
-        if name and ckpt.is_complete(root / name):
+        if name and ckpt.checkpoint_step(Path(name)) is not None and ckpt.is_complete(root / name):
             best_loss = ckpt.read_trainer_state(root / name).get("last_val_loss")
         else:
             name = None

@@ -7,7 +7,6 @@ Nothing is pickled. `tokenizer.json` is written last, so a directory holding it 
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from craft.errors import TokenizerError
 from craft.fileio import atomic_write_bytes, atomic_write_json
+from craft.safety import inside, read_json_bounded
 
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
@@ -170,10 +170,8 @@ def read_artifact(directory: Path) -> dict[str, Any]:
             f"{directory}: no {TOKENIZER_FILE}; expected a saved tokenizer directory "
             "(or a SentencePiece .model file)"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    inside(directory, TOKENIZER_FILE, what="tokenizer", error=TokenizerError)
+    data = read_json_bounded(path, what=str(path), error=TokenizerError)
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise TokenizerError(f"{path}: expected a JSON object with a string 'type'")
     version = data.get("format_version")
