@@ -167,6 +167,12 @@ def _machine() -> dict:
     }
 
 
+def describe_machine() -> dict:
+    """`_machine()` from a child process: importing torch here would raise the peak RSS that
+    every later child inherits (Linux keeps the high-water mark across fork and exec)."""
+    return _run_child("machine")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=100.0)
@@ -192,8 +198,7 @@ def main() -> None:
         print(json.dumps(fn(args)))
         return
 
-    # In a child: importing torch here would raise the peak RSS every later child inherits.
-    machine = _run_child("machine")
+    machine = describe_machine()
     all_cores = machine["cores"]
     machine["available_speedup"] = _available_speedup(all_cores)
     rows = []

@@ -25,6 +25,13 @@ def build_model(cfg: Any, vocab_size: int, *, fused_loss: bool = False) -> torch
 
     `fused_loss` is passed to builders that take it; asking a builder that does not is an error.
     """
+    declared = getattr(cfg.model, "vocab_size", None)
+    if isinstance(declared, int) and declared < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size = {declared}: smaller than the tokenizer's vocabulary of "
+            f"{vocab_size} ids (its ids would index past the embedding); unset it or use at "
+            f"least {vocab_size}"
+        )
     fn = registry.get("model", cfg.model.type).build_fn()
     if _accepts(fn, "fused_loss"):
         return fn(cfg.model, vocab_size, fused_loss=fused_loss)
@@ -33,6 +40,19 @@ def build_model(cfg: Any, vocab_size: int, *, fused_loss: bool = False) -> torch
             f"kernels.fused_loss = true: model type {cfg.model.type!r} does not support a fused loss"
         )
     return fn(cfg.model, vocab_size)
+
+
+def build_start_model(
+    cfg: Any, vocab_size: int, tokenizer: Any, *, fused_loss: bool, pretrained: bool
+) -> torch.nn.Module:
+    """The model a run starts from: `build_model`, then with `pretrained` (a new run, not a
+    resume) the weights of `model.init_from` when the config names one."""
+    model = build_model(cfg, vocab_size, fused_loss=fused_loss)
+    if pretrained and getattr(cfg.model, "init_from", None):
+        from craft.training.pretrained import load_init_weights
+
+        load_init_weights(cfg, model, tokenizer)
+    return model
 
 
 def describe_model(cfg: Any, model: torch.nn.Module, vocab_size: int) -> str:

@@ -22,7 +22,8 @@ A callback that keeps state across a resume implements `state_dict()` / `load_st
 Register a plugin with `@craft.config.registry.register_callback("name")` on a builder
 `build(config) -> Callback | None` and list it in `training.callbacks`; returning None disables it.
 The built-ins (`craft.training.builtin_callbacks`, and `sample` in `craft.sample_callback` beside
-generation) are registered by import path and loaded when a run builds them.
+generation) are registered by import path in `craft.config.components` and loaded when a run
+builds them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from craft.config import registry
-from craft.config.registry import register
 from craft.errors import ConfigError
 from craft.training.state import TrainState
 
@@ -104,26 +104,19 @@ class Callback:
         pass
 
 
-# Built-ins in the order they run, by import path (loaded when a run builds them); each builder
-# returns None when its config turns it off. `sample` lives beside generation, which it drives.
-BUILTINS = (
-    ("progress", "craft.training.builtin_callbacks:build_progress"),
-    ("metrics_jsonl", "craft.training.builtin_callbacks:build_metrics_file"),
-    ("trackers", "craft.training.builtin_callbacks:build_trackers"),
-    ("sample", "craft.sample_callback:build_sample"),
-    ("early_stopping", "craft.training.builtin_callbacks:build_early_stopping"),
-    ("loss_curve", "craft.training.builtin_callbacks:build_loss_curve"),
-)
-for _name, _builder in BUILTINS:
-    register("callback", _name, builder=_builder)
+# Built-ins in the order they run. They are registered by import path in craft.config.components
+# (so recipes are checked against them without importing torch): the classes are in
+# craft.training.builtin_callbacks, and `sample` in craft.sample_callback, beside the generation
+# code it drives. Each builder returns None when its config turns it off.
+BUILTINS = ("progress", "metrics_jsonl", "trackers", "sample", "early_stopping", "loss_curve")
 
 
 def build_callbacks(cfg: Any, extra: list[Callback]) -> list[tuple[str, Callback]]:
     """(name, callback) of the built-ins the config turns on, then of `training.callbacks`, then
     `extra` (named by their class)."""
     out: list[tuple[str, Callback]] = []
-    names = [n for n, _ in BUILTINS]
-    for name in [*names, *[n for n in cfg.training.callbacks if n not in names]]:
+    configured = [n for n in cfg.training.callbacks if n not in BUILTINS]
+    for name in [*BUILTINS, *configured]:
         try:
             comp = registry.get("callback", name)
         except registry.RegistryError:

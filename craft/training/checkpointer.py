@@ -184,7 +184,11 @@ class Checkpointer:
         pointer = self.root / ckpt.BEST
         name = pointer.read_text().strip() if pointer.exists() else None
         best_loss = None
-        if name and ckpt.is_complete(self.root / name):
+        if (
+            name
+            and ckpt.checkpoint_step(Path(name)) is not None
+            and ckpt.is_complete(self.root / name)
+        ):
             best_loss = ckpt.read_trainer_state(self.root / name).get("last_val_loss")
         else:
             name = None

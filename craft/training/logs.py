@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -140,3 +141,15 @@ class ThroughputWindow:
 
     def busy_s(self) -> float:
         return max(1e-9, time.perf_counter() - self.t0 - self.paused)
+
+
+def describe_run(cfg: Any, step: int, world_size: int, device: Any) -> str:
+    """`100 steps from step 0 | 2 process(es) on cuda:0 | batch 8 x 2 accum x 256 tokens = ...`."""
+    t = cfg.training
+    block = getattr(cfg.model, "block_size", 0)
+    tokens = t.batch_size * t.grad_accum_steps * world_size * block
+    return (
+        f"{t.max_steps} steps from step {step} | {world_size} process(es) on {device} | batch "
+        f"{t.batch_size} x {t.grad_accum_steps} accum x {block} tokens = {tokens} tokens/step | "
+        f"precision {t.precision}{' | compiled' if t.compile else ''}"
+    )

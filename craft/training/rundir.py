@@ -1,15 +1,17 @@
 """Where a run lives and what it resumes from.
 
-A new run gets `<output_dir>/<run.name>/<YYYYmmdd-HHMMSS>[-N]/`. `--resume auto` continues the
-newest complete checkpoint of the newest run with one; `--resume PATH` continues a run or
-checkpoint directory, in its own run directory when it is that run's newest checkpoint, else in a
-new run (so a run's later checkpoints are never overwritten).
+A new run gets `<output_dir>/<run.name>/<YYYYmmdd-HHMMSS>[-N]/` (removed again, with the parents
+made for it, when the run fails to start). `--resume auto` continues the newest complete
+checkpoint of the newest run with one; `--resume PATH` continues a run or checkpoint directory,
+in its own run directory when it is that run's newest checkpoint and nothing later would be
+overwritten, else in a new run.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,28 @@ def new_run_dir(root: Path) -> Path:
     raise ConfigError(f"run.output_dir: cannot create a new run directory under {root}")
 
 
+def create_run_dir(cfg: Any) -> tuple[Path, list[Path]]:
+    """A new run directory and what was made for it (missing parents first, the run last), so a
+    run that fails to start can remove exactly that (`remove_made_dirs`)."""
+    root = runs_root(cfg)
+    missing = [p for p in (root, *root.parents) if not p.exists()][::-1]
+    path = new_run_dir(root)
+    return path, [*missing, path]
+
+
+def remove_made_dirs(made: list[Path]) -> None:
+    """Remove the run directory a failed start created (it holds only that start's files), then
+    the parents made for it while they are empty."""
+    if not made:
+        return
+    shutil.rmtree(made[-1], ignore_errors=True)
+    for d in reversed(made[:-1]):
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 def open_run_dir(run_dir: Path, cfg: Any, log_file: Any) -> None:
     """Start using `run_dir` (main process): `train.log` (`log_file.open`), `config.toml`, and
     no leftovers of an interrupted checkpoint write."""
@@ -56,36 +80,27 @@ def open_run_dir(run_dir: Path, cfg: Any, log_file: Any) -> None:
 
 
 def resolve_resume(cfg: Any, resume: str | None) -> tuple[Path | None, Path | None]:
-    """(run directory, checkpoint to resume from); the run directory is None for a new run."""
+    """(run directory, checkpoint to resume from); the run directory is None for a new run
+    (`craft.training.checkpoint.choose_resume`)."""
     if resume is None:
         return None, None
-    root = runs_root(cfg)
-    if resume == "auto":
-        found = ckpt.newest_run_with_checkpoint(root)
-        if found is None:
-            logging.getLogger("craft").warning(
-                "--resume auto: no complete checkpoint under %s; starting a new run", root
-            )
-            return None, None
-        return found
-    found_ckpt = ckpt.resolve_checkpoint(resume)
-    marker = ckpt.read_marker(found_ckpt) or {}
-    if marker.get("kind") != "checkpoint":
-        raise CheckpointError(
-            f"--resume {resume}: {found_ckpt} is an exported model (weights only), not a "
-            "training checkpoint"
-        )
-    run_dir = ckpt.run_dir_of(found_ckpt)
-    if run_dir is not None and ckpt.latest_checkpoint(run_dir / ckpt.CHECKPOINTS) == found_ckpt:
-        return run_dir, found_ckpt
-    # Resuming from an older checkpoint must not overwrite that run's later ones.
-    return None, found_ckpt
+    return ckpt.choose_resume(runs_root(cfg), resume)
 
 
-def check_resume(path: Path, cfg: Any, model: torch.nn.Module) -> dict[str, Any]:
-    """Trainer state of `path` after checking that it fits the model; reports config changes."""
+def check_resume(path: Path, cfg: Any, model: torch.nn.Module, *, own_run: bool) -> dict[str, Any]:
+    """Trainer state of `path` after checking that it fits the model; reports config changes.
+
+    `own_run` (--resume auto: found under this recipe's run.output_dir) imports what the
+    checkpoint's config names, as the recipe that started the run did; another path imports only
+    what the recipe being run imports.
+    """
     state = ckpt.read_trainer_state(path)
-    saved_cfg = ckpt.read_config(path)
+    saved_cfg = ckpt.read_config(
+        path,
+        trust_imports=own_run,
+        trusted=cfg.imports,
+        hint="add them to the recipe's imports if you trust them",
+    )
     changes = ckpt.config_changes(ckpt.config_dict(saved_cfg), ckpt.config_dict(cfg))
     model_changes = [c for c in changes if c.startswith(("model.", "tokenizer."))]
     shapes = ckpt.weight_shapes(path / "model.safetensors")
@@ -96,9 +111,14 @@ def check_resume(path: Path, cfg: Any, model: torch.nn.Module) -> dict[str, Any]
     if mismatch:
         name = mismatch[0]
         what = f"{name}: checkpoint {shapes.get(name, 'absent')}, config {expected.get(name, 'absent')}"
-        because = f"; changed: {'; '.join(model_changes)}" if model_changes else ""
+        if not model_changes:
+            raise CheckpointError(
+                f"--resume {path}: model.safetensors does not match the checkpoint's own "
+                f"config ({what}); the weights file is damaged or was replaced"
+            )
         raise CheckpointError(
-            f"--resume {path}: the config changes the model shape ({what}){because}"
+            f"--resume {path}: the config changes the model shape ({what}); changed: "
+            f"{'; '.join(model_changes)}"
         )
     if changes:
         log.warning("resuming with config changes: %s", "; ".join(changes))

@@ -23,17 +23,19 @@ import torch
 
 from craft.config import registry
 from craft.training import checkpoint as ckpt
-from craft.training.builders import build_data, build_model, describe_model
+from craft.training.builders import build_data, build_start_model, describe_model
 from craft.training.callbacks import Callback, RunContext, build_callbacks
 from craft.training.checkpointer import Checkpointer
-from craft.training.logs import ThroughputWindow, setup_logging
+from craft.training.logs import ThroughputWindow, describe_run, setup_logging
+from craft.training.pretrained import resolve_pretrained
 from craft.training.rng import seed_everything
 from craft.training.rundir import (
     check_resume,
+    create_run_dir,
     new_run_dir,
     open_run_dir,
+    remove_made_dirs,
     resolve_resume,
-    runs_root,
 )
 from craft.training.runtime import (
     decided_on_main,
@@ -42,7 +44,7 @@ from craft.training.runtime import (
     runs_plain,
     set_determinism,
 )
-from craft.training.signals import StopSignals
+from craft.training.signals import StopSignals, any_process
 from craft.training.state import TrainState
 from craft.training.step import StepOutput, TrainStep
 from craft.training.validation import Validation, eval_shard
@@ -93,7 +95,7 @@ class Trainer:
     def __init__(
         self, cfg: Any, *, resume: str | None = None, callbacks: list[Callback] | None = None
     ) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = resolve_pretrained(cfg)  # model.init_from fills the model section
         self.run_name = cfg.run.name
         self.max_steps = cfg.training.max_steps
         self.state = TrainState()
@@ -104,11 +106,14 @@ class Trainer:
         self._export_dir: Path | None = None
         self._deterministic_before = torch.are_deterministic_algorithms_enabled()
         self._closed = False
+        self._made_dirs: list[Path] = []  # a new run's directory and the parents made for it
         try:
             self._setup(resume, callbacks or [])
         except BaseException:
             self.close()
+            remove_made_dirs(self._made_dirs)  # a run that failed to start leaves nothing
             raise
+        self._made_dirs = []
 
     # ------------------------------------------------------------------------------- setup
 
@@ -118,13 +123,13 @@ class Trainer:
         acc = self.accelerator = make_accelerator(cfg)
         self.rank, self.world_size = acc.process_index, acc.num_processes
         self.is_main, self.device = acc.is_main_process, acc.device
-        agreed = {"is_main": self.is_main, "world_size": self.world_size}
-        run_dir, resume_from = decided_on_main(lambda: resolve_resume(cfg, resume), **agreed)
         # train.log keeps what is logged from here on; a new run's directory is only created once
         # its data and model are built, so a run that fails before leaves no directory behind.
         self.console, _, self._teardown_logging, log_file = setup_logging(
             None, is_main=self.is_main, rank=self.rank, mode=cfg.logging.progress
         )
+        agreed = {"is_main": self.is_main, "world_size": self.world_size}
+        run_dir, resume_from = decided_on_main(lambda: resolve_resume(cfg, resume), **agreed)
 
         # Same initial weights on every process; per-process streams are re-seeded below.
         seed_everything(cfg.run.seed)
@@ -139,16 +144,23 @@ class Trainer:
         from craft import ops
 
         ops.configure(cfg.kernels, self.device.type)  # logs the backend chosen for each op
-        model = self.raw_model = build_model(
-            cfg, self.data.vocab_size, fused_loss=cfg.kernels.fused_loss
+        model = self.raw_model = build_start_model(
+            cfg,
+            self.data.vocab_size,
+            self.tokenizer,
+            fused_loss=cfg.kernels.fused_loss,
+            pretrained=resume_from is None,  # model.init_from: the weights of a new run
         )
         log.info("model: %s", describe_model(cfg, model, self.data.vocab_size))
         saved: dict[str, Any] | None = None
         if resume_from is not None:
-            saved = check_resume(resume_from, cfg, model)
+            saved = check_resume(resume_from, cfg, model, own_run=resume == "auto")
             ckpt.load_weights_into(model, resume_from / "model.safetensors")
 
-        self.run_dir = run_dir or decided_on_main(lambda: new_run_dir(runs_root(cfg)), **agreed)
+        if run_dir is None:
+            run_dir, made = decided_on_main(lambda: create_run_dir(cfg), **agreed)
+            self._made_dirs = made if self.is_main else []
+        self.run_dir = run_dir
         if self.is_main:
             assert log_file is not None
             open_run_dir(self.run_dir, cfg, log_file)
@@ -167,9 +179,9 @@ class Trainer:
         seed_everything(cfg.run.seed + self.rank)
         self.train_iter = self.data.train_batches(cfg.training.batch_size, cfg.run.seed)
         self.validation = Validation(cfg, self.data, acc)
+        t = cfg.training
         block = getattr(cfg.model, "block_size", 0)
-        accum, batch = cfg.training.grad_accum_steps, cfg.training.batch_size
-        self.tokens_per_step = batch * accum * self.world_size * block
+        self.tokens_per_step = t.batch_size * t.grad_accum_steps * self.world_size * block
 
         self.callbacks = build_callbacks(cfg, extra_callbacks)
         self.checkpointer = Checkpointer(
@@ -202,20 +214,7 @@ class Trainer:
             request_stop=self.request_stop,
             state=self.state,
         )
-        log.info(
-            "training: %d steps from step %d | %d process(es) on %s | batch %d x %d accum x %d "
-            "tokens = %d tokens/step | precision %s%s",
-            self.max_steps,
-            self.step,
-            self.world_size,
-            self.device,
-            batch,
-            accum,
-            block,
-            self.tokens_per_step,
-            cfg.training.precision,
-            " | compiled" if cfg.training.compile else "",
-        )
+        log.info("training: %s", describe_run(cfg, self.step, self.world_size, self.device))
 
     # ------------------------------------------------------------------------------- API
 
@@ -324,11 +323,22 @@ class Trainer:
                 window = ThroughputWindow()
 
             with window.pause():
-                if state.step % cfg.eval.interval == 0:
+                evaluated = state.step % cfg.eval.interval == 0
+                if evaluated:
                     self.evaluate()
                 stopping = signal_stop is not None or self._stop_reason is not None
-                if state.step % cfg.checkpoint.interval == 0 or stopping:
+                saved = state.step % cfg.checkpoint.interval == 0 or stopping
+                if saved:
                     self.save_checkpoint(elapsed=elapsed())
+                multi = self.world_size > 1
+                # A signal during the evaluation or the checkpoint: stop now, not a step later.
+                late = (evaluated or saved) and not stopping
+                if late and any_process(self._signals.received, self.device, multi):
+                    signal_stop = self._signals.received or "a signal on another process"
+                    log.warning("received %s at step %d; exiting", signal_stop, state.step)
+                    if state.saved_step != state.step:
+                        self.save_checkpoint(elapsed=elapsed())
+                    stopping = True
             if stopping:
                 if self._stop_reason:
                     log.info("%s; stopping at step %d", self._stop_reason, state.step)

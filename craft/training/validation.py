@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,23 @@ def eval_shard(num_batches: int, rank: int, world_size: int) -> list[tuple[int, 
     rounds = -(-num_batches // world_size)
     picks = [rank + k * world_size for k in range(rounds)]
     return [(i, True) if i < num_batches else (0, False) for i in picks]
+
+
+def eval_windows(cfg: Any) -> int:
+    """Validation windows per evaluation: `eval.windows`, or the deprecated `eval.batches` times
+    the eval batch size (warned about: that set depends on the batch size)."""
+    from craft.config.sections import DEFAULT_EVAL_WINDOWS
+
+    if cfg.eval.batches is None:
+        return cfg.eval.windows or DEFAULT_EVAL_WINDOWS
+    n = cfg.eval.batches * (cfg.eval.batch_size or cfg.training.batch_size)
+    logging.getLogger("craft").warning(
+        "eval.batches is deprecated: it scores batches x batch size = %d windows, so the "
+        "validation loss depends on the batch size; set eval.windows = %d instead",
+        n,
+        n,
+    )
+    return n
 
 
 @torch.no_grad()
@@ -49,13 +67,14 @@ def validation_loss(
 class Validation:
     """The validation windows of a run, this process's share of them, and their mean loss.
 
-    The windows are fixed for the run (`eval.batches` batches of `eval.batch_size`, spread over
-    the split); each process evaluates its share and the losses are summed over processes.
+    The windows are fixed for the run (`eval.windows` of them, spread evenly over the split, in
+    batches of `eval.batch_size`); each process evaluates its share and the losses are summed
+    over processes.
     """
 
     def __init__(self, cfg: Any, data: Any, accelerator: Any) -> None:
         batch_size = cfg.eval.batch_size or cfg.training.batch_size
-        self.batches = data.eval_batches("val", batch_size, cfg.eval.batches)
+        self.batches = data.eval_batches("val", batch_size, windows=eval_windows(cfg))
         self.plan = eval_shard(
             len(self.batches), accelerator.process_index, accelerator.num_processes
         )

@@ -248,6 +248,47 @@ def test_build_tokens_rejects_a_dir_prepared_with_another_tokenizer(prepared: Pa
         )
 
 
+def test_prepare_records_the_largest_id_of_each_split(prepared: Path) -> None:
+    ds = PreparedDataset(prepared)
+    for split in ("train", "val"):
+        assert ds.meta["splits"][split]["max_id"] == int(np.asarray(ds.split(split)).max())
+        assert ds.meta["splits"][split]["max_id"] < ds.vocab_size
+
+
+def test_ids_outside_the_vocabulary_fail_at_load_naming_the_first_position(
+    prepared: Path,
+) -> None:
+    meta = json.loads((prepared / "meta.json").read_text())
+    ids = np.fromfile(prepared / "train.bin", dtype=np.uint16)
+    ids[[123, 200]] = meta["vocab_size"] + 4  # same size, meta.json untouched
+    ids.tofile(prepared / "train.bin")
+    with pytest.raises(
+        DataError,
+        match=rf"train\.bin: token id {meta['vocab_size'] + 4} at position 123 is outside",
+    ):
+        PreparedDataset(prepared)
+
+
+def test_a_recorded_max_id_outside_the_vocabulary_is_a_damaged_meta(prepared: Path) -> None:
+    _corrupt(prepared, lambda m: m["splits"]["val"].update(max_id=m["vocab_size"]))
+    with pytest.raises(DataError, match=r"splits\.val\.max_id \d+ is outside"):
+        PreparedDataset(prepared)
+    _corrupt(prepared, lambda m: m["splits"]["val"].update(max_id=None, tokens=True))
+    with pytest.raises(DataError, match=r"splits\.val: expected"):
+        PreparedDataset(prepared)
+
+
+def test_eval_windows_do_not_depend_on_the_batch_size(dm: DataModule) -> None:
+    def windows(batch_size: int) -> torch.Tensor:
+        return torch.cat([x for x, _ in dm.eval_batches("val", batch_size, windows=7)])
+
+    assert windows(2).shape[0] == 7 and torch.equal(windows(2), windows(5))
+    rand = build("data", RandomDataConfig(vocab_size=50, seed=3), None, block_size=BLOCK)
+    a = torch.cat([x for x, _ in rand.eval_batches("val", 2, windows=5)])
+    b = torch.cat([x for x, _ in rand.eval_batches("val", 3, windows=5)])
+    assert a.shape[0] == 5 and torch.equal(a, b)
+
+
 def _over(tokens: np.ndarray, block: int) -> DataModule:
     """A DataModule whose splits are both `tokens`."""
     src = TokenSource(tokens, block)

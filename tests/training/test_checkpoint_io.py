@@ -109,15 +109,15 @@ def test_incomplete_or_corrupt_checkpoints_are_never_loaded(tmp_path: Path) -> N
     trunc = _save(root, 7)
     with open(trunc / "model.safetensors", "r+b") as f:
         f.truncate(10)
-    (root / ".step_00000008.tmp-123").mkdir()
     assert ckpt.latest_checkpoint(root) == good
     assert ckpt.resolve_checkpoint(tmp_path / "run") == good
-    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint \(no COMPLETE marker"):
         ckpt.resolve_checkpoint(bad)
-    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"incomplete checkpoint \(model\.safetensors holds 10 "
+    ):
         ckpt.resolve_checkpoint(trunc)
-    removed = {p.name for p in ckpt.clean_stale(root)}
-    assert removed == {"step_00000006", "step_00000007", ".step_00000008.tmp-123"}
+    # Damaged checkpoints are skipped, never removed (tests/training/test_run_safety.py).
 
 
 def _scramble_header(path: Path) -> None:
@@ -143,7 +143,7 @@ def test_corrupt_tensor_files_of_a_complete_checkpoint_are_checkpoint_errors(
         ckpt.read_trainer_tensors(ck)
 
 
-@pytest.mark.parametrize("doc", ["[]", "{}", '{"step": "x"}'])
+@pytest.mark.parametrize("doc", ["[]", "{}", '{"step": "x"}', '{"step": true}', '{"step": -3}'])
 def test_trainer_state_without_an_integer_step_is_a_checkpoint_error(
     tmp_path: Path, doc: str
 ) -> None:
