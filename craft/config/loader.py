@@ -258,8 +258,7 @@ def apply_overrides(raw: RawConfig, overrides: list[str]) -> None:
             parent = raw.data
             for part in table.split("."):
                 parent = parent.get(part, {})
-            parent.pop(leaf, None)
-            _drop_origins(raw.origins, other)
+            _drop_origins(raw.origins, other, parent.pop(leaf, None))
 
 
 def load_raw(path: str | Path, overrides: list[str] | None = None) -> RawConfig:
