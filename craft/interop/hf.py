@@ -34,6 +34,7 @@ from craft.interop.safetensors_reader import TensorEntry, read_header, reader
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
+HF_EXPORT_KIND = "export-hf"  # the kind in the COMPLETE marker of a directory `craft export` wrote
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
@@ -477,11 +478,28 @@ def hf_state_dict(
 # ---------------------------------------------------------------------------------- models
 
 
+def _marker_kind(directory: Path) -> str | None:
+    """The `kind` of a Craft completion marker in `directory` (None when there is none)."""
+    from craft.errors import CraftError
+    from craft.safety import read_json_bounded
+
+    if not (directory / "COMPLETE").is_file():
+        return None
+    try:
+        marker = read_json_bounded(directory / "COMPLETE", what="COMPLETE")
+    except CraftError:
+        return ""
+    kind = marker.get("kind") if isinstance(marker, dict) else None
+    return kind if isinstance(kind, str) else ""
+
+
 def is_hf_model_dir(path: str | Path) -> bool:
     """A directory laid out as an HF model (config.json, tokenizer.json, HF weight files) and not
-    as a Craft checkpoint or export (no config.toml, no COMPLETE marker)."""
+    as a Craft checkpoint or export (no config.toml; a COMPLETE marker only of an HF export)."""
     p = Path(path).expanduser()
-    if not p.is_dir() or (p / "config.toml").exists() or (p / "COMPLETE").exists():
+    if not p.is_dir() or (p / "config.toml").exists():
+        return False
+    if _marker_kind(p) not in (None, HF_EXPORT_KIND):
         return False
     # model.safetensors alone is also what an interrupted Craft checkpoint holds: not a sign
     names = (CONFIG, GENERATION_CONFIG, "tokenizer.json", WEIGHTS_INDEX, *PICKLE_WEIGHTS)

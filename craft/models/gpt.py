@@ -418,7 +418,7 @@ def param_counts(cfg: GPTConfig, vocab_size: int):  # -> craft.models.flops.Para
     hs, kv = c // cfg.n_head, cfg.n_kv_head or cfg.n_head
     qkv = (cfg.n_head + 2 * kv) * hs
     hidden = mlp_hidden_size(cfg)
-    width = hidden if cfg.mlp == "gelu" else 2 * hidden
+    width = 2 * hidden if cfg.mlp == "swiglu" else hidden
     b = int(cfg.bias)
     norm = c + (c if cfg.bias and cfg.norm == "layernorm" else 0)
     attn = c * qkv + b * qkv + c * c + b * c  # c_attn, c_proj

@@ -326,22 +326,27 @@ def _fsync_tree(directory: Path) -> None:
     fsync_dir(directory)
 
 
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
 def commit_directory(
     target: Path,
     write: Callable[[Path], None],
     *,
     kind: str,
     step: int | None,
-    write_marker: bool = True,
 ) -> Path:
     """Run `write(tmp)`, mark `tmp` complete and rename it to `target` atomically.
 
-    `write_marker=False` leaves out the `COMPLETE` marker (a directory for other tools, e.g. a Hugging
-    Face export; the rename alone makes it appear complete or not at all).
+    An existing `target` is replaced only when it is an empty directory or a checkpoint or export
+    Craft wrote (`check_replaceable`); of the old one only the files its marker lists are deleted.
     """
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() or target.is_symlink():
+    if _is_empty_dir(target):
+        target.rmdir()
+    elif target.exists() or target.is_symlink():
         check_replaceable(target)
     tmp = staging_dir(parent, f".{target.name}.tmp-{os.getpid()}-")
     try:
@@ -354,9 +359,8 @@ def commit_directory(
             "step": step,
             "files": _file_sizes(tmp),
         }
-        if write_marker:
-            write_text_durable(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
-            fsync_dir(tmp)
+        write_text_durable(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
+        fsync_dir(tmp)
         if target.exists():
             check_replaceable(target)  # again: it may have changed while `write` ran
             old = unique_sibling(target, "replaced")

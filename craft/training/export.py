@@ -4,7 +4,9 @@ The Hugging Face directory holds `config.json`, `generation_config.json`, `model
 the tokenizer files, so `transformers.AutoModelForCausalLM.from_pretrained(DIR)`,
 `AutoTokenizer.from_pretrained(DIR)` and `pipeline("text-generation", model=DIR)` load it with no
 custom code. The directory is written next to its destination and renamed into place; an existing
-non-empty destination is replaced only with `force`.
+non-empty destination is replaced only with `force`, and only when Craft wrote it: its
+`COMPLETE` marker (kind `export-hf`, which transformers ignores) lists the files that may be
+deleted.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from craft.errors import CheckpointError, ConfigError
+from craft.interop.hf import HF_EXPORT_KIND
 
 FORMATS = ("hf", "craft")
 
@@ -61,4 +64,4 @@ def export(
     def write(tmp: Path) -> None:
         write_hf_model(tmp, cfg.model, state, tokenizer, vocab_size=model.vocab_size, dtype=dtype)
 
-    return commit_directory(out, write, kind="export-hf", step=None, write_marker=False)
+    return commit_directory(out, write, kind=HF_EXPORT_KIND, step=None)

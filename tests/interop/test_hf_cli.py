@@ -109,7 +109,8 @@ def test_pipeline_output_equals_craft_generate(
     assert res.returncode == 0, res.stderr
     res_export = craft_cli("export", str(src), "--format", "hf", "--output", str(tmp_path / "hf"))
     assert res_export.returncode == 0, res_export.stderr
-    assert not (tmp_path / "hf" / "COMPLETE").exists()
+    # The marker (ignored by transformers) says Craft wrote it, so `--force` may replace it.
+    assert json.loads((tmp_path / "hf" / "COMPLETE").read_text())["kind"] == "export-hf"
     assert res.stdout == _pipeline_text(tmp_path / "hf", PROMPT, 30) + "\n"
     assert len(res.stdout) > len(PROMPT) + 1
 
@@ -295,8 +296,15 @@ def test_export_refuses_a_non_empty_directory(craft_cli, zoo, tmp_path: Path) ->
     (out / "keep.txt").write_text("mine")
     _one_line_error(craft_cli("export", str(zoo["gpt2"]), "--output", str(out)), "--force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    ok = craft_cli("export", str(zoo["gpt2"]), "--output", str(out), "--force")
-    assert ok.returncode == 0 and (out / "config.json").exists() and not (out / "keep.txt").exists()
+    # --force replaces only what Craft wrote: a file of the user's is never deleted.
+    forced = craft_cli("export", str(zoo["gpt2"]), "--output", str(out), "--force")
+    _one_line_error(forced, "no COMPLETE marker of Craft's")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert craft_cli("export", str(zoo["gpt2"]), "--output", str(out)).returncode == 0  # empty
+    assert (out / "config.json").exists()
+    again = craft_cli("export", str(zoo["gpt2"]), "--output", str(out), "--force")
+    assert again.returncode == 0 and (out / "config.json").exists()
 
 
 def test_export_of_a_model_hf_cannot_express(craft_cli, tmp_path: Path) -> None:

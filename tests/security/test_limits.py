@@ -46,6 +46,7 @@ def test_bench_sizes_that_cannot_fit_are_refused_first(capsys, args) -> None:
         GPTConfig(n_layer=3, n_head=4, n_kv_head=2, d_model=64, positions="rope", mlp="swiglu",
                   norm="rmsnorm", bias=False, tie_embeddings=False),
         GPTConfig(n_layer=1, n_head=2, d_model=32, mlp_hidden=40, norm="rmsnorm", vocab_size=99),
+        GPTConfig(n_layer=2, n_head=2, d_model=32, block_size=16, mlp="gelu_tanh"),
         RNNConfig(cell="lstm", n_layer=3, d_embed=16, hidden_size=24, tie_embeddings=True),
         RNNConfig(cell="gru", n_layer=1, d_embed=16, hidden_size=16, tie_embeddings=True),
         RNNConfig(cell="rnn", n_layer=2, d_embed=8, hidden_size=12),
