@@ -6,7 +6,7 @@ measured here -> non-finite check, before anything changes -> optimizer and sche
 
 Each part is found by its name: the step in `craft.training.step`, validation in
 `craft.training.validation`, the run directory and resume choice in `craft.training.rundir`, the
-checkpoint's contents in `craft.training.checkpointer` (its files in `craft.training.checkpoint`),
+checkpoint's contents in `craft.training.checkpointer` (its files: `craft.training.checkpoint`),
 the progress counters in `craft.training.state`, the Accelerator and the decisions processes share
 in `craft.training.runtime`, and what callbacks see in `craft.training.callbacks`.
 """
