@@ -18,6 +18,7 @@ from craft.config.components import (
 from craft.config.registry import build
 from craft.data.datasets import (
     DataModule,
+    EvalBatches,
     PreparedDataset,
     TokenSource,
     TrainBatches,
@@ -278,3 +279,45 @@ def test_training_windows_reach_both_ends_of_the_split() -> None:
     it = _over(tokens, block).train_batches(batch_size=64, seed=0)
     seen = {int(x[0]) for _ in range(4) for x in next(it)[0]}
     assert seen == {0, 1, 2}
+
+
+def test_eval_batches_ask_for_whole_batches_then_the_rest() -> None:
+    asked: list[tuple[int, int]] = []
+
+    def make(first: int, n: int) -> np.ndarray:
+        asked.append((first, n))
+        return np.arange(first, first + n)[:, None] + np.arange(3)  # (n, T + 1 = 3)
+
+    ev = EvalBatches(make, num_windows=10, batch_size=4)
+    assert len(ev) == 3 and [x.shape[0] for x, _ in ev] == [4, 4, 2]
+    assert asked == [(0, 4), (4, 4), (8, 2)]
+    assert torch.equal(ev[-1][0], ev[2][0])
+    for i in (3, -4):
+        with pytest.raises(IndexError):
+            ev[i]
+    dm = _over(np.arange(20, dtype=np.uint16), 4)
+    assert dm.num_tokens("val") == 20
+    for bs, mb in [(0, None), (2, 0)]:
+        with pytest.raises(DataError, match="must be >= 1"):
+            dm.eval_batches("val", bs, mb)
+
+
+def test_sampler_state_at_the_start_and_seed_zero_loads() -> None:
+    dm = _over(np.arange(20, dtype=np.uint16), 4)
+    fresh = dm.train_batches(2, seed=0)
+    other = dm.train_batches(2, seed=5)
+    other.load_state_dict(fresh.state_dict())  # {seed 0, step 0}: a valid state
+    assert _equal([next(other)], [next(dm.train_batches(2, seed=0))])
+
+
+def test_random_dataset_draws_every_id_and_defaults_to_rank_zero() -> None:
+    cfg = RandomDataConfig(vocab_size=5, seed=3)
+    single = build("data", cfg, None, block_size=BLOCK)
+    ranked = build("data", cfg, None, block_size=BLOCK, rank=1, world_size=2)
+    assert (single.rank, single.world_size) == (0, 1) and (ranked.rank, ranked.world_size) == (1, 2)
+    assert single.num_tokens("train") is None  # no token files behind random data
+    x, y = next(single.train_batches(64, seed=0))
+    assert sorted(set(x.flatten().tolist()) | set(y.flatten().tolist())) == [0, 1, 2, 3, 4]
+    rank0 = build("data", cfg, None, block_size=BLOCK, rank=0, world_size=2)
+    assert _equal(_take(single.train_batches(4, 1), 2), _take(rank0.train_batches(4, 1), 2))
+    assert not torch.equal(next(ranked.train_batches(4, 1))[0], next(rank0.train_batches(4, 1))[0])
