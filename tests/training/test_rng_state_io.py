@@ -152,3 +152,13 @@ def test_dedupe_shared_keeps_one_name_per_view_and_clones_overlaps() -> None:
     kept, aliases = dedupe_shared(transposed)
     assert aliases == {} and torch.equal(kept["b"], base.view(3, 4).t())
     assert kept["b"].is_contiguous()
+
+
+def test_a_state_whose_tensors_share_memory_is_saved(tmp_path: Path) -> None:
+    """The same tensor in two places of a state (or a view of another) used to make safetensors
+    refuse the whole checkpoint."""
+    t = torch.arange(6.0)
+    save_state(tmp_path, "s", {"best": t, "last": t, "head": t[:2]}, {})
+    back, _ = load_state(tmp_path, "s")
+    assert all(torch.equal(back[k], v) for k, v in {"best": t, "last": t, "head": t[:2]}.items())
+    assert t.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # the caller's tensors are untouched
