@@ -321,3 +321,52 @@ def test_random_dataset_draws_every_id_and_defaults_to_rank_zero() -> None:
     rank0 = build("data", cfg, None, block_size=BLOCK, rank=0, world_size=2)
     assert _equal(_take(single.train_batches(4, 1), 2), _take(rank0.train_batches(4, 1), 2))
     assert not torch.equal(next(ranked.train_batches(4, 1))[0], next(rank0.train_batches(4, 1))[0])
+
+
+def _pcg(*words: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(words))))
+
+
+def test_batch_i_of_rank_r_comes_from_the_generator_seeded_by_seed_rank_i() -> None:
+    """The stream is a function of (seed, rank, step) alone, so a resumed run (also one started by
+    another Craft version) sees the batches an uninterrupted run would have."""
+    tokens = np.arange(50, dtype=np.uint16)
+    for rank in (0, 1):
+        dm = DataModule(
+            train=TokenSource(tokens, 4), val=TokenSource(tokens, 4), tokenizer=None,
+            vocab_size=50, block_size=4, rank=rank,
+        )  # fmt: skip
+        assert (dm.rank, dm.world_size, dm.block_size) == (rank, 1, 4)
+        it = dm.train_batches(batch_size=3, seed=7)
+        for step in range(3):
+            x, y = next(it)
+            starts = _pcg(7, rank, step, 0).integers(0, 50 - 4, size=3)
+            assert (
+                x[:, 0].tolist() == starts.tolist() and y[:, -1].tolist() == (starts + 4).tolist()
+            )
+    plain = TrainBatches(lambda rng, b: rng.integers(0, 9, size=(b, 3)), batch_size=1, seed=2)
+    assert next(plain)[0].tolist() == [_pcg(2, 0, 0, 0).integers(0, 9, size=(1, 3))[0, :2].tolist()]
+    assert not torch.equal(next(plain)[0], next(plain)[0])  # every step draws anew
+
+
+def test_random_eval_batches_cover_the_vocabulary_with_full_windows() -> None:
+    dm = build("data", RandomDataConfig(vocab_size=4, seed=0), None, block_size=BLOCK)
+    one = dm.eval_batches("val", batch_size=8)
+    assert len(one) == 1 and one[0][0].shape == (8, BLOCK)  # max_batches None: one batch
+    x, y = dm.eval_batches("val", batch_size=8, max_batches=1)[0]
+    assert x.shape == y.shape == (8, BLOCK) and torch.equal(x[:, 1:], y[:, :-1])
+    assert sorted(set(x.flatten().tolist())) == [0, 1, 2, 3]
+    train_x, _ = dm.eval_batches("train", batch_size=8, max_batches=1)[0]
+    assert not torch.equal(train_x, x)  # each split its own fixed windows
+
+
+def test_open_prepared_needs_one_full_window_per_split(prepared: Path) -> None:
+    ds = PreparedDataset(prepared)
+    n = min(ds.num_tokens("train"), ds.num_tokens("val"))
+    dm = open_prepared(ds, n - 1)  # exactly block_size + 1 tokens in the smaller split
+    assert (dm.block_size, dm.rank, dm.world_size) == (n - 1, 0, 1)
+    assert len(dm.eval_batches("val" if ds.num_tokens("val") == n else "train", 1)) == 1
+    with pytest.raises(DataError, match="fewer than block_size"):
+        open_prepared(ds, n)
+    ranked = open_prepared(ds, 8, rank=1, world_size=3)
+    assert (ranked.rank, ranked.world_size) == (1, 3)
