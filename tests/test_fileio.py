@@ -124,6 +124,13 @@ def test_text_is_written_as_utf8_whatever_the_locale(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG"))}
     env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONIOENCODING="utf-8")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True)
-    assert (tmp_path / "a.txt").read_bytes() == (tmp_path / "b.txt").read_bytes() == "é☃".encode()
-    assert json.loads((tmp_path / "c.json").read_bytes().decode("utf-8")) == ["é☃"]
+    ascii_dir, here = tmp_path / "ascii", tmp_path / "here"
+    ascii_dir.mkdir(), here.mkdir()
+    subprocess.run([sys.executable, "-c", script, str(ascii_dir)], env=env, check=True)
+    fileio.write_text_durable(here / "a.txt", "é☃")  # the same files from this process
+    fileio.atomic_write_text(here / "b.txt", "é☃")
+    fileio.atomic_write_json(here / "c.json", ["é☃"])
+    for name in ("a.txt", "b.txt", "c.json"):
+        assert (ascii_dir / name).read_bytes() == (here / name).read_bytes(), name
+    assert (ascii_dir / "a.txt").read_bytes() == (ascii_dir / "b.txt").read_bytes() == "é☃".encode()
+    assert json.loads((ascii_dir / "c.json").read_bytes().decode("utf-8")) == ["é☃"]
