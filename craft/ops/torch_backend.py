@@ -18,6 +18,7 @@ from craft.ops.eager import (
     check_norm,
     compute_dtype,
     matmul_dtype,
+    norm_dtypes,
     reduce_loss,
 )
 from craft.ops.registry import register_backend
@@ -43,9 +44,10 @@ def attention(
     v: torch.Tensor,
     causal: bool = True,
     scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """F.scaled_dot_product_attention with a bottom-right aligned causal mask."""
-    check_attention(q, k, v, causal)
+    """F.scaled_dot_product_attention with a bottom-right aligned causal mask (and dropout)."""
+    check_attention(q, k, v, causal, dropout_p)
     (_, h, tq, _), hkv, tk = q.shape, k.shape[1], k.shape[2]
     mask, is_causal = None, False
     if causal and tq == tk:
@@ -60,7 +62,7 @@ def attention(
             k = k.repeat_interleave(h // hkv, dim=1)  # (B, H, Tk, D)
             v = v.repeat_interleave(h // hkv, dim=1)  # (B, H, Tk, D)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **extra
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra
     )  # (B, H, Tq, D)
 
 
@@ -274,13 +276,19 @@ def norm(
     eps: float = 1e-5,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """F.layer_norm / F.rms_norm; with `residual`, (norm(x + residual), x + residual)."""
+    """F.layer_norm / F.rms_norm; with `residual`, (norm(x + residual), x + residual).
+
+    The output dtype follows the contract of `craft.ops.eager` (autocast's own rule would return
+    layer_norm in float32).
+    """
     check_norm(kind, bias)
+    _, out_dtype = norm_dtypes(x, residual)
     s = x if residual is None else x + residual
     if kind == "layernorm":
         y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
     else:
         y = _rms_norm(s, weight, eps)
+    y = y.to(out_dtype)
     return y if residual is None else (y, s)
 
 
