@@ -183,9 +183,12 @@ class Trainer:
         self.tokenizer = self.data.tokenizer
         from craft import ops
 
-        ops.configure(cfg.kernels, self.device.type)  # logs the backend chosen for each op
-
-        model = build_model(cfg, self.data.vocab_size, fused_loss=cfg.kernels.fused_loss)
+        model = build_model(
+            cfg, self.data.vocab_size, fused_loss=cfg.kernels.fused_loss, kernels=cfg.kernels
+        )
+        table = getattr(model, "kernels", None)
+        plan = (table if isinstance(table, ops.Kernels) else ops.DEFAULT).plan(self.device.type)
+        ops.log_plan(plan, self.device.type)  # `auto` resolves per input signature on first use
         self.raw_model = model
         n_params = (
             model.num_params()
