@@ -31,7 +31,9 @@ def test_dropout_is_unbiased_and_zero_p_is_exact(fn) -> None:
     out = fn(q, k, v, True, None, 0.3)
     assert not torch.allclose(out[0], plain[0])  # something was dropped
     torch.testing.assert_close(out.mean(0, keepdim=True), plain, atol=0.06, rtol=0)
-    torch.testing.assert_close(fn(q[:2], k[:2], v[:2], True, None, 0.0), plain.expand(2, -1, -1, -1))
+    torch.testing.assert_close(
+        fn(q[:2], k[:2], v[:2], True, None, 0.0), plain.expand(2, -1, -1, -1)
+    )
     with pytest.raises(ValueError, match="dropout_p"):
         fn(q[:1], k[:1], v[:1], True, None, 1.0)
 

@@ -121,7 +121,7 @@ def test_bad_names_and_unrunnable_selections_are_kernel_errors() -> None:
     with pytest.raises(KernelError, match="no such backend"):
         ops.Kernels({"norm": "nope"})
     table = ops.Kernels(norm="cuda")
-    with pytest.raises(KernelError, match="kernels.norm = 'cuda' cannot run"):
+    with pytest.raises(KernelError, match=r"kernels\.norm = 'cuda' cannot run"):
         table.norm(torch.randn(2, 8), torch.ones(8))
 
 
