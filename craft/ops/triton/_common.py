@@ -43,6 +43,7 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
+@torch.compiler.assume_constant_result  # read while tracing: torch.compile cannot trace it
 def tf32_matmuls_allowed() -> bool:
     """Whether torch lets fp32 CUDA matmuls use TF32, through either of its two settings APIs.
 
