@@ -134,6 +134,24 @@ def rnd(
     return (torch.randn(*shape, device="cuda", generator=g) * scale + shift).to(dtype)
 
 
+def compare_case(x, w, b, kind, res, dy, ds, autocast=None):  # type: ignore[no-untyped-def]
+    """Relative errors {quantity: (cuda, torch)} against float64, and whether both backends gave
+    every output and gradient the same dtype (y in the autocast dtype under autocast)."""
+    ref_y, ref_g = reference(x, w, b, kind, 1e-5, res, dy, ds)
+    with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        y, grads = run(cuda_backend.norm, x, w, b, kind, 1e-5, res, dy, ds)
+        ty, tgrads = run(torch_backend.norm, x, w, b, kind, 1e-5, res, dy, ds)
+    errs = {"y": (rel_err(y, ref_y), rel_err(ty, ref_y))}
+    for name, gc, gt, gr in zip("xwbr", grads, tgrads, ref_g, strict=True):
+        if gr is not None:
+            errs[f"d{name}"] = (rel_err(gc, gr), rel_err(gt, gr))
+    same = y.dtype == ty.dtype and (autocast is None or y.dtype == autocast)
+    same = same and all(
+        gc is None or gc.dtype == gt.dtype for gc, gt in zip(grads, tgrads, strict=True)
+    )
+    return errs, same
+
+
 def correctness(quick: bool) -> list[dict[str, Any]]:
     rows_out = []
     sizes = SIZES[::3] if quick else SIZES
@@ -154,13 +172,7 @@ def correctness(quick: bool) -> list[dict[str, Any]]:
                 )
                 b = rnd(g, dtype, cols, scale=0.1) if has_b else None
                 dy, ds = rnd(g, dtype, rows, cols), rnd(g, dtype, rows, cols)
-                ref_y, ref_g = reference(x, w, b, kind, 1e-5, res, dy, ds)
-                y, grads = run(cuda_backend.norm, x, w, b, kind, 1e-5, res, dy, ds)
-                ty, tgrads = run(torch_backend.norm, x, w, b, kind, 1e-5, res, dy, ds)
-                errs = {"y": (rel_err(y, ref_y), rel_err(ty, ref_y))}
-                for name, gc, gt, gr in zip("xwbr", grads, tgrads, ref_g, strict=True):
-                    if gr is not None:
-                        errs[f"d{name}"] = (rel_err(gc, gr), rel_err(gt, gr))
+                errs, _ = compare_case(x, w, b, kind, res, dy, ds)
                 ok = all(c <= 2 * t + SLACK[dtype] for c, t in errs.values())
                 rows_out.append({
                     "dtype": str(dtype).removeprefix("torch."), "cols": cols, "kind": kind,
@@ -177,17 +189,7 @@ def correctness(quick: bool) -> list[dict[str, Any]]:
                 w = torch.rand(cols, device="cuda", generator=g) + 0.5
                 b = rnd(g, torch.float32, cols, scale=0.1) if kind == "layernorm" else None
                 dy, ds = rnd(g, half, rows, cols), rnd(g, torch.float32, rows, cols)
-                ref_y, ref_g = reference(x, w, b, kind, 1e-5, res, dy, ds)
-                with torch.autocast("cuda", dtype=half):
-                    y, grads = run(cuda_backend.norm, x, w, b, kind, 1e-5, res, dy, ds)
-                    ty, tgrads = run(torch_backend.norm, x, w, b, kind, 1e-5, res, dy, ds)
-                errs = {"y": (rel_err(y, ref_y), rel_err(ty, ref_y))}
-                for name, gc, gt, gr in zip("xwbr", grads, tgrads, ref_g, strict=True):
-                    if gr is not None:
-                        errs[f"d{name}"] = (rel_err(gc, gr), rel_err(gt, gr))
-                same_dtypes = y.dtype == ty.dtype == half and all(
-                    gc is None or gc.dtype == gt.dtype for gc, gt in zip(grads, tgrads, strict=True)
-                )
+                errs, same_dtypes = compare_case(x, w, b, kind, res, dy, ds, half)
                 ok = same_dtypes and all(c <= 2 * t + SLACK[half] for c, t in errs.values())
                 label = f"{str(half).removeprefix('torch.')} autocast, " + (
                     "branch + fp32 residual" if fused else "fp32 input"
@@ -226,6 +228,40 @@ def speed_case(fn: NormFn, x, w, b, kind, res, dy, ds, autocast=None) -> tuple[f
     return time_ms(fwd), time_ms(fwd_bwd)
 
 
+def time_row(
+    row: dict[str, Any],
+    candidates: dict[str, NormFn],
+    tensors: tuple[Any, ...],
+    kind: str,
+    nbytes: tuple[int, int],
+    peak: float | None,
+    autocast: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Time every candidate on `tensors` (x, w, b, res, dy, ds); GB/s from the minimal bytes
+    (forward, backward) in `nbytes`; speed-ups over torch."""
+    x, w, b, res, dy, ds = tensors
+    fwd_bytes, bwd_bytes = nbytes
+    for name, fn in candidates.items():
+        try:
+            f_ms, fb_ms = speed_case(fn, x, w, b, kind, res, dy, ds, autocast)
+        except Exception as e:  # a backend that rejects these inputs
+            row[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        fb_gbps = (fwd_bytes + bwd_bytes) / (fb_ms * 1e-3) / 1e9
+        row[name] = {
+            "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms, "fwd_gbps": fwd_bytes / (f_ms * 1e-3) / 1e9,
+            "fwd_bwd_gbps": fb_gbps,
+            "fwd_bwd_pct_peak": None if peak is None else 100 * fb_gbps / peak,
+        }  # fmt: skip
+    base = row.get("torch", {})
+    for name in candidates:
+        r = row.get(name, {})
+        if "fwd_ms" in r and "fwd_ms" in base:
+            r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
+            r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    return row
+
+
 def speed(quick: bool, peak: float | None) -> list[dict[str, Any]]:
     candidates: dict[str, NormFn] = {"torch": torch_backend.norm, "cuda": cuda_backend.norm}
     triton = backends("norm").get("triton")
@@ -243,32 +279,12 @@ def speed(quick: bool, peak: float | None) -> list[dict[str, Any]]:
                 w = torch.rand(cols, device="cuda", dtype=dtype) + 0.5
                 b = torch.randn(cols, device="cuda", dtype=dtype) * 0.1 if has_b else None
                 dy, ds = torch.randn_like(x), torch.randn_like(x)
-                nbytes = x.numel() * x.element_size()
+                n = x.numel() * x.element_size()
                 # minimal traffic: fwd reads x (+res), writes y (+s); bwd reads dy, s (+ds), writes dx
-                fwd_bytes = nbytes * (2 + 2 * fused)
-                bwd_bytes = nbytes * (3 + fused)
                 row: dict[str, Any] = {"shape": [rows, cols], "dtype": str(dtype).removeprefix("torch."),
                                        "kind": kind, "residual": fused}  # fmt: skip
-                for name, fn in candidates.items():
-                    try:
-                        f_ms, fb_ms = speed_case(fn, x, w, b, kind, res, dy, ds)
-                    except Exception as e:  # a backend that rejects these inputs
-                        row[name] = {"error": f"{type(e).__name__}: {e}"}
-                        continue
-                    fwd_gbps = fwd_bytes / (f_ms * 1e-3) / 1e9
-                    fb_gbps = (fwd_bytes + bwd_bytes) / (fb_ms * 1e-3) / 1e9
-                    row[name] = {
-                        "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms, "fwd_gbps": fwd_gbps,
-                        "fwd_bwd_gbps": fb_gbps,
-                        "fwd_bwd_pct_peak": None if peak is None else 100 * fb_gbps / peak,
-                    }  # fmt: skip
-                base = row.get("torch", {})
-                for name in candidates:
-                    r = row.get(name, {})
-                    if "fwd_ms" in r and "fwd_ms" in base:
-                        r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
-                        r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-                out.append(row)
+                nbytes = (n * (2 + 2 * fused), n * (3 + fused))
+                out.append(time_row(row, candidates, (x, w, b, res, dy, ds), kind, nbytes, peak))
                 del x, res, dy, ds
         if (rows, cols) == TARGETS[0][2]:  # the autocast case of a GPT block at the target shape
             for kind, has_b in (("layernorm", True), ("rmsnorm", False)):
@@ -280,29 +296,12 @@ def speed(quick: bool, peak: float | None) -> list[dict[str, Any]]:
                 n = x.numel()
                 # fwd: x bf16 + res fp32 read, y bf16 + s fp32 written; bwd: dy bf16, s fp32,
                 # ds fp32 read, d res fp32 + d branch bf16 written
-                fwd_bytes, bwd_bytes = n * (2 + 4 + 2 + 4), n * (2 + 4 + 4 + 4 + 2)
+                nbytes = (n * (2 + 4 + 2 + 4), n * (2 + 4 + 4 + 4 + 2))
                 row = {"shape": [rows, cols], "dtype": "bf16 autocast, fp32 residual",
                        "kind": kind, "residual": True}  # fmt: skip
-                for name, fn in candidates.items():
-                    try:
-                        f_ms, fb_ms = speed_case(fn, x, w, b, kind, res, dy, ds, torch.bfloat16)
-                    except Exception as e:
-                        row[name] = {"error": f"{type(e).__name__}: {e}"}
-                        continue
-                    fb_gbps = (fwd_bytes + bwd_bytes) / (fb_ms * 1e-3) / 1e9
-                    row[name] = {
-                        "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms,
-                        "fwd_gbps": fwd_bytes / (f_ms * 1e-3) / 1e9, "fwd_bwd_gbps": fb_gbps,
-                        "fwd_bwd_pct_peak": None if peak is None else 100 * fb_gbps / peak,
-                    }  # fmt: skip
-                base = row.get("torch", {})
-                for name in candidates:
-                    r = row.get(name, {})
-                    if "fwd_ms" in r and "fwd_ms" in base:
-                        r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
-                        r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-                out.append(row)
-                del x, res, dy, ds
+                tensors = (x, w, b, res, dy, ds)
+                out.append(time_row(row, candidates, tensors, kind, nbytes, peak, torch.bfloat16))
+                del x, res, dy, ds, tensors
     return out
 
 
