@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -209,6 +209,69 @@ def input_problem(
     return None
 
 
+# The extension's two calls as torch custom ops: torch.compile sees opaque ops with known output
+# shapes and dtypes (the fake implementations below) instead of breaking the graph at every norm.
+# Outputs the binding returns as None (no sum without a residual, no mean for RMSNorm, gradients
+# not asked for) are empty tensors here.
+
+
+@torch.library.custom_op("craft::norm_fwd", mutates_args=())
+def norm_fwd_op(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],  # noqa: UP045 (custom_op reads the annotations)
+    weight: Optional[torch.Tensor],  # noqa: UP045
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    rms: bool,
+    eps: float,
+    y_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[y (N, C) y_dtype, sum (N, C) or empty, mean (N,) or empty, rstd (N,)] of x (N, C)."""
+    y, s, mean, rstd = extension().norm_fwd(x, residual, weight, bias, rms, eps, y_dtype)
+    return y, x.new_empty(0) if s is None else s, x.new_empty(0) if mean is None else mean, rstd
+
+
+@norm_fwd_op.register_fake
+def _norm_fwd_fake(x, residual, weight, bias, rms, eps, y_dtype):  # type: ignore[no-untyped-def]
+    rows = x.shape[0]
+    s = x.new_empty(0) if residual is None else torch.empty_like(x, dtype=residual.dtype)
+    mean = x.new_empty(0) if rms else x.new_empty(rows, dtype=torch.float32)
+    return torch.empty_like(x, dtype=y_dtype), s, mean, x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("craft::norm_bwd", mutates_args=())
+def norm_bwd_op(
+    dy: torch.Tensor,
+    dsum: Optional[torch.Tensor],  # noqa: UP045
+    x: torch.Tensor,
+    mean: Optional[torch.Tensor],  # noqa: UP045
+    rstd: torch.Tensor,
+    weight: Optional[torch.Tensor],  # noqa: UP045
+    need_dweight: bool,
+    need_dbias: bool,
+    rms: bool,
+    branch_dtype: Optional[torch.dtype],  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[dx (x's dtype), dweight fp32 or empty, dbias fp32 or empty, dx_branch or empty]."""
+    dx, dw, db, dxb = extension().norm_bwd(
+        dy, dsum, x, mean, rstd, weight, need_dweight, need_dbias, rms, branch_dtype
+    )
+
+    def given(t: torch.Tensor | None) -> torch.Tensor:
+        return dy.new_empty(0) if t is None else t  # a fresh empty tensor each: no aliases
+
+    return dx, given(dw), given(db), given(dxb)
+
+
+@norm_bwd_op.register_fake
+def _norm_bwd_fake(dy, dsum, x, mean, rstd, weight, need_dweight, need_dbias, rms, branch_dtype):  # type: ignore[no-untyped-def]
+    cols = x.shape[-1]
+    dw = x.new_empty(cols, dtype=torch.float32) if need_dweight else dy.new_empty(0)
+    db = x.new_empty(cols, dtype=torch.float32) if need_dbias else dy.new_empty(0)
+    branch = branch_dtype is not None and branch_dtype != x.dtype
+    dxb = torch.empty_like(x, dtype=branch_dtype) if branch else dy.new_empty(0)
+    return torch.empty_like(x), dw, db, dxb
+
+
 class FusedNorm(torch.autograd.Function):
     """y = norm(x [+ residual]) with the compiled kernels; also returns s = x + residual if given.
 
@@ -232,9 +295,10 @@ class FusedNorm(torch.autograd.Function):
         x2 = x.reshape(-1, cols).contiguous()  # (N, C)
         r2 = None if residual is None else residual.reshape(-1, cols).contiguous()  # (N, C)
         # y (N, C) in y_dtype; s (N, C) in the residual's dtype
-        y, s, mean, rstd = extension().norm_fwd(x2, r2, weight, bias, rms, eps, y_dtype)
+        y, s, mean, rstd = norm_fwd_op(x2, r2, weight, bias, rms, eps, y_dtype)
+        s = None if residual is None else s
         # The backward needs the normalised input: the sum when a residual was fused.
-        ctx.save_for_backward(x2 if s is None else s, mean, rstd, weight)
+        ctx.save_for_backward(x2 if s is None else s, None if rms else mean, rstd, weight)
         ctx.rms = rms
         ctx.shape = shape
         # the branch's gradient dtype when it differs from the sum's (written by the kernel)
@@ -258,15 +322,13 @@ class FusedNorm(torch.autograd.Function):
         ds2 = None if ds is None else ds.reshape(-1, cols).contiguous()  # (N, C)
         need_w = need_w and weight is not None
         need_b = need_b and ctx.bias_dtype is not None
-        dx, dw, db, dx_branch = extension().norm_bwd(
+        dx, dw, db, dx_branch = norm_bwd_op(
             dy2, ds2, inp, mean, rstd, weight, need_w, need_b, ctx.rms, ctx.branch_dtype
         )
         dx = dx.view(ctx.shape)  # in s's dtype: the residual's gradient
-        grad_x = dx if dx_branch is None else dx_branch.view(ctx.shape)
-        if dw is not None:
-            dw = dw.to(weight.dtype)
-        if db is not None:
-            db = db.to(ctx.bias_dtype)
+        grad_x = dx if ctx.branch_dtype is None else dx_branch.view(ctx.shape)
+        dw = dw.to(weight.dtype) if need_w else None
+        db = db.to(ctx.bias_dtype) if need_b else None
         return (grad_x if need_x else None), dw, db, (dx if need_r else None), None, None, None
 
 

@@ -12,13 +12,16 @@ are compiled with inductor and fullgraph=True under bf16 autocast.
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from craft.config.components import GPTConfig
 from craft.models.gpt import GPT
+from craft.ops import cuda as cuda_backend
 from tests.kernels._triton import DEVICE, gpu_grid, needs_triton
+from tests.ops._norm_binding import BindingModel
 
 CFG = GPTConfig(n_layer=1, n_head=2, d_model=32, block_size=16, mlp_hidden=64)
 
@@ -68,6 +71,48 @@ def test_compiled_torch_backend_fullgraph_fused_loss_under_bf16_autocast() -> No
 def test_compiled_triton_backend_with_graph_breaks_on_cpu() -> None:
     names = {"attention": "triton", "cross_entropy": "triton", "linear_cross_entropy": "triton"}
     _compare(names, False, {"backend": "aot_eager"}, device=DEVICE)
+
+
+def test_compiled_cuda_norm_is_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cuda norm's extension calls are torch custom ops: fullgraph holds around them.
+
+    On the CPU the extension is replaced by a torch model of its binding (the kernels are
+    checked on a GPU and in the emulator); what is compiled here is the Python side: the
+    autograd Function, the custom ops' fake shapes and dtypes, the autocast dtype contract.
+    """
+    # opaque to dynamo, as the compiled extension is
+    opaque = SimpleNamespace(
+        norm_fwd=torch.compiler.disable(BindingModel.norm_fwd),
+        norm_bwd=torch.compiler.disable(BindingModel.norm_bwd),
+    )
+    monkeypatch.setattr(cuda_backend, "extension", lambda: opaque)
+    monkeypatch.setattr(cuda_backend, "supports", lambda *a: None)
+
+    def block(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, s = cuda_backend.norm(a, w, b, "layernorm", 1e-5, x)  # ln_2(attn out, x)
+            y = cuda_backend.norm(s, w, None, "rmsnorm", 1e-5)  # an fp32 input into bf16
+        return (h.float() * 3).sum() + (y.float() * s).sum()
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(4, 16, generator=g).to(torch.bfloat16),
+        torch.randn(4, 16, generator=g),
+        torch.rand(16, generator=g) + 0.5,
+        torch.randn(16, generator=g) * 0.1,
+    ]
+    torch._dynamo.reset()
+    results = []
+    for fn in (block, torch.compile(block, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        out.backward()
+        results.append((out.detach(), [t.grad for t in leaves]))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_g, want_g, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
 
 
 @gpu_grid

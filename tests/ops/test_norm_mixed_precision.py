@@ -15,6 +15,7 @@ import torch
 from craft.ops import cuda as cuda_backend
 from craft.ops import eager
 from craft.ops import torch_backend as tb
+from tests.ops._norm_binding import BindingModel
 
 BACKENDS = {"eager": eager.norm, "torch": tb.norm}
 HALF = [torch.bfloat16, torch.float16]
@@ -121,49 +122,9 @@ def test_cuda_input_problem_follows_the_contract(x, res, cast, ok):
         assert "no kernel for" in reason
 
 
-class _BindingModel:
-    """The contract of kernels/norm_binding.cpp computed with torch, for the Python side on CPU.
-
-    norm_fwd -> [y (y_dtype), sum (residual's dtype), mean, rstd]; norm_bwd -> [dx (x's dtype),
-    dweight, dbias, dx_branch (branch_dtype, when it differs from x's)]. The kernels themselves
-    are checked on a GPU and in the emulator; this checks what the autograd Function does with
-    their outputs.
-    """
-
-    @staticmethod
-    def norm_fwd(x, residual, weight, bias, rms, eps, y_dtype=None):
-        assert x.is_contiguous() and x.dim() == 2
-        s = None if residual is None else (x.float() + residual.float()).to(residual.dtype)
-        v = (x if s is None else s).float()
-        mean = None if rms else v.mean(-1)
-        c = v if rms else v - mean[:, None]
-        rstd = torch.rsqrt(c.square().mean(-1) + eps)
-        y = c * rstd[:, None]
-        if weight is not None:
-            y = y * weight.float()
-        if bias is not None:
-            y = y + bias.float()
-        return [y.to(y_dtype or (x if s is None else s).dtype), s, mean, rstd]
-
-    @staticmethod
-    def norm_bwd(dy, dsum, x, mean, rstd, weight, need_dw, need_db, rms, branch_dtype=None):
-        xh = (x.float() - (0 if rms else mean[:, None])) * rstd[:, None]
-        g = dy.float() * (1 if weight is None else weight.float())
-        m1 = 0 if rms else g.mean(-1, keepdim=True)
-        dx = rstd[:, None] * (g - m1 - xh * (g * xh).mean(-1, keepdim=True))
-        if dsum is not None:
-            dx = dx + dsum.float()
-        dw = (dy.float() * xh).sum(0) if need_dw else None
-        db = dy.float().sum(0) if need_db else None
-        branch = None
-        if branch_dtype is not None and branch_dtype != x.dtype:
-            branch = dx.to(x.dtype).to(branch_dtype)
-        return [dx.to(x.dtype), dw, db, branch]
-
-
 @pytest.mark.parametrize("half", HALF, ids=str)
 def test_cuda_autograd_function_returns_each_gradient_in_its_dtype(monkeypatch, half):
-    monkeypatch.setattr(cuda_backend, "extension", lambda: _BindingModel)
+    monkeypatch.setattr(cuda_backend, "extension", lambda: BindingModel)
     a, x, w, b = _inputs(half, rows=4, cols=16)
     leaves = [t.clone().requires_grad_() for t in (a, x, w, b)]
     with torch.autocast("cpu", dtype=half):
@@ -190,7 +151,7 @@ def test_cuda_autograd_function_returns_each_gradient_in_its_dtype(monkeypatch, 
 
 
 def test_cuda_norm_casts_a_narrow_residual_to_the_sum_dtype(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "extension", lambda: _BindingModel)
+    monkeypatch.setattr(cuda_backend, "extension", lambda: BindingModel)
     monkeypatch.setattr(cuda_backend, "supports", lambda *a: None)
     x = torch.randn(3, 8, requires_grad=True)
     r = torch.randn(3, 8).to(torch.bfloat16).requires_grad_()
@@ -203,12 +164,12 @@ def test_cuda_norm_casts_a_narrow_residual_to_the_sum_dtype(monkeypatch):
 def test_binding_model_agrees_with_the_eager_reference():
     """The model above must itself be right, or the two tests above prove nothing."""
     a, x, w, b = _inputs(torch.float32, rows=5, cols=12)
-    y, s, mean, rstd = _BindingModel.norm_fwd(a, x, w, b, False, 1e-5)
+    y, s, mean, rstd = BindingModel.norm_fwd(a, x, w, b, False, 1e-5)
     ry, rs = eager.norm(a, w, b, "layernorm", 1e-5, x)
     torch.testing.assert_close(y, ry)
     torch.testing.assert_close(s, rs)
     dy = torch.randn_like(y)
-    dx, dw, db, _ = _BindingModel.norm_bwd(dy, None, s, mean, rstd, w, True, True, False)
+    dx, dw, db, _ = BindingModel.norm_bwd(dy, None, s, mean, rstd, w, True, True, False)
     ref = [t.clone().requires_grad_() for t in (s, w, b)]
     eager.norm(ref[0], ref[1], ref[2]).backward(dy)
     torch.testing.assert_close(dx, ref[0].grad, atol=1e-5, rtol=1e-5)
