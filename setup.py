@@ -30,6 +30,7 @@ KERNEL_DIR = "kernels"
 # Kept in step with craft/ops/cuda.py (SOURCES, NVCC_FLAGS, CXX_FLAGS).
 SOURCES = ("norm_fwd.cu", "norm_bwd.cu", "norm_binding.cpp")
 KERNEL_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
+RECIPE_DIRS = ("recipes", "configs")  # shipped as craft/_recipes/ so recipes can be named
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 CXX_FLAGS = ["-O3"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
@@ -84,17 +85,25 @@ def plan_extension(env: Mapping[str, str] = os.environ) -> tuple[bool, str]:
 
 
 class BuildPyWithKernels(build_py):
-    """Ships the kernel sources in wheels (craft/_kernels/) so the just-in-time build finds them."""
+    """Ships the kernel sources (craft/_kernels/, for the just-in-time build) and the recipes with
+    their configs (craft/_recipes/, so `craft train char_small` works from any directory) in wheels."""
 
     def run(self) -> None:
         super().run()
         if getattr(self, "editable_mode", False):
-            return  # an editable install reads kernels/ in the checkout
+            return  # an editable install reads kernels/, recipes/ and configs/ in the checkout
         dest = Path(self.build_lib) / "craft" / "_kernels"
         dest.mkdir(parents=True, exist_ok=True)
         for src in sorted((ROOT / KERNEL_DIR).iterdir()):
             if src.suffix in KERNEL_SUFFIXES:
                 shutil.copy2(src, dest / src.name)
+        for name in RECIPE_DIRS:  # recipes include "../configs/...", so both keep their layout
+            shutil.copytree(
+                ROOT / name,
+                Path(self.build_lib) / "craft" / "_recipes" / name,
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("__pycache__", ".*"),
+            )
 
 
 def _extension_setup(required: bool) -> dict[str, Any]:

@@ -1,29 +1,38 @@
-"""Decode speed: KV-cached generation against recomputing the whole context at every step.
+"""Decode speed: `craft generate` against a bare cached-forward loop and the weight-streaming floor.
 
-    python bench/decode_speed.py                                  # char_small and char_gpt shapes
+    python bench/decode_speed.py --threads 1        # char_small and char_gpt, fp32 and bf16, batch 1 and 8
     python bench/decode_speed.py --checkpoint outputs/char_gpt/<run>   # a trained model instead
-    python bench/decode_speed.py --quick --out /tmp/decode.json   # seconds, for a smoke test
+    python bench/decode_speed.py --quick --out /tmp/decode.json        # seconds, for a smoke test
 
-Both ways generate `--new-tokens` tokens (default 500) from a one-token prompt, in the same run,
-with the same sampling (temperature 1, fixed seed):
-- "kv cache": `craft.generation.iter_tokens` (prefill, then one token per forward; when the cache
-  is full the last 3/4 of the context is re-prefilled, see craft/generation.py);
-- "recompute": nanoGPT's `generate` loop: crop the sequence to the last `block_size` tokens, run
-  the whole window through the model, keep the last position's logits, sample, append.
+Part 1, the floor table: for every model, dtype and batch size, three ways decode the same number
+of tokens per sequence (the window minus the 1-token prompt, so no context refill happens), in
+the same run, alternating so that a change in machine load hits all alike:
+- "generate": `craft.generation.generate` with `num_samples` = batch, temperature 1: exactly what
+  `craft generate --num-samples B` runs after loading (sampling, text decoding, streaming order);
+- "bare": a loop of `model(x, cache=cache)` over a (B, 1) input, nothing else (no sampling);
+- "floor": a loop of only the weight matrix products of one token step (every 2-d weight but the
+  embeddings, the output layer included, each applied to a (B, C) input): the time it takes to
+  stream the weights through the matrix units, which no decoder of this model can beat.
+Goals at char_gpt shape: generate >= 0.9x the bare loop's tokens/s, and generate's time per step
+<= 1.5x the floor's, in fp32 and bf16, at batch 1 and 8.
+
+Part 2, recompute vs cache: `--new-tokens` tokens (default 500, so the cache refills) from a
+1-token prompt at batch 1 in fp32, KV-cached (`iter_tokens`) against nanoGPT's loop that
+recomputes the cropped context at every step. Greedy decoding is first checked to give identical
+tokens both ways within the window. Goal: a speed-up of at least 5x for char_gpt.
+
 Decode speed does not depend on the weights, so without --checkpoint each recipe's model is
-built with random weights at its configured shape (vocabulary: tinyshakespeare's 65 characters);
-the report says which was used. Before timing, greedy decoding is checked to give identical
-tokens both ways within the context window. The goal is a speed-up of at least 5x for char_gpt.
-
-On a CPU, cached decoding reads every weight once per token (about 43 MB in float32 for char_gpt),
-so it is bound by memory bandwidth, while recomputation runs large matrix products bound by
-arithmetic: the ratio depends on the machine's balance of the two and on what else is running.
+built with random weights at its configured shape (vocabulary: tinyshakespeare's 65 characters).
+On a CPU, a decode step at batch 1 reads every weight once (about 43 MB in fp32 for char_gpt), so
+it is bound by memory bandwidth plus per-op overhead; bf16 halves the bytes, and pays off only
+where the CPU multiplies bf16 natively (AMX-BF16 / AVX512-BF16: the report records the flags).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -37,10 +46,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from craft.bench.hardware import machine_info  # noqa: E402
-from craft.generation import SamplingParams, iter_tokens, sample_next  # noqa: E402
+from craft.generation import SamplingParams, generate, iter_tokens, sample_next  # noqa: E402
 
 SHAKESPEARE_CHAR_VOCAB = 65
 GOAL = {"char_gpt": 5.0}
+FLOOR_GOALS = {"char_gpt": {"generate_vs_bare": 0.9, "generate_vs_floor": 1.5}}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build_from_recipe(recipe: str, vocab_size: int) -> torch.nn.Module:
@@ -137,24 +148,200 @@ def bench_model(
     return row
 
 
+# ------------------------------------------------------------------------- part 1: floor table
+
+
+class _Chars:
+    """A 65-symbol character tokenizer for random-weight models (generate needs text decoding)."""
+
+    def __new__(cls, vocab: int) -> Any:
+        from craft.data.tokenizers import CharTokenizer
+
+        chars = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # 65
+        return CharTokenizer(list(chars[:vocab]))
+
+
+def way_generate(model: torch.nn.Module, tok: Any, batch: int, steps: int) -> float:
+    t0 = time.perf_counter()
+    texts = generate(
+        model, tok, "\n", max_new_tokens=steps, temperature=1.0, seed=0, num_samples=batch
+    )
+    elapsed = time.perf_counter() - t0
+    assert len(texts) == batch
+    return elapsed
+
+
+@torch.no_grad()
+def way_bare(model: torch.nn.Module, tok: Any, batch: int, steps: int) -> float:
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    cache = model.new_cache(batch)
+    x = torch.zeros((batch, 1), dtype=torch.long, device=device)
+    for _ in range(steps):
+        model(x, cache=cache)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def weight_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The 2-d weights one token step multiplies by (embedding tables excluded, output layer in)."""
+    out, seen = [], set()
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and not name.startswith(("wte", "wpe")) and id(p) not in seen:
+            out.append(p)
+            seen.add(id(p))
+    head = getattr(model, "lm_head", None)
+    if head is not None and id(head.weight) not in seen:
+        out.append(head.weight)  # tied to the embedding: still one product per step
+    return out
+
+
+@torch.no_grad()
+def way_floor(model: torch.nn.Module, tok: Any, batch: int, steps: int) -> float:
+    weights = weight_matrices(model)
+    w0 = weights[0]
+    inputs = {
+        w.shape[1]: torch.randn(batch, w.shape[1], dtype=w0.dtype, device=w0.device)
+        for w in weights
+    }
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+    if w0.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _stats(ts: list[float], tokens: int) -> dict[str, Any]:
+    return {
+        "seconds": ts,
+        "tokens_per_s_median": tokens / statistics.median(ts),
+        "tokens_per_s_min": tokens / max(ts),
+        "tokens_per_s_max": tokens / min(ts),
+    }
+
+
+def bench_floor(
+    name: str, model: torch.nn.Module, tok: Any, dtype: str, batch: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    model = model.to(DTYPES[dtype]).eval()
+    steps = min(args.floor_tokens, (model.block_size or 1 << 30) - 1)
+    ways = {"generate": way_generate, "bare": way_bare, "floor": way_floor}
+    for fn in ways.values():  # warm-up
+        fn(model, tok, batch, min(steps, 8))
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(args.repeats):
+        for label, fn in ways.items():
+            times[label].append(fn(model, tok, batch, steps))
+    row: dict[str, Any] = {
+        "model": name,
+        "dtype": dtype,
+        "batch": batch,
+        "steps": steps,
+        "params": sum(p.numel() for p in model.parameters()),
+        "weight_bytes_per_step": sum(w.numel() * w.element_size() for w in weight_matrices(model)),
+    }
+    for label, ts in times.items():
+        row[label] = _stats(ts, steps * batch)
+    med = {k: statistics.median(ts) for k, ts in times.items()}
+    row["generate_vs_bare"] = med["bare"] / med["generate"]  # tokens/s ratio
+    row["generate_vs_floor"] = med["generate"] / med["floor"]  # time ratio
+    row["bare_vs_floor"] = med["bare"] / med["floor"]
+    goals = FLOOR_GOALS.get(name)
+    if goals:
+        row["goals"] = goals
+        row["goals_met"] = (
+            row["generate_vs_bare"] >= goals["generate_vs_bare"]
+            and row["generate_vs_floor"] <= goals["generate_vs_floor"]
+        )
+    print(
+        f"  {name} {dtype} batch {batch}: generate {row['generate']['tokens_per_s_median']:.0f}, "
+        f"bare {row['bare']['tokens_per_s_median']:.0f}, floor "
+        f"{row['floor']['tokens_per_s_median']:.0f} tokens/s (medians); generate/bare "
+        f"{row['generate_vs_bare']:.2f}, generate time / floor {row['generate_vs_floor']:.2f}",
+        flush=True,
+    )
+    return row
+
+
+def floor_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Part 1: `craft generate` vs a bare cached-forward loop vs the weight-streaming floor",
+        "",
+        "Tokens/s summed over the batch: median (min–max) of the repeats. `gen/bare`: generate's "
+        "tokens/s over the bare loop's (goal >= 0.9); `gen/floor`: generate's time per step over "
+        "the floor's (goal <= 1.5); `bare/floor` the same for the bare loop.",
+        "",
+        "| model | dtype | batch | steps | generate tok/s | bare tok/s | floor tok/s "
+        "| gen/bare | gen/floor | bare/floor | goals |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def cell(s: dict[str, Any]) -> str:
+        return (
+            f"{s['tokens_per_s_median']:.0f} ({s['tokens_per_s_min']:.0f}–"
+            f"{s['tokens_per_s_max']:.0f})"
+        )
+
+    for r in rows:
+        goal = "-"
+        if "goals" in r:
+            goal = "met" if r["goals_met"] else "NOT met"
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['steps']} | {cell(r['generate'])} "
+            f"| {cell(r['bare'])} | {cell(r['floor'])} | {r['generate_vs_bare']:.2f} "
+            f"| {r['generate_vs_floor']:.2f} | {r['bare_vs_floor']:.2f} | {goal} |"
+        )
+    return [*lines, ""]
+
+
+# ----------------------------------------------------------------------- part 2: recompute vs cache
+
+
+def cpu_flags() -> str:
+    """The CPU's bf16-relevant feature flags (Linux), e.g. 'avx512f amx_bf16'."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    keep = [f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2"))]
+    return " ".join(sorted(keep)) or "none of avx2/avx512/amx"
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        "# Decode speed: KV cache vs recomputing the context (nanoGPT's way)",
+        "# Decode speed",
         "",
         f"- date: {m['date']}",
         f"- machine: {m['device_name']} ({m['device']}), {m['cpu_count']} CPU cores, "
-        f"torch threads {m['torch_threads']}",
+        f"torch threads {m['torch_threads']}; CPU flags: {result['cpu_flags']}",
+        f"- load average (1 min) before / after: {result['load_before']:.2f} / "
+        f"{result['load_after']:.2f}",
         f"- versions: python {m['python']}, torch {m['torch']}, craft {m['craft']}",
         f"- command: `{result['command']}`",
-        "- prompt: 1 token; sampling: temperature 1, seed 0; the two ways alternate; tokens/s "
-        "from the best of the repeats (all times are in the JSON file)",
+        f"- note: {result['note']}",
         "",
-        "| model | weights | params | block | new tokens | KV cache tok/s | recompute tok/s "
-        "| speed-up (best) | speed-up (median) | goal |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in result["rows"]:
+    if result.get("floor_rows"):
+        lines += floor_markdown(result["floor_rows"])
+    if result.get("rows"):
+        lines += [
+            "## Part 2: KV cache vs recomputing the context (nanoGPT's way)",
+            "",
+            "Batch 1, float32, prompt 1 token, temperature 1, seed 0; the two ways alternate; "
+            "tokens/s of the best and the median repeat (all times are in the JSON file).",
+            "",
+            "| model | weights | params | block | new tokens | KV cache tok/s | recompute tok/s "
+            "| speed-up (best) | speed-up (median) | goal |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+    for r in result.get("rows", []):
         goal = (
             f">= {r['goal_speedup']:.0f}x (median): {'met' if r['goal_met'] else 'NOT met'}"
             if "goal_speedup" in r
@@ -166,50 +353,67 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['recompute_tokens_per_s']:.1f} | {r['speedup']:.1f}x "
             f"| {r['speedup_median']:.1f}x | {goal} |"
         )
-    lines += ["", result["note"], ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, ""])
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", default="char_small,char_gpt", help="Recipe shapes to build.")
     p.add_argument("--checkpoint", default=None, help="Benchmark this trained model instead.")
-    p.add_argument("--new-tokens", type=int, default=500)
-    p.add_argument("--repeats", type=int, default=3, help="Timed runs with the KV cache.")
-    p.add_argument("--baseline-repeats", type=int, default=2, help="Timed runs recomputing.")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="Part 1 dtypes.")
+    p.add_argument("--batches", default="1,8", help="Part 1 batch sizes.")
+    p.add_argument("--floor-tokens", type=int, default=255, help="Part 1 steps (capped by window).")
+    p.add_argument("--repeats", type=int, default=5, help="Timed runs of each way.")
+    p.add_argument("--new-tokens", type=int, default=500, help="Part 2 tokens.")
+    p.add_argument("--baseline-repeats", type=int, default=2, help="Part 2 runs recomputing.")
+    p.add_argument("--skip-recompute", action="store_true", help="Part 1 only.")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
-    p.add_argument("--quick", action="store_true", help="50 tokens, char_small only.")
+    p.add_argument("--quick", action="store_true", help="char_small, few tokens, one repeat.")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "decode_speed.json"))
     p.add_argument("--note", default="", help="Conditions worth recording (e.g. machine load).")
     args = p.parse_args(argv)
     if args.quick:
-        args.new_tokens, args.recipes, args.repeats = 50, "char_small", 1
+        args.recipes, args.repeats, args.baseline_repeats = "char_small", 1, 1
+        args.new_tokens, args.floor_tokens = 50, 16
     if args.threads:
         torch.set_num_threads(args.threads)
     from craft.generation import resolve_device
 
     device = resolve_device(args.device)
+    load_before = os.getloadavg()[0]
 
-    models: list[tuple[str, torch.nn.Module, str]] = []
+    models: list[tuple[str, torch.nn.Module, str, Any]] = []
     if args.checkpoint:
         from craft.training.checkpoint import load_model
 
-        model, _, cfg = load_model(args.checkpoint, device=device)
-        models.append((cfg.run.name, model, f"checkpoint {args.checkpoint}"))
+        model, tok, cfg = load_model(args.checkpoint, device=device)
+        models.append((cfg.run.name, model, f"checkpoint {args.checkpoint}", tok))
     else:
         for recipe in args.recipes.split(","):
-            model = build_from_recipe(recipe, SHAKESPEARE_CHAR_VOCAB)
-            models.append((recipe, model, "random init (recipe shape)"))
+            model = build_from_recipe(recipe, SHAKESPEARE_CHAR_VOCAB).to(device)
+            tok = _Chars(SHAKESPEARE_CHAR_VOCAB)
+            models.append((recipe, model, "random init (recipe shape)", tok))
 
+    floor_rows = []
+    for name, model, _, tok in models:
+        for dtype in args.dtypes.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
+                floor_rows.append(bench_floor(name, model, tok, dtype, batch, args))
     rows = []
-    for name, model, source in models:
-        print(f"{name}: {source}", flush=True)
-        rows.append(bench_model(name, model, source, args, device))
+    if not args.skip_recompute:
+        part2 = argparse.Namespace(**{**vars(args), "repeats": max(1, min(args.repeats, 3))})
+        for name, model, source, _ in models:
+            print(f"{name}: {source}", flush=True)
+            rows.append(bench_model(name, model.float(), source, part2, device))
     result = {
         "benchmark": "decode_speed",
         "command": shlex.join(["python", "bench/decode_speed.py", *(argv or sys.argv[1:])]),
         "machine": machine_info(device),
+        "cpu_flags": cpu_flags(),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "floor_rows": floor_rows,
         "rows": rows,
         "note": args.note
         or "Timings on a shared machine are noisy; re-run on a quiet one for final numbers.",

@@ -186,11 +186,11 @@ step_train() {
     if [ "$DRY" = 1 ]; then
         model=gpt-debug run_cfg='cpu = true'
         train_cfg=$'max_steps = 6\nbatch_size = 2\nprecision = "bf16"\nlog_interval = 1'
-        eval_cfg=$'interval = 3\nbatches = 2'
+        eval_cfg=$'interval = 3\nwindows = 4'
     else
         model=gpt-char run_cfg=''
         train_cfg=$'max_steps = 600\nbatch_size = 64\nprecision = "bf16"\nlog_interval = 10'
-        eval_cfg=$'interval = 200\nbatches = 20'
+        eval_cfg=$'interval = 200\nwindows = 1280'
     fi
     [ "$DRY" = 0 ] && { have_extension || build_extension || return 1; }
     for kern in fused torch; do

@@ -41,5 +41,13 @@ class KernelError(CraftError):
     """A kernel backend cannot run the given inputs (unsupported shape, dtype or device)."""
 
 
+class BusyError(CraftError):
+    """Another process owns what this one needs (a dataset being prepared, a run directory)."""
+
+
+class GenerationError(CraftError):
+    """Decoding cannot continue: the model's next-token probabilities are not finite."""
+
+
 class TrainingError(CraftError):
     """The run cannot continue (non-finite loss, diverged gradients)."""

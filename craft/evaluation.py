@@ -3,8 +3,10 @@
 The split is cut into consecutive windows of the model's context length: window i feeds tokens
 [i*W, (i+1)*W) and predicts tokens [i*W+1, (i+1)*W+1), so every token after the first is predicted
 exactly once, with between 1 and W tokens of context. The last, shorter window is kept, so by
-default the whole split is scored; `max_batches` scores a prefix of it. The windows are fixed, so
-two evaluations of the same model and data give the same numbers.
+default the whole split is scored. `windows=N` scores N full windows spread evenly over the split,
+the same rule as training's evaluation (`eval.windows`), so with the same N the two report the
+same loss; `max_batches` scores a prefix (which depends on the batch size). The windows are fixed,
+so two evaluations of the same model and data give the same numbers.
 
 Bits per character (byte) divide the total negative log-likelihood, in bits, by the number of
 characters (UTF-8 bytes) of the decoded targets, which makes models with different tokenizers
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from craft.errors import DataError
+from craft.errors import CraftError, DataError
 
 _DECODE_CHUNK = 1 << 22  # tokens decoded at once when counting characters
 
@@ -45,8 +47,9 @@ class EvalResult:
     windows: int
     batches: int
     window: int
-    complete: bool  # the whole split was scored (no max_batches cut)
+    complete: bool  # the whole split was scored (no windows / max_batches cut)
     data: str = ""  # the prepared dataset directory, when known
+    checkpoint: str = ""  # the checkpoint (or export) directory whose weights were scored
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,12 +177,17 @@ def evaluate_tokens(
     progress: bool = False,
     autocast_dtype: torch.dtype | None = None,
     on_batch: Callable[[int, float], None] | None = None,
+    windows: int | None = None,
 ) -> EvalResult:
     """Score `tokens` (a 1-D id stream) with `model` in fixed windows of `window` predictions.
 
-    The model stays on its device and dtype; `autocast_dtype` runs the forward under autocast.
-    `on_batch(i, loss)` sees the mean loss of each batch.
+    `windows` picks that many full windows spread evenly over the stream (independent of
+    `batch_size`); `max_batches` keeps the first batches. The model stays on its device and
+    dtype; `autocast_dtype` runs the forward under autocast. `on_batch(i, loss)` sees the mean
+    loss of each batch.
     """
+    from craft.data.datasets import spread_evenly
+
     toks = np.asarray(tokens)
     if toks.ndim != 1:
         raise DataError(f"{split} split: expected a 1-D token stream, got shape {toks.shape}")
@@ -187,9 +195,17 @@ def evaluate_tokens(
         raise DataError(f"{split} split has {len(toks)} tokens; at least 2 are needed to score")
     if max_batches is not None and max_batches < 1:
         raise DataError(f"max_batches = {max_batches}: expected an integer >= 1")
-    plan = plan_batches(plan_windows(len(toks), window), batch_size)
-    complete = max_batches is None or max_batches >= len(plan)
-    plan = plan if complete else plan[:max_batches]
+    if windows is not None and windows < 1:
+        raise DataError(f"windows = {windows}: expected an integer >= 1")
+    every = plan_windows(len(toks), window)
+    chosen = every
+    if windows is not None and windows < len(every):
+        full = [w for w in every if w[1] == window]
+        chosen = [full[i] for i in spread_evenly(len(full), windows).tolist()]
+    plan = plan_batches(chosen, batch_size)
+    if max_batches is not None:
+        plan = plan[:max_batches]
+    complete = sum(len(b) for b in plan) == len(every)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     was_training = model.training
@@ -262,9 +278,42 @@ def check_same_vocabulary(model_tokenizer: Any, model_vocab: int, dataset: Any) 
         )
 
 
-def open_eval_data(cfg: Any, data: str | Path | None) -> Any:
-    """The PreparedDataset to score: `data` when given, else the checkpoint config's own data."""
+def checkpoint_dataset_dir(cfg: Any, tokenizer: Any) -> Path | None:
+    """Where the dataset a checkpoint's config names would be prepared, found without reading
+    (or preparing) anything that config names: `data.dir`, or the cache entry of a known named
+    source or of plain `data.files` (located by their size and time, never read).
+
+    The config comes from a checkpoint that may have been downloaded, so its paths are looked up,
+    never written to; None when the location cannot be known that way.
+    """
+    from craft.data.prepare import default_dataset_dir
+    from craft.data.sources import is_source
+
+    d = cfg.data
+    if d.dir:
+        return Path(d.dir).expanduser()
+    fingerprint = None
+    if getattr(cfg.tokenizer, "type", None) == "sentencepiece" and cfg.tokenizer.model:
+        # The model file the config names is not read: the checkpoint carries that tokenizer.
+        fingerprint = {"type": "sentencepiece", "model_sha256": tokenizer.config()["model_sha256"]}
+    if d.source:
+        if not is_source(d.source):
+            return None
+    elif not d.files or not all(
+        not any(c in f for c in "*?[") and Path(f).expanduser().is_file() for f in d.files
+    ):
+        return None
+    try:
+        return default_dataset_dir(d, cfg.tokenizer, fingerprint=fingerprint)
+    except CraftError:
+        return None
+
+
+def open_eval_data(cfg: Any, data: str | Path | None, tokenizer: Any = None) -> Any:
+    """The PreparedDataset to score: `data` when given, else the checkpoint's own dataset if it
+    is already prepared on this machine (nothing the checkpoint names is ever prepared)."""
     from craft.data.datasets import PreparedDataset
+    from craft.data.prepare import is_prepared
 
     if data is not None:
         return PreparedDataset(data)
@@ -273,10 +322,20 @@ def open_eval_data(cfg: Any, data: str | Path | None) -> Any:
             f"the checkpoint was trained on data.type = {cfg.data.type!r}, which has no text to "
             "score; pass --data DIR (a prepared dataset)"
         )
-    from craft.training.builders import build_data
-
-    module = build_data(cfg, rank=0, world_size=1, is_main=True, wait=lambda: None)
-    return module.dataset
+    if not (cfg.data.source or cfg.data.files or cfg.data.dir):
+        raise DataError(
+            "the checkpoint records no dataset (e.g. a Hugging Face model); pass --data DIR "
+            "(a dataset prepared with the model's tokenizer)"
+        )
+    path = checkpoint_dataset_dir(cfg, tokenizer)
+    if path is None or not is_prepared(path):
+        where = f" (looked for {path})" if path is not None else ""
+        raise DataError(
+            f"the checkpoint's own dataset is not prepared on this machine{where}; Craft never "
+            "prepares data a checkpoint's config names; pass --data DIR (a prepared dataset with "
+            "the same tokenizer)"
+        )
+    return PreparedDataset(path)
 
 
 def evaluate_checkpoint(
@@ -289,6 +348,8 @@ def evaluate_checkpoint(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
+    windows: int | None = None,
+    trust_imports: bool = False,
 ) -> EvalResult:
     """Score a checkpoint (run, checkpoint or export directory) on a split of prepared data.
 
@@ -297,15 +358,20 @@ def evaluate_checkpoint(
     """
     from craft.generation import resolve_device, resolve_dtype
     from craft.training.builders import model_block_size
-    from craft.training.checkpoint import load_model
+    from craft.training.checkpoint import load_model, resolve_source
 
     if split not in ("train", "val"):
         raise DataError(f"split = {split!r}: expected val or train")
     if batch_size is not None and batch_size < 1:
         raise DataError(f"batch_size = {batch_size}: expected an integer >= 1")
+    if windows is not None and max_batches is not None:
+        raise DataError("windows and max_batches: give one of them, not both")
     autocast = resolve_dtype(dtype)
-    model, tokenizer, cfg = load_model(checkpoint, device=resolve_device(device))
-    dataset = open_eval_data(cfg, data)
+    ck = resolve_source(checkpoint)  # a run directory: its newest complete checkpoint
+    model, tokenizer, cfg = load_model(
+        ck, device=resolve_device(device), trust_imports=trust_imports
+    )
+    dataset = open_eval_data(cfg, data, tokenizer)
     check_same_vocabulary(tokenizer, model.vocab_size, dataset)
     window = getattr(model, "block_size", None) or model_block_size(cfg)
     result = evaluate_tokens(
@@ -318,5 +384,6 @@ def evaluate_checkpoint(
         split=split,
         progress=progress,
         autocast_dtype=autocast,
+        windows=windows,
     )
-    return replace(result, data=str(dataset.path))
+    return replace(result, data=str(dataset.path), checkpoint=str(ck))

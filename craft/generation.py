@@ -1,116 +1,46 @@
-"""Sampling text from a model: prompt encoding, KV-cached decoding, sampling filters, streaming.
+"""Sampling text from a model: prompt encoding, batched KV-cached decoding, streaming.
 
-The CLI (`craft generate`) and the training sample callback both call `generate`. Lower layers:
-`iter_tokens` yields one token per step (GPT: one prefill of the prompt, then one token per forward
-through the KV cache; recurrent models: the hidden state is the cache), `sample_next` turns logits
-into a token, and the tokenizer's incremental decoder turns the token stream into text pieces that
-are safe to print as they arrive (no half UTF-8 characters, SentencePiece spaces kept).
+The CLI (`craft generate`), the server (`craft serve`) and the training sample callback all
+decode with `craft.engine.DecodeEngine`: one prefill of the prompt (logits of the last position
+only), then one batched forward per token for all samples together. `iter_tokens` yields one
+token per row and step; `craft.sampling` turns logits into tokens (sample i of a run with seed s
+draws from its own generator, so the N samples of one batched run equal N separate runs); the
+tokenizer's incremental decoder turns the token stream into text pieces that are safe to print
+as they arrive (no half UTF-8 characters, SentencePiece spaces kept).
 
 Context window (models with a `block_size`): a prompt longer than the window is cropped from the
-left with a warning. When the KV cache is full, the last `refill_tokens` tokens (default three
-quarters of the window) are prefilled into a fresh cache and decoding continues one token per step.
-The next tokens therefore see between `refill_tokens` and `block_size` tokens of context, so the
-re-prefill happens once every `block_size - refill_tokens` tokens instead of at every step;
-`refill_tokens=block_size` reproduces cropping to the last `block_size` tokens at every step
-exactly, at the cost of a full forward per token.
+left with a warning. When a row's KV cache is full, its last `refill_tokens` tokens (default
+three quarters of the window) are prefilled into its fresh cache row and decoding continues one
+token per step. The next tokens therefore see between `refill_tokens` and `block_size` tokens of
+context, so the re-prefill happens once every `block_size - refill_tokens` tokens instead of at
+every step; `refill_tokens=block_size` reproduces cropping to the last `block_size` tokens at
+every step exactly, at the cost of a full forward per token.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from craft.engine import DecodeEngine, model_device_dtype
 from craft.errors import ConfigError, TokenizerError
+from craft.sampling import (  # re-exported: the sampling API lived here first
+    SamplingParams,
+    filter_logits,
+    row_generator,
+    sample_next,
+    sample_rows,
+    sample_seed,
+)
 
 log = logging.getLogger("craft.generation")
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen. temperature 0 is greedy (top_k/top_p are then irrelevant)."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ConfigError(
-                f"temperature = {self.temperature}: expected a number >= 0 (0 means greedy)"
-            )
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k = {self.top_k}: expected an integer >= 1")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p = {self.top_p}: expected a number in (0, 1]")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-# ------------------------------------------------------------------------------------- sampling
-
-
-def filter_logits(
-    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
-) -> torch.Tensor:
-    """Set the logits outside the top-k, then outside the top-p nucleus, to -inf.
-
-    logits (B, V). Top-p keeps, per row, the smallest set of most probable tokens whose total
-    probability reaches `top_p` (always at least one token).
-    """
-    out = logits
-    vocab = logits.shape[-1]
-    if top_k is not None and top_k < vocab:
-        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        out = out.masked_fill(out < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(out, dim=-1, descending=True)  # (B, V)
-        probs = torch.softmax(sorted_logits.float(), dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more probable tokens
-        drop_sorted = before >= top_p  # the set already reached top_p without this token
-        drop_sorted[..., 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        out = out.masked_fill(drop, float("-inf"))
-    return out
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The next token of each row: logits (B, V) -> (B,) int64. temperature 0 is argmax."""
-    params = SamplingParams(temperature, top_k, top_p)
-    logits = logits.float()
-    if params.greedy:
-        return torch.argmax(logits, dim=-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 # ------------------------------------------------------------------------------------- decoding
-
-
-def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
-
-
-def _last_logits(out: Any) -> torch.Tensor:
-    logits = out[0]
-    if logits is None:
-        raise TypeError("the model returned no logits; generation needs them (targets=None)")
-    return logits[:, -1, :]  # (B, V)
 
 
 def iter_tokens(
@@ -127,29 +57,31 @@ def iter_tokens(
     """Yield the next token of every row, (B,) int64, up to `max_new_tokens` times.
 
     idx (B, T) int64 on the model's device, T >= 1; rows longer than the model's window are
-    cropped from the left. Stops early once every row has produced `eos_id` (the eos token is
-    yielded; rows that finished earlier keep yielding `eos_id`). `use_cache=False` recomputes the
-    last `block_size` tokens at every step (the reference the cache is checked against); a model
-    without `new_cache` (a plugin that implements no cache) is always run that way.
-    The caller puts the model in eval mode (dropout off); `generate` does.
+    cropped from the left. The rows draw from `generator` in turn (one stream for the batch; with
+    one row and `row_generator(seed, 0)` this is what `generate` does with `seed`). Stops
+    early once every row has produced `eos_id` (the eos token is yielded; rows that finished
+    earlier keep yielding `eos_id`). `use_cache=False` recomputes the last `block_size` tokens at
+    every step (the reference the cache is checked against); a model without `new_cache` (a
+    plugin that implements no cache) is always run that way. The caller puts the model in eval
+    mode (dropout off); `generate` does.
     """
+    if idx.dim() != 2 or idx.shape[1] < 1:
+        raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
     return _iter_tokens(
         model,
         idx,
-        max_new_tokens=max_new_tokens,
-        sampling=sampling or SamplingParams(),
-        generator=generator,
-        eos_id=eos_id,
-        use_cache=use_cache and callable(getattr(model, "new_cache", None)),
-        refill_tokens=refill_tokens,
+        max_new_tokens,
+        sampling or SamplingParams(),
+        generator,
+        eos_id,
+        use_cache,
+        refill_tokens,
     )
 
 
-@torch.no_grad()
 def _iter_tokens(
     model: torch.nn.Module,
     idx: torch.Tensor,
-    *,
     max_new_tokens: int,
     sampling: SamplingParams,
     generator: torch.Generator | None,
@@ -157,57 +89,25 @@ def _iter_tokens(
     use_cache: bool,
     refill_tokens: int | None,
 ) -> Iterator[torch.Tensor]:
-    if idx.dim() != 2 or idx.shape[1] < 1:
-        raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
     if max_new_tokens <= 0:
         return
-    block: int | None = getattr(model, "block_size", None)
-    if block is not None:
-        idx = idx[:, -block:]
-        keep = block * 3 // 4 if refill_tokens is None else refill_tokens
-        if not 1 <= keep <= block:
-            raise ValueError(f"refill_tokens = {keep}: expected 1..block_size ({block})")
-    device, dtype = _model_device_dtype(model)
     batch = idx.shape[0]
-    seq = idx  # (B, T) the tokens so far, trimmed to the window the model may still need
-    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
-
-    cache = None
-    filled = 0  # tokens held by the cache
-    if use_cache:
-        cache = model.new_cache(batch, device, dtype)
-        logits = _last_logits(model(seq, cache=cache))
-        filled = seq.shape[1]
-
-    for step in range(max_new_tokens):
-        if not use_cache:
-            window = seq if block is None else seq[:, -block:]
-            logits = _last_logits(model(window))
-        nxt = sample_next(
-            logits, sampling.temperature, sampling.top_k, sampling.top_p, generator
-        )  # (B,)
-        if eos_id is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-            finished |= nxt == eos_id
-        yield nxt
-        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
-            return
-        if block is not None or not use_cache:  # a recurrent cache needs no token history
-            seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T+1)
-            if block is not None:
-                seq = seq[:, -block:]
-        if use_cache:
-            if block is not None and filled >= block:
-                # The cache is full: refill it from the most recent `keep` tokens.
-                if callable(getattr(cache, "reset", None)):
-                    cache.reset()  # reuses the memory
-                else:
-                    cache = model.new_cache(batch, device, dtype)
-                logits = _last_logits(model(seq[:, -keep:], cache=cache))
-                filled = keep
-            else:
-                logits = _last_logits(model(nxt[:, None], cache=cache))
-                filled += 1
+    engine = DecodeEngine(model, batch, use_cache=use_cache, refill_tokens=refill_tokens)
+    for b, prompt in enumerate(idx.tolist()):
+        engine.add(
+            prompt,
+            sampling,
+            [generator],
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            first_index=b,
+        )
+    last = torch.full((batch,), -1 if eos_id is None else eos_id, dtype=torch.long)
+    while engine.active:
+        nxt = last.clone()
+        for row, tok in engine.step():
+            nxt[row.index] = tok
+        yield nxt.to(idx.device)
 
 
 # ---------------------------------------------------------------------------------- prompt + API
@@ -232,8 +132,8 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
                 "give a non-empty prompt"
             )
         return ids
-    try:
-        ids = list(tokenizer.encode(prompt))
+    try:  # prompt_ids: encode plus the special tokens the tokenizer adds (e.g. a Llama bos)
+        ids = list(getattr(tokenizer, "prompt_ids", tokenizer.encode)(prompt))
     except TokenizerError as e:
         raise TokenizerError(f"prompt: {e.message}") from None
     if not ids:
@@ -299,69 +199,98 @@ def generate(
     device: str | torch.device | None = None,
     on_text: Callable[[int, str], None] | None = None,
     use_cache: bool = True,
+    first_sample: int = 0,
 ) -> list[str]:
-    """Sample `num_samples` continuations of `prompt`; returns the generated text of each.
+    """Sample `num_samples` continuations of `prompt`, decoded as one batch; returns their text.
 
     The returned text excludes the prompt and the end-of-sequence token. `on_text(i, piece)` is
-    called with each piece of sample i as soon as it is final (streaming); the pieces of a sample
-    concatenate to its returned text. `device=None` keeps the model where it is. Samples are drawn
-    one after another from one generator seeded with `seed`, so a seed fixes all of them.
+    called with each piece of sample i as soon as it is final (streaming): sample 0 streams live,
+    and the pieces of sample i+1 (decoded alongside) follow once sample i is complete, so the
+    pieces of each sample are contiguous and concatenate to its returned text. `device=None`
+    keeps the model where it is. Sample i draws from its own generator, seeded with
+    `sample_seed(seed, first_sample + i)`: the samples of one run equal separate runs of one
+    sample each with `first_sample` = 0, 1, ... (a server request with `n` samples does the same).
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens = {max_new_tokens}: expected an integer >= 0")
     if num_samples < 1:
         raise ConfigError(f"num_samples = {num_samples}: expected an integer >= 1")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ConfigError(f"seed = {seed}: expected an integer from 0 to 2**64 - 1")
     sampling = SamplingParams(temperature, top_k, top_p)
     if device is not None:
         model.to(resolve_device(device))
-    dev, _ = _model_device_dtype(model)
+    dev, _ = model_device_dtype(model)
+    if seed is None:  # drawn from the OS, so the global RNG streams stay untouched
+        seed = random.SystemRandom().randrange(2**62)
+    ids = crop_prompt(encode_prompt(tokenizer, prompt), getattr(model, "block_size", None))
+    if max_new_tokens == 0:
+        return [""] * num_samples
+    eos_id = getattr(tokenizer, "eos_id", None)
+    stream = OrderedStream(num_samples, on_text)
+    decoders = []
+    for _ in range(num_samples):
+        decoder = tokenizer.decoder()
+        decoder.push(ids)  # the prompt is context: the first piece gets its word boundary
+        decoders.append(decoder)
+
     was_training = model.training
     model.eval()
-
-    ids = crop_prompt(encode_prompt(tokenizer, prompt), getattr(model, "block_size", None))
-    idx = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
-    gen = torch.Generator(device=dev)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    eos_id = getattr(tokenizer, "eos_id", None)
-
-    texts: list[str] = []
     try:
-        for i in range(num_samples):
-            decoder = tokenizer.decoder()
-            decoder.push(ids)  # the prompt is context: the first piece gets its word boundary
-            pieces: list[str] = []
-
-            def emit(piece: str, i: int = i, pieces: list[str] = pieces) -> None:
-                if piece:
-                    pieces.append(piece)
-                    if on_text is not None:
-                        on_text(i, piece)
-
-            for tok in iter_tokens(
-                model,
-                idx,
-                max_new_tokens=max_new_tokens,
-                sampling=sampling,
-                generator=gen,
-                eos_id=eos_id,
-                use_cache=use_cache,
-            ):
-                t = int(tok[0])
-                if t == eos_id:
-                    break
-                emit(decoder.push([t]))
-            emit(decoder.flush())
-            texts.append("".join(pieces))
+        engine = DecodeEngine(model, num_samples, use_cache=use_cache)
+        gens = [row_generator(seed, first_sample + i, dev) for i in range(num_samples)]
+        engine.add(ids, sampling, gens, max_new_tokens=max_new_tokens, eos_id=eos_id)
+        while engine.active:
+            for row, tok in engine.step():
+                i = row.index
+                if tok != eos_id:
+                    stream.emit(i, decoders[i].push([tok]))
+                if row.done:
+                    stream.emit(i, decoders[i].flush())
+                    stream.finish(i)
     finally:
         model.train(was_training)
-    return texts
+    return stream.texts()
+
+
+class OrderedStream:
+    """Hands text pieces of samples 0, 1, ... on in sample order, holding back later samples."""
+
+    def __init__(self, n: int, on_text: Callable[[int, str], None] | None) -> None:
+        self.pieces: list[list[str]] = [[] for _ in range(n)]
+        self.finished = [False] * n
+        self.current = 0  # the sample streamed live
+        self.sent = 0  # pieces of the current sample already handed on
+        self.on_text = on_text
+
+    def emit(self, i: int, piece: str) -> None:
+        if piece:
+            self.pieces[i].append(piece)
+            self._flush()
+
+    def finish(self, i: int) -> None:
+        self.finished[i] = True
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.current < len(self.pieces):
+            pieces = self.pieces[self.current]
+            if self.on_text is not None:
+                for piece in pieces[self.sent :]:
+                    self.on_text(self.current, piece)
+            self.sent = len(pieces)
+            if not self.finished[self.current]:
+                return
+            self.current += 1
+            self.sent = 0
+
+    def texts(self) -> list[str]:
+        return ["".join(p) for p in self.pieces]
 
 
 __all__ = [
     "DTYPES",
+    "OrderedStream",
     "SamplingParams",
     "crop_prompt",
     "encode_prompt",
@@ -370,5 +299,8 @@ __all__ = [
     "iter_tokens",
     "resolve_device",
     "resolve_dtype",
+    "row_generator",
     "sample_next",
+    "sample_rows",
+    "sample_seed",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from craft.errors import CraftError
+
 DEFAULT_HOME = Path("~/.cache/craft")
 
 
@@ -22,3 +24,17 @@ def sources_dir() -> Path:
 def datasets_dir() -> Path:
     """Prepared datasets that a recipe does not place explicitly live in `<CRAFT_HOME>/datasets/`."""
     return craft_home() / "datasets"
+
+
+def cache_dir(*parts: str, error: type[CraftError] = CraftError) -> Path:
+    """`<CRAFT_HOME>/<parts...>`, created (mode 0700) and checked at every level.
+
+    A level that another user owns or can write is refused (see `craft.safety.check_private`):
+    what Craft finds in its cache (prepared datasets, compiled kernels) is used without asking.
+    """
+    from craft.safety import private_dir
+
+    path = private_dir(craft_home(), what="CRAFT_HOME", error=error)
+    for part in parts:
+        path = private_dir(path / part, what="CRAFT_HOME", error=error)
+    return path

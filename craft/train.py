@@ -12,9 +12,10 @@ from pathlib import Path
 
 def train_from_recipe(recipe: str | Path, overrides: list[str], resume: str | None = None) -> None:
     from craft.config import load_config
+
+    cfg = load_config(recipe, overrides)  # a bad recipe fails here, before torch is imported
     from craft.training.run import train
 
-    cfg = load_config(recipe, overrides)
     try:
         train(cfg, resume=resume)
     finally:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m craft.train", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("recipe", help="Recipe TOML file.")
+    parser.add_argument("recipe", help="Recipe TOML file, or a recipe name (char_small).")
     parser.add_argument("overrides", nargs="*", help="Overrides: section.key=value.")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint path.")
     args = parser.parse_args(argv)

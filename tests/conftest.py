@@ -17,6 +17,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 # The suite never touches the network: named sources come from the shared mirror.
 os.environ.setdefault("CRAFT_DATA_MIRROR", str(SHARED_DATA))
+# ... and never asks the Hugging Face Hub (a path that does not exist may read as a Hub id).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tests run tiny models, for which one CPU thread is fastest; pytest-xdist runs one worker per core,
 # and subprocesses (CLI tests) inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -40,7 +42,7 @@ def _one_thread() -> Iterator[None]:
 def _craft_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test session gets its own cache so tests never see a user's prepared datasets."""
     home = tmp_path_factory.getbasetemp() / "craft_home"
-    home.mkdir(exist_ok=True)
+    home.mkdir(mode=0o700, exist_ok=True)  # private, as Craft requires of its cache
     monkeypatch.setenv("CRAFT_HOME", str(home))
 
 

@@ -128,6 +128,17 @@ def _group(dims: dict[str, Any]) -> str:
     return f"{size} heads={dims['heads']}{kv} head_dim={dims['head_dim']}"
 
 
+def memory(case: Case) -> int:
+    """q, k, v, dout (drawn in float32, then cast), the float64 reference outputs and the
+    reference's (heads per kv group, T, T) float64 scores."""
+    d = case.dims
+    b, h, hkv, t, hd = d["batch"], d["heads"], d["kv_heads"], d["seq_len"], d["head_dim"]
+    elem = torch.finfo(case.dtype).bits // 8
+    n = b * (2 * h + 2 * hkv) * t * hd
+    ref = 8 * b * (2 * h + 2 * hkv) * t * hd if case.needs_grad else 8 * b * h * t * hd
+    return n * (4 + elem) + ref + 3 * 8 * (h // hkv) * t * t
+
+
 FAMILY = Family(
     name=NAME,
     title="Attention",
@@ -142,6 +153,7 @@ FAMILY = Family(
     group=_group,
     work_note="fwd 4*B*H*T^2*D (halved when causal); bwd 2.5x fwd; fwd+bwd 3.5x fwd",
     ref_flops=ref_flops,
+    memory=memory,
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from craft.bench.timing import MemoryMeter, Timing, measure
-from craft.errors import KernelError
+from craft.errors import ConfigError, KernelError
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {
@@ -266,6 +267,9 @@ class Family:
     # the label dims other than x)
     work_note: str = ""  # the formula behind `work`, for the README and JSON
     ref_flops: Callable[[Case], float] | None = None  # cost of the reference, for its dtype
+    # bytes a case allocates for its inputs and float64 reference (a lower bound of its peak):
+    # sizes that cannot fit are refused before anything is allocated
+    memory: Callable[[Case], int] | None = None
 
     def group_of(self, dims: dict[str, Any]) -> str:
         if self.group is not None:
@@ -503,12 +507,42 @@ def selected(fam: Family, settings: Settings) -> list[Impl]:
     return chosen
 
 
+def memory_limit(device: torch.device) -> int:
+    """Total memory of the device (RAM for the CPU), or 0 when it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def check_memory(fam: Family, settings: Settings) -> None:
+    """Refuse (ConfigError) a case whose inputs alone exceed the device's memory."""
+    if fam.memory is None:
+        return
+    limit = memory_limit(settings.device)
+    if not limit:
+        return
+    for dims in fam.cases(settings):
+        case = Case(fam.name, dims, settings.device, settings.dtype, settings.mode)
+        need = fam.memory(case)
+        if need > limit:
+            raise ConfigError(
+                f"{fam.name.replace('_', '-')} {case.label(fam.label_keys)}: needs at least "
+                f"{need / 2**30:,.1f} GiB for its inputs and reference, more than the "
+                f"{limit / 2**30:,.1f} GiB of {settings.device.type} memory here; choose smaller "
+                "sizes"
+            )
+
+
 def run_family(
     fam: Family,
     settings: Settings,
     on_progress: Callable[[str], None] | None = None,
 ) -> FamilyReport:
     """Check, then time, every selected implementation on every case of `fam`."""
+    check_memory(fam, settings)
     report = FamilyReport(fam, settings)
     chosen = selected(fam, settings)
     meter = MemoryMeter(settings.device)

@@ -73,6 +73,13 @@ def work(case: Case) -> float:
     return float(MODE_BYTES[case.mode] * n * vocab * elem)
 
 
+def memory(case: Case) -> int:
+    """Logits (drawn in float32, then cast) and the float64 reference gradient."""
+    n, vocab = case.dims["tokens"], case.dims["vocab"]
+    elem = torch.finfo(case.dtype).bits // 8
+    return n * vocab * (4 + elem + (8 if case.needs_grad else 0))
+
+
 FAMILY = Family(
     name=NAME,
     title="Cross-entropy",
@@ -85,6 +92,7 @@ FAMILY = Family(
     baselines=("torch", "eager"),
     label_keys=("tokens", "vocab"),
     work_note="bytes: fwd N*V*s (read logits); bwd 2*N*V*s (read, write grad); fwd+bwd 3*N*V*s",
+    memory=memory,
 )
 
 

@@ -84,6 +84,13 @@ def ref_flops(case: Case) -> float:
     return float(6 * d["tokens"] * d["hidden"] * d["vocab"])
 
 
+def memory(case: Case) -> int:
+    """hidden and weight (drawn in float32, then cast) and their float64 reference gradients."""
+    n, c, vocab = case.dims["tokens"], case.dims["hidden"], case.dims["vocab"]
+    elem = torch.finfo(case.dtype).bits // 8
+    return (n + vocab) * c * (4 + elem + (8 if case.needs_grad else 0))
+
+
 FAMILY = Family(
     name=NAME,
     title="Linear + cross-entropy",
@@ -97,6 +104,7 @@ FAMILY = Family(
     label_keys=("tokens", "hidden", "vocab"),
     work_note="FLOPs: fwd 2*N*C*V; bwd 4*N*C*V; fwd+bwd 6*N*C*V",
     ref_flops=ref_flops,
+    memory=memory,
 )
 
 

@@ -104,6 +104,14 @@ def work(case: Case) -> float:
     return float(per_elem * d["rows"] * d["hidden"] * (torch.finfo(case.dtype).bits // 8))
 
 
+def memory(case: Case) -> int:
+    """x (and the residual), drawn in float32 then cast, and the float64 reference outputs."""
+    n, c = case.dims["rows"], case.dims["hidden"]
+    elem = torch.finfo(case.dtype).bits // 8
+    tensors = 2 if case.dims["residual"] else 1
+    return n * c * tensors * (4 + elem + 8 * (2 if case.needs_grad else 1))
+
+
 FAMILY = Family(
     name=NAME,
     title="Norm",
@@ -118,6 +126,7 @@ FAMILY = Family(
     work_note=(
         "bytes: fwd 2*N*C*s (4 with residual); bwd 3*N*C*s (4 with residual); fwd+bwd the sum"
     ),
+    memory=memory,
 )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import typer
 
+from craft.cli.generate_cmd import MAX_SEED
+
 KERNELS = ("attention", "cross-entropy", "linear-cross-entropy", "norm")
 _SHAPES = "Comma-separated list; default depends on the device and --quick."
 
@@ -46,7 +48,7 @@ COMPILE = typer.Option(
 THREADS = typer.Option(
     None, "--threads", help="CPU threads for torch (1 gives steadier numbers on a busy machine)."
 )
-SEED = typer.Option(0, "--seed", help="Seed of the random inputs.")
+SEED = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the random inputs.")
 JSON_OUT = typer.Option(None, "--json", help="Write the results as JSON to this path.")
 PLOT_OUT = typer.Option(
     None, "--plot", help="Write a PNG plot of throughput against the swept size."

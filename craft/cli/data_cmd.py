@@ -71,9 +71,13 @@ def _run_prepare(
     errors: str | None,
     config: Path | None,
     quiet: bool,
+    text_field: str | None = None,
 ) -> None:
+    from craft.cli.generate_cmd import stderr_logging
     from craft.data.prepare import default_dataset_dir, prepare
     from craft.errors import ConfigError
+
+    stderr_logging()  # warnings (e.g. skipped records) as `warning: ...` lines
 
     if config is not None:
         from craft.config import load_config
@@ -104,10 +108,16 @@ def _run_prepare(
         if not data.source and not data.files:
             raise ConfigError(f"{config}: set data.source or data.files to say what to prepare")
         inputs = [data.source] if data.source else list(data.files)
-        if output_dir is None:
-            output_dir = Path(data.dir) if data.dir else default_dataset_dir(data, tok_cfg)
+        if output_dir is None and data.dir:
+            output_dir = Path(data.dir)
+        elif output_dir is None:
+            from craft.paths import cache_dir
+
+            cache_dir("datasets", error=ConfigError)  # refused if another user could write it
+            output_dir = default_dataset_dir(data, tok_cfg)
         val_fraction = data.val_fraction if val_fraction is None else val_fraction
         errors = data.errors if errors is None else errors
+        text_field = data.text_field if text_field is None else text_field
     else:
         if not inputs:
             raise ConfigError(
@@ -129,6 +139,7 @@ def _run_prepare(
         force=force,
         errors=errors or "strict",
         progress=not quiet,
+        text_field=text_field or "text",
     )
     splits = meta["splits"]
     typer.echo(
@@ -137,6 +148,13 @@ def _run_prepare(
         f"{meta['tokenizer']['type']}) from {len(meta['sources'])} file(s) in "
         f"{meta['prepare_seconds']:.1f}s"
     )
+    records = meta.get("records")
+    if records is not None:
+        skipped = records["skipped"]
+        typer.echo(
+            f"records: {records['records']:,} read from field {records['text_field']!r}"
+            + (f", {sum(skipped.values()):,} bad record(s) skipped" if skipped else "")
+        )
 
 
 @app.command("prepare")
@@ -145,8 +163,9 @@ def prepare_cmd(
         None,
         "--input",
         "-i",
-        help="Text file, directory (its *.txt/*.md/... files), glob, or named source "
-        "(tinyshakespeare). Repeat it, or list more paths after it.",
+        help="Text file, JSON Lines (.jsonl, .jsonl.gz, .json.gz) or Parquet file, directory "
+        "(its text/JSONL/Parquet files), glob, or named source (tinyshakespeare). Repeat it, or "
+        "list more paths after it.",
         show_default=False,
     ),
     more_inputs: list[str] | None = typer.Argument(
@@ -156,7 +175,12 @@ def prepare_cmd(
         None, "--output-dir", "-o", help="Directory to create.", show_default=False
     ),
     tokenizer: str | None = typer.Option(
-        None, "--tokenizer", "-t", help="char, sentencepiece or bytes.", show_default=False
+        None,
+        "--tokenizer",
+        "-t",
+        "--tokenizer-type",
+        help="char, sentencepiece or bytes (--tokenizer-type is an alias).",
+        show_default=False,
     ),
     tokenizer_model: Path | None = typer.Option(
         None,
@@ -196,7 +220,15 @@ def prepare_cmd(
     errors: str | None = typer.Option(
         None,
         "--errors",
-        help="Non-UTF-8 bytes: strict (fail naming file and offset) or replace (U+FFFD) (default strict).",
+        help="Bad input: strict (fail naming the file and byte offset or record), replace "
+        "(non-UTF-8 bytes become U+FFFD) or skip (skip bad JSONL/Parquet records, counted) "
+        "(default strict).",
+        show_default=False,
+    ),
+    text_field: str | None = typer.Option(
+        None,
+        "--text-field",
+        help="JSONL/Parquet inputs: the field that holds each record's text (default text).",
         show_default=False,
     ),
     config: Path | None = typer.Option(
@@ -208,7 +240,7 @@ def prepare_cmd(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
-    """Tokenize text into train.bin / val.bin / meta.json (streamed, parallel, atomic)."""
+    """Tokenize text, JSON Lines or Parquet into train.bin / val.bin / meta.json (streamed, parallel, atomic)."""
     run_guarded(
         lambda: _run_prepare(
             [*(input or []), *(more_inputs or [])],
@@ -224,26 +256,46 @@ def prepare_cmd(
             errors,
             config,
             quiet,
+            text_field,
         )
     )
 
 
 def _run_info(path: Path) -> None:
     from craft.data.datasets import PreparedDataset
+    from craft.safety import printable
+
+    def show(v: Any) -> str:  # text from meta.json: control characters escaped, never executed
+        return printable(v, newlines=False)
 
     ds = PreparedDataset(path)
     m = ds.meta
     tok = m["tokenizer"]
-    typer.echo(f"dataset     {ds.path}")
-    typer.echo(f"tokenizer   {tok['type']} (vocab {m['vocab_size']}), ids stored as {m['dtype']}")
+    typer.echo(f"dataset     {show(ds.path)}")
+    typer.echo(
+        f"tokenizer   {show(tok.get('type'))} (vocab {m['vocab_size']}), ids stored as {m['dtype']}"
+    )
     for split in ("train", "val"):
         typer.echo(f"{split:<11} {ds.num_tokens(split):,} tokens")
-    typer.echo(f"val share   {m['val_fraction']}")
-    for src in m["sources"]:
+    typer.echo(f"ids         all below the vocabulary size {m['vocab_size']} (checked)")
+    typer.echo(f"val share   {show(m.get('val_fraction', '?'))}")
+    for src in m.get("sources", []):
         typer.echo(
-            f"source      {src['name']} ({src['bytes']:,} bytes, sha256 {src['sha256'][:16]}…)"
+            f"source      {show(src['name'])} ({src['bytes']:,} bytes, sha256 "
+            f"{show(src['sha256'][:16])}…)"
         )
-    typer.echo(f"created     {m.get('created', '?')} by craft {m.get('craft_version', '?')}")
+    rec = m.get("records")
+    if isinstance(rec, dict):
+        sep = rec.get("separator", {})
+        sep_text = f"id {sep['id']}" if "id" in sep else repr(sep.get("text"))
+        skipped = sum(rec.get("skipped", {}).values())
+        typer.echo(
+            f"records     {rec.get('records', 0):,} from field {rec.get('text_field')!r}, "
+            f"separator {sep_text}, {skipped:,} skipped"
+        )
+    typer.echo(
+        f"created     {show(m.get('created', '?'))} by craft {show(m.get('craft_version', '?'))}"
+    )
 
 
 @app.command("info")

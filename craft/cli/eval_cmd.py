@@ -1,4 +1,4 @@
-"""`craft eval --checkpoint PATH [--data DIR] [--split val|train] [--max-batches N] [--json]`."""
+"""`craft eval --checkpoint PATH [--data DIR] [--split val|train] [--windows N] [--json]`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from typing import Any
 
 import typer
 
-from craft.cli.generate_cmd import CHECKPOINT, DEVICE, Device, DType, stderr_logging
+from craft.cli.generate_cmd import (
+    CHECKPOINT,
+    DEVICE,
+    TRUST_IMPORTS,
+    Device,
+    DType,
+    stderr_logging,
+)
 
 
 class Split(str, Enum):
@@ -24,7 +31,12 @@ def _json_value(v: Any) -> Any:
 
 def format_report(result: dict[str, Any]) -> str:
     """The human-readable metrics block printed without --json."""
-    scope = "whole split" if result["complete"] else f"first {result['batches']} batches"
+    if result["complete"]:
+        scope = "whole split"
+    elif result.get("selection") == "spread":
+        scope = f"{result['windows']:,} windows spread evenly"
+    else:
+        scope = f"first {result['batches']} batches"
     lines = [
         f"checkpoint      {result['checkpoint']}",
         f"data            {result['data']} ({result['split']}, {scope})",
@@ -36,7 +48,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"bits/char       {result['bits_per_char']:.4f}  ({result['characters']:,} characters)",
         f"bits/byte       {result['bits_per_byte']:.4f}  ({result['bytes']:,} UTF-8 bytes)",
     ]
-    return "\n".join(lines)
+    from craft.safety import printable
+
+    return printable("\n".join(lines))  # paths may come from a checkpoint's config
 
 
 def register(app: typer.Typer) -> None:
@@ -50,18 +64,27 @@ def register(app: typer.Typer) -> None:
             show_default=False,
         ),
         split: Split = typer.Option(Split.val, "--split", help="Split to score."),
+        windows: int | None = typer.Option(
+            None,
+            "--windows",
+            min=1,
+            help="Score N windows spread evenly over the split, as training's evaluation with "
+            "eval.windows = N does (default: the whole split).",
+            show_default=False,
+        ),
         max_batches: int | None = typer.Option(
             None,
             "--max-batches",
             min=1,
-            help="Score only the first N batches (default: the whole split).",
+            help="Score only the first N batches (depends on --batch-size; prefer --windows).",
             show_default=False,
         ),
         batch_size: int | None = typer.Option(
             None,
             "--batch-size",
             min=1,
-            help="Windows per batch (default: eval.batch_size, else training.batch_size).",
+            help="Windows per forward pass (default: eval.batch_size, else training.batch_size); "
+            "the result does not depend on it.",
             show_default=False,
         ),
         as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
@@ -69,6 +92,7 @@ def register(app: typer.Typer) -> None:
         dtype: DType = typer.Option(
             DType.float32, "--dtype", help="Autocast dtype of the forward pass."
         ),
+        trust_imports: bool = TRUST_IMPORTS,
     ) -> None:
         """Loss, perplexity and bits per token/character/byte of a checkpoint on a data split."""
         from craft.cli.errors import run_guarded
@@ -82,11 +106,14 @@ def register(app: typer.Typer) -> None:
                 data=data,
                 split=split.value,
                 max_batches=max_batches,
+                windows=windows,
                 batch_size=batch_size,
                 device=device.value,
                 dtype=dtype.value,
+                trust_imports=trust_imports,
             )
-            out = {"checkpoint": str(checkpoint), **result.to_dict()}
+            out = {"checkpoint": result.checkpoint, **result.to_dict()}
+            out["selection"] = "spread" if windows else ("prefix" if max_batches else "all")
             if as_json:
                 typer.echo(json.dumps({k: _json_value(v) for k, v in out.items()}, indent=2))
             else:

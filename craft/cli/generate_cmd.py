@@ -6,8 +6,11 @@ import logging
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
+
+MAX_SEED = 2**63 - 1  # as craft.config.sections.MAX_SEED (not imported: --help stays fast)
 
 SEPARATOR = "---------------"
 
@@ -16,6 +19,12 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+class Output(str, Enum):
+    """What `craft generate` produces; `text` is the only kind, accepted for `generate text`."""
+
+    text = "text"
 
 
 class DType(str, Enum):
@@ -28,10 +37,17 @@ class DType(str, Enum):
 CHECKPOINT = typer.Option(
     ...,
     "--checkpoint",
-    help="Run directory (its latest checkpoint), checkpoint directory or exported model.",
+    help="Run directory (its latest checkpoint), checkpoint directory, a checkpoints/latest "
+    "pointer, exported model, or a Hugging Face model directory or Hub id.",
     show_default=False,
 )
 DEVICE = typer.Option(Device.auto, "--device", help="Where to run.")
+TRUST_IMPORTS = typer.Option(
+    False,
+    "--trust-imports",
+    help="Import the Python modules the checkpoint's config names (runs their code; only for "
+    "checkpoints you trust). Without it such a checkpoint is refused.",
+)
 
 
 def stderr_logging() -> None:
@@ -42,7 +58,9 @@ def stderr_logging() -> None:
 
     class _Lower(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
-            return f"{record.levelname.lower()}: {record.getMessage()}"
+            from craft.safety import printable
+
+            return f"{record.levelname.lower()}: {printable(record.getMessage())}"
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Lower())
@@ -60,21 +78,38 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise ConfigError("--prompt and --prompt-file: give one of them, not both")
     if prompt_file is None:
         return prompt or ""
-    try:
-        return prompt_file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--prompt-file {prompt_file}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            f"--prompt-file {prompt_file}: not UTF-8 text (byte offset {e.start})"
-        ) from None
-    except OSError as e:
-        raise ConfigError(f"--prompt-file {prompt_file}: cannot read it ({e.strerror})") from None
+    from craft.safety import MAX_PROMPT_BYTES, read_text_bounded
+
+    # A FIFO or /dev/zero is refused and the size bounded: a prompt longer than any context
+    # is cropped anyway.
+    return read_text_bounded(
+        prompt_file, MAX_PROMPT_BYTES, what=f"--prompt-file {prompt_file}", error=ConfigError
+    )
+
+
+class _Escaping:
+    """A terminal stream that shows control characters of model output (an escape sequence the
+    model or a doctored vocabulary produces) as text instead of executing them."""
+
+    def __init__(self, stream: Any, clean: Any) -> None:
+        self.stream, self.clean = stream, clean
+
+    def write(self, text: str) -> int:
+        return self.stream.write(self.clean(text))
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
+        output: Output | None = typer.Argument(
+            None,
+            metavar="text",
+            help="Optional: `craft generate text ...` is an alias of `craft generate ...`.",
+            show_default=False,
+        ),
         checkpoint: Path = CHECKPOINT,
         prompt: str | None = typer.Option(
             None,
@@ -100,7 +135,11 @@ def register(app: typer.Typer) -> None:
             help="Sample from the smallest set of tokens whose probability reaches p (0 < p <= 1).",
         ),
         seed: int | None = typer.Option(
-            None, "--seed", min=0, help="Random seed; without one a seed is drawn and printed."
+            None,
+            "--seed",
+            min=0,
+            max=MAX_SEED,
+            help="Random seed; without one a seed is drawn and printed.",
         ),
         num_samples: int = typer.Option(1, "--num-samples", min=1, help="Samples to draw."),
         stream: bool | None = typer.Option(
@@ -111,6 +150,7 @@ def register(app: typer.Typer) -> None:
         ),
         device: Device = DEVICE,
         dtype: DType = typer.Option(DType.float32, "--dtype", help="Weights and cache dtype."),
+        trust_imports: bool = TRUST_IMPORTS,
     ) -> None:
         """Sample text from a checkpoint (KV-cached decoding; stops at max tokens or end-of-text)."""
         from craft.cli.errors import run_guarded
@@ -121,22 +161,27 @@ def register(app: typer.Typer) -> None:
             stderr_logging()
             text = read_prompt(prompt, prompt_file)  # before the slow torch import
 
+            from craft.errors import CheckpointError, GenerationError
             from craft.generation import SamplingParams, resolve_device, resolve_dtype
             from craft.generation import generate as sample
-            from craft.training.checkpoint import load_model
+            from craft.training.checkpoint import load_model, resolve_source
 
             SamplingParams(temperature, top_k, top_p)  # bad values fail before loading
             dev = resolve_device(device.value)
+            ck = resolve_source(checkpoint)  # a run directory: its newest complete checkpoint
             model, tokenizer, _ = load_model(
-                checkpoint, device=dev, dtype=resolve_dtype(dtype.value)
+                ck, device=dev, dtype=resolve_dtype(dtype.value), trust_imports=trust_imports
             )
+            sys.stderr.write(f"checkpoint: {ck}\n")
             use_seed = seed
             if use_seed is None:
                 use_seed = random.SystemRandom().randrange(2**31)
                 if temperature > 0:  # greedy decoding draws no random numbers
                     sys.stderr.write(f"seed: {use_seed}\n")
+            from craft.safety import printable
+
             streaming = sys.stdout.isatty() if stream is None else stream
-            out = sys.stdout
+            out = _Escaping(sys.stdout, printable) if sys.stdout.isatty() else sys.stdout
 
             def header(i: int) -> None:
                 if i > 0:
@@ -152,18 +197,27 @@ def register(app: typer.Typer) -> None:
                 out.write(piece)
                 out.flush()
 
-            texts = sample(
-                model,
-                tokenizer,
-                text,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=use_seed,
-                num_samples=num_samples,
-                on_text=on_text if streaming else None,
-            )
+            try:
+                texts = sample(
+                    model,
+                    tokenizer,
+                    text,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    seed=use_seed,
+                    num_samples=num_samples,
+                    on_text=on_text if streaming else None,
+                )
+            except GenerationError:
+                hint = " (float16 overflows easily: try --dtype bfloat16)" * (
+                    dtype.value == "float16"
+                )
+                raise CheckpointError(
+                    f"{ck}: the model's next-token probabilities are not finite (NaN or inf) "
+                    f"although its weights are{hint}"
+                ) from None
             if streaming:
                 while current[0] < num_samples - 1:  # samples that produced no text
                     current[0] += 1

@@ -10,8 +10,10 @@ from craft.cli import (
     config_cmd,
     data_cmd,
     eval_cmd,
+    export_cmd,
     generate_cmd,
     model_cmd,
+    serve_cmd,
     tokenizer_cmd,
     train_cmd,
 )
@@ -19,7 +21,8 @@ from craft.cli.errors import debug, fail, run_guarded
 
 app = typer.Typer(
     name="craft",
-    help="Build, train, evaluate and sample language models.",
+    help="Build, train, evaluate and sample language models.\n\n"
+    "Also runs as `python -m craft` or `python -m craft.cli.run` (the same commands).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -44,11 +47,13 @@ def _root(
 
 train_cmd.register(app)
 app.add_typer(data_cmd.app, name="data")
-app.add_typer(data_cmd.app, name="dataset", hidden=True)
+app.add_typer(data_cmd.app, name="dataset", help="Alias of `craft data`.")
 app.add_typer(tokenizer_cmd.app, name="tokenizer")
 generate_cmd.register(app)
 eval_cmd.register(app)
+export_cmd.register(app)
 bench_cmd.register(app)
+serve_cmd.register(app)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(model_cmd.app, name="model")
 

@@ -1,7 +1,8 @@
 """`craft model info RECIPE [key=value ...]`: size, FLOPs and memory of a recipe's model.
 
-The model is built on the meta device, so even large models are described in about a second
-without allocating their weights. Torch is imported inside the command only.
+Built-in models are counted arithmetically from the config (any size answers at once); a plugin
+model is built on the meta device, without allocating its weights. Torch is imported inside the
+command only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from craft.cli.errors import run_guarded
 
 app = typer.Typer(help="Inspect models.", no_args_is_help=True)
 
-RECIPE = typer.Argument(..., help="Recipe TOML file.", show_default=False)
+RECIPE = typer.Argument(
+    ..., help="Recipe TOML file, or a recipe name (see `craft config list`).", show_default=False
+)
 OVERRIDES = typer.Argument(
     None, help="Overrides: section.key=value (value parsed as TOML).", show_default=False
 )
@@ -94,9 +97,11 @@ def _bytes(n: float) -> str:
 
 
 def _info(recipe: Path, overrides: list[str], vocab_option: int | None) -> None:
-    from craft.config import load_config, registry
+    from craft.cli.config_cmd import resolved
+    from craft.config import load_config
 
     cfg = load_config(recipe, overrides)  # a bad recipe fails here, before torch is imported
+    cfg = resolved(cfg)  # model.init_from: the pretrained model's shape
 
     import torch
     from rich.console import Console
@@ -107,8 +112,8 @@ def _info(recipe: Path, overrides: list[str], vocab_option: int | None) -> None:
 
     vocab, vocab_from = resolve_vocab_size(cfg, vocab_option)
     fused = cfg.kernels.fused_loss
-    model = flops.meta_model(registry.build, "model", cfg.model, vocab, fused_loss=fused)
-    seq_len = model.block_size or cfg.model.block_size  # recurrent models: the training window
+    model = flops.describe(cfg.model, vocab, fused_loss=fused)  # arithmetic for built-ins
+    seq_len = getattr(model, "block_size", None) or cfg.model.block_size  # RNN: training window
     counts = flops.count_params(model)
     attn = flops.attention_flops_per_token(model, seq_len)
     per_token = flops.flops_per_token(model, seq_len)

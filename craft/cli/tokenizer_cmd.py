@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -9,6 +10,35 @@ import typer
 from craft.cli.errors import run_guarded
 
 app = typer.Typer(help="Train and try tokenizers.", no_args_is_help=True)
+
+
+def tokenizer_files(directory: Path, *, option: str = "--output") -> list[str]:
+    """The entries of the tokenizer directory `directory` that Craft wrote, which is all there is.
+
+    Raises unless `tokenizer.json` is Craft's (type and format version) and every other entry is
+    the model file it names: what `--force` may delete, and nothing else.
+    """
+    from craft.data.tokenizers import TOKENIZER_FILE
+    from craft.data.tokenizers.base import FORMAT_VERSION
+    from craft.errors import ConfigError
+    from craft.safety import check_relative, owned_entries, read_json_bounded
+
+    path = directory / TOKENIZER_FILE
+    data = read_json_bounded(path, what=f"{option} {path}", error=ConfigError)
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("type"), str)
+        or data.get("format_version") != FORMAT_VERSION
+    ):
+        raise ConfigError(
+            f"{option} {directory}: its {TOKENIZER_FILE} is not one Craft wrote; --force "
+            "replaces only a tokenizer Craft trained; choose another directory"
+        )
+    listed = {TOKENIZER_FILE}
+    model_file = data.get("model_file")
+    if model_file is not None:
+        listed.add(check_relative(model_file, what=f"{option} {directory}", error=ConfigError))
+    return owned_entries(directory, listed, option=option, what="a tokenizer", error=ConfigError)
 
 
 def _run_train(
@@ -22,30 +52,51 @@ def _run_train(
     force: bool,
     quiet: bool,
 ) -> None:
+    import os
     import shutil
 
     from craft.data.prepare import CHUNK_BYTES, TextStream, resolve_inputs
     from craft.data.progress import quiet as no_progress
     from craft.data.tokenizers import TOKENIZER_FILE, SentencePieceTokenizer
+    from craft.data.tokenizers.sentencepiece import MAX_VOCAB_SIZE
     from craft.errors import ConfigError
+    from craft.safety import check_output_location, remove_owned, staging_dir, unique_sibling
 
     if model_type not in ("bpe", "unigram"):
         raise ConfigError(f"--model-type {model_type!r}: expected bpe or unigram")
-    if vocab_size < 16:
-        raise ConfigError(f"--vocab-size {vocab_size}: expected at least 16")
+    if not 16 <= vocab_size <= MAX_VOCAB_SIZE:
+        raise ConfigError(f"--vocab-size {vocab_size}: expected 16 to {MAX_VOCAB_SIZE:,}")
     if not 0.0 < character_coverage <= 1.0:
         raise ConfigError(f"--character-coverage {character_coverage}: expected (0, 1]")
     if errors not in ("strict", "replace"):
         raise ConfigError(f"--errors {errors!r}: expected strict or replace")
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {output}: exists and is not a directory")
-    if (output / TOKENIZER_FILE).exists() and not force:
-        raise ConfigError(
-            f"--output {output}: already holds a tokenizer; pass --force to replace it"
-        )
-    if output.is_dir() and any(output.iterdir()) and not (output / TOKENIZER_FILE).exists():
-        raise ConfigError(f"--output {output}: exists and is not empty; choose another directory")
+    output = output.expanduser().absolute()
+
+    def check_output() -> list[str]:
+        """The entries `--force` will replace (none for a new or empty directory)."""
+        check_output_location(output, option="--output", error=ConfigError)
+        if not output.exists():
+            return []
+        if not output.is_dir():
+            raise ConfigError(f"--output {output}: exists and is not a directory")
+        if (output / TOKENIZER_FILE).exists():
+            if not force:
+                raise ConfigError(
+                    f"--output {output}: already holds a tokenizer; pass --force to replace it"
+                )
+            return tokenizer_files(output)
+        if any(output.iterdir()):
+            raise ConfigError(
+                f"--output {output}: exists and is not empty; choose another directory"
+            )
+        return []
+
+    check_output_location(output, option="--output", error=ConfigError)
     files = resolve_inputs(inputs)
+    check_output_location(
+        output, option="--output", inputs=[f.path for f in files], error=ConfigError
+    )
+    check_output()
     with no_progress(quiet):
         tok = SentencePieceTokenizer.train(
             TextStream(files, errors, CHUNK_BYTES, "reading text"),
@@ -54,12 +105,24 @@ def _run_train(
             byte_fallback=byte_fallback,
             character_coverage=character_coverage,
         )
-    staging = output.parent / f".{output.name}.training"
-    shutil.rmtree(staging, ignore_errors=True)
-    names = tok.save(staging)
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_dir(output.parent, f".{output.name}.training-")
+    except OSError as e:
+        raise ConfigError(f"--output {output}: cannot create it ({e.strerror or e})") from None
+    try:
+        names = tok.save(staging)
+        owned = check_output()  # again: the directory may have changed during training
+        if output.exists():
+            old = unique_sibling(output, "replaced")
+            os.replace(output, old)
+            os.replace(staging, output)
+            remove_owned(old, owned)
+        else:
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     typer.echo(
         f"trained sentencepiece {model_type} tokenizer (vocab {tok.vocab_size}) on "
         f"{len(files)} file(s): {', '.join(str(output / n) for n in names)}"
@@ -124,7 +187,12 @@ def _run_encode(tokenizer: Path, text: str, decode: bool) -> None:
             ids = [int(x) for x in text.replace(",", " ").split()]
         except ValueError:
             raise TokenizerError(f"--decode: {text!r} is not a list of integer ids") from None
-        typer.echo(tok.decode(ids))
+        text = tok.decode(ids)
+        if sys.stdout.isatty():  # control characters from the vocabulary are shown, not run
+            from craft.safety import printable
+
+            text = printable(text)
+        typer.echo(text)
         return
     typer.echo(" ".join(str(i) for i in tok.encode(text)))
 

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from craft.config import components as _components  # noqa: F401  (registers built-ins)
-from craft.config.loader import RawConfig, load_raw, parse_override
+from craft.config.loader import RawConfig, load_raw, parse_override, string_list
 from craft.config.schema import build_schema, validate
 
 Config = BaseModel  # the dynamic model built by build_schema(); typed loosely on purpose
@@ -43,10 +43,16 @@ def to_toml(cfg: BaseModel) -> str:
 
 
 def from_dict(data: dict[str, Any], label: str = "config") -> Any:
-    """Validate an already-resolved dict (e.g. the config stored in a checkpoint)."""
+    """Validate an already-resolved dict (e.g. the config stored in a checkpoint).
+
+    Its `imports` are imported: check them first when the dict comes from a file Craft did not
+    write (`craft.training.checkpoint.read_config` does).
+    """
+    imports = string_list(data.get("imports", []), "imports", label)
     raw = RawConfig(
         data={k: v for k, v in data.items() if k != "imports"},
-        imports=list(data.get("imports", [])),
+        imports=imports,
+        import_origins=dict.fromkeys(imports, label),
     )
     raw.origins = {}
     raw.path = Path(label)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from craft.config.registry import register
 from craft.config.sections import Section
@@ -34,11 +34,14 @@ class GPTConfig(Section):
         "learned", description="Learned absolute position embeddings or rotary embeddings."
     )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
-    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="Feed-forward block.")
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = Field(
+        "gelu",
+        description="Feed-forward block: GELU (exact erf), GELU with the tanh approximation (GPT-2's gelu_new) or SwiGLU.",
+    )
     mlp_hidden: int | None = Field(
         None,
         ge=1,
-        description="Feed-forward hidden size; default 4*d_model (gelu) or 8/3*d_model rounded up to a multiple of 64 (swiglu).",
+        description="Feed-forward hidden size; default 4*d_model (gelu, gelu_tanh) or 8/3*d_model rounded up to a multiple of 64 (swiglu).",
     )
     bias: bool = Field(True, description="Biases in linear and norm layers.")
     dropout: float = Field(
@@ -54,6 +57,10 @@ class GPTConfig(Section):
         True, description="Share the token embedding with the output layer."
     )
     init_std: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")
+    init_from: str | None = Field(
+        None,
+        description="Start from these weights: a Craft run, checkpoint or export directory, a Hugging Face model directory or a Hub id (e.g. gpt2). The other model keys are taken from it; a recipe may only change those that keep every weight's shape (dropout, a shorter block_size, ...).",
+    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> GPTConfig:
@@ -112,12 +119,34 @@ class SentencePieceTokenizerConfig(Section):
     model: str | None = Field(
         None, description="Path to a trained .model file; when unset one is trained on the data."
     )
-    vocab_size: int = Field(2000, ge=16, description="Vocabulary size when training a model.")
+    vocab_size: int = Field(
+        2000, ge=16, le=1 << 24, description="Vocabulary size when training a model."
+    )
     model_type: Literal["bpe", "unigram"] = Field("bpe", description="SentencePiece algorithm.")
     byte_fallback: bool = Field(True, description="Encode unknown characters as UTF-8 bytes.")
     character_coverage: float = Field(
         1.0, gt=0.0, le=1.0, description="Fraction of characters covered by the vocabulary."
     )
+
+
+class HFTokenizerConfig(Section):
+    type: Literal["hf"] = "hf"
+    path: str = Field(
+        description="A Hugging Face tokenizer directory (tokenizer.json), a tokenizer saved by Craft, or a Hub id."
+    )
+
+    def fingerprint(self) -> dict[str, str]:
+        """What fixes the ids (recorded with prepared data): a local tokenizer file's sha256,
+        else the Hub id."""
+        import hashlib
+        from pathlib import Path
+
+        root = Path(self.path).expanduser()
+        for name in ("hf_tokenizer.json", "tokenizer.json"):
+            if (root / name).is_file() and not (root / name).is_symlink():
+                digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
+                return {"type": self.type, "tokenizer_sha256": digest}
+        return {"type": self.type, "path": self.path}
 
 
 register(
@@ -132,6 +161,7 @@ register(
     config=SentencePieceTokenizerConfig,
     builder="craft.data.tokenizers.sentencepiece:build",
 )
+register("tokenizer", "hf", config=HFTokenizerConfig, builder="craft.data.tokenizers.hf:build")
 
 # ------------------------------------------------------------------------------------- datasets
 
@@ -143,7 +173,7 @@ class TokensDataConfig(Section):
     )
     files: list[str] = Field(
         default_factory=list,
-        description="Text files, directories or globs to prepare (instead of a source).",
+        description="Text, JSON Lines (.jsonl, .jsonl.gz, .json.gz) or Parquet files, directories or globs to prepare (instead of a source).",
     )
     dir: str | None = Field(
         None,
@@ -152,8 +182,14 @@ class TokensDataConfig(Section):
     val_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="Tail of the token stream kept for validation."
     )
-    errors: Literal["strict", "replace"] = Field(
-        "strict", description="Non-UTF-8 input: fail naming file and offset, or replace the bytes."
+    errors: Literal["strict", "replace", "skip"] = Field(
+        "strict",
+        description="Bad input: fail naming file and offset or record (strict), replace non-UTF-8 bytes with U+FFFD (replace), or skip bad JSON Lines/Parquet records and count them (skip).",
+    )
+    text_field: str = Field(
+        "text",
+        min_length=1,
+        description="JSON Lines / Parquet inputs: the field holding each record's text.",
     )
 
     @model_validator(mode="after")
@@ -178,12 +214,21 @@ register("data", "random", config=RandomDataConfig, builder="craft.data.datasets
 class AdamWConfig(Section):
     type: Literal["adamw"] = "adamw"
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.95), strict=False, description="Adam beta1, beta2 (each in [0, 1))."
+    )
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     weight_decay: float = Field(
         0.1, ge=0, description="Decoupled weight decay, applied to matrices only."
     )
     fused: bool | None = Field(None, description="Fused CUDA implementation; default: on CUDA.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_below_one(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
 
 
 class SGDConfig(Section):
@@ -232,6 +277,20 @@ for _name, _cls in [
     ("wsd", WSDSchedulerConfig),
 ]:
     register("scheduler", _name, config=_cls, builder=f"craft.training.schedulers:build_{_name}")
+
+# ------------------------------------------------------------------------------------ callbacks
+
+# Built-in callbacks (craft/training/callbacks.py, which fixes the order they run in); a recipe's
+# `training.callbacks` may name these or a plugin's.
+for _name, _builder in [
+    ("progress", "build_progress"),
+    ("metrics_jsonl", "build_metrics_file"),
+    ("trackers", "build_trackers"),
+    ("sample", "build_sample"),
+    ("early_stopping", "build_early_stopping"),
+    ("loss_curve", "build_loss_curve"),
+]:
+    register("callback", _name, builder=f"craft.training.callbacks:{_builder}")
 
 # The default `type` of each discriminated section when a recipe does not name one.
 DEFAULT_TYPES = {

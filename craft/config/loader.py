@@ -20,6 +20,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 COMMAND_LINE = "command line"
+# Keys that say the same thing two ways: an override of one replaces the other when a file set it.
+EXCLUSIVE_KEYS = {"eval.windows": "eval.batches", "eval.batches": "eval.windows"}
+MAX_DEPTH = 64  # tables and arrays nested deeper than this are refused (no RecursionError later)
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
 _POS_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
 
@@ -40,6 +43,8 @@ class RawConfig:
     origins: dict[str, str] = field(default_factory=dict)
     imports: list[str] = field(default_factory=list)
     path: Path | None = None
+    import_origins: dict[str, str] = field(default_factory=dict)  # module -> where it was listed
+    recipe_dir: Path | None = None  # where `imports` may also be found: the recipe's directory
 
     def origin(self, dotted: str) -> str:
         """Where `dotted` (or its nearest set ancestor or descendant) was set, else 'default'."""
@@ -65,9 +70,15 @@ def _leaves(data: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def _drop_origins(origins: dict[str, str], dotted: str) -> None:
-    for k in [k for k in origins if k == dotted or k.startswith(dotted + ".")]:
-        del origins[k]
+def _drop_origins(origins: dict[str, str], dotted: str, old: Any) -> None:
+    """Forget where `dotted` and the leaves of its old value `old` were set.
+
+    Only the old value's own leaves are visited (never every origin), so N overrides cost O(N).
+    """
+    origins.pop(dotted, None)
+    if isinstance(old, dict) and old:
+        for leaf in _leaves(old, dotted + "."):
+            origins.pop(leaf, None)
 
 
 def deep_merge(
@@ -83,7 +94,7 @@ def deep_merge(
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             deep_merge(base[k], v, origins, over_origin, dotted + ".")
             continue
-        _drop_origins(origins, dotted)
+        _drop_origins(origins, dotted, base.get(k))
         base[k] = _copy(v)
         leaves = _leaves(v, dotted + ".") if isinstance(v, dict) and v else [dotted]
         for leaf in leaves:
@@ -99,16 +110,22 @@ def _copy(v: Any) -> Any:
 
 
 def _parse_toml(path: Path, label: str) -> dict[str, Any]:
+    from craft.safety import MAX_TOML_BYTES, read_bytes_bounded
+
+    # A FIFO, a device (/dev/zero) or a huge file is an error, not a hang or a MemoryError.
+    data = read_bytes_bounded(path, MAX_TOML_BYTES, what=label, error=ConfigError)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{label}: file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{label}: is a directory, expected a TOML file") from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{label}: not UTF-8 text (byte {e.start})") from None
+        hint = ""
+        if e.start < 2 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            hint = "; it starts with a UTF-16 byte order mark, save it as UTF-8"
+        raise ConfigError(f"{label}: not UTF-8 text (byte {e.start}){hint}") from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark (some editors write one)
     try:
-        return tomllib.loads(text)
+        return _check_depth(tomllib.loads(text), label)
+    except RecursionError:
+        raise ConfigError(f"{label}: nested more than {MAX_DEPTH} levels deep") from None
     except tomllib.TOMLDecodeError as e:
         msg = str(e)
         m = _POS_RE.search(msg)
@@ -121,7 +138,28 @@ def _parse_toml(path: Path, label: str) -> dict[str, Any]:
         raise ConfigError(f"{label}: TOML syntax error: {msg}") from None
 
 
-def _string_list(value: Any, key: str, label: str) -> list[str]:
+def _depth(value: Any) -> int:
+    """Nesting depth of tables and arrays, without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            break
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def _check_depth(data: dict[str, Any], label: str) -> dict[str, Any]:
+    if _depth(data) > MAX_DEPTH:
+        raise ConfigError(f"{label}: nested more than {MAX_DEPTH} levels deep")
+    return data
+
+
+def string_list(value: Any, key: str, label: str) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(x, str) for x in value):
@@ -139,8 +177,8 @@ def load_file(path: Path, chain: tuple[Path, ...] = ()) -> RawConfig:
         cycle = " -> ".join(display_path(p) for p in (*chain, resolved))
         raise ConfigError(f"include cycle: {cycle}")
     data = _parse_toml(resolved, label)
-    includes = _string_list(data.pop("include", []), "include", label)
-    imports = _string_list(data.pop("imports", []), "imports", label)
+    includes = string_list(data.pop("include", []), "include", label)
+    imports = string_list(data.pop("imports", []), "imports", label)
 
     raw = RawConfig(path=resolved)
     for inc in includes:
@@ -154,8 +192,12 @@ def load_file(path: Path, chain: tuple[Path, ...] = ()) -> RawConfig:
         sub = load_file(inc_path, (*chain, resolved))
         deep_merge(raw.data, sub.data, raw.origins, sub.origins)
         raw.imports += [m for m in sub.imports if m not in raw.imports]
+        for m, where in sub.import_origins.items():
+            raw.import_origins.setdefault(m, where)
     deep_merge(raw.data, data, raw.origins, label)
     raw.imports += [m for m in imports if m not in raw.imports]
+    for m in imports:
+        raw.import_origins.setdefault(m, label)
     return raw
 
 
@@ -170,6 +212,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     value = value.strip()
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
+        _check_depth({"v": parsed}, f"{COMMAND_LINE}: override {text[:40]!r}")
+    except RecursionError:
+        raise ConfigError(
+            f"{COMMAND_LINE}: override {text[:40]!r}: nested more than {MAX_DEPTH} levels deep"
+        ) from None
     except tomllib.TOMLDecodeError:
         if value and value[0] in "[{\"'":
             raise ConfigError(
@@ -183,9 +230,10 @@ def apply_overrides(raw: RawConfig, overrides: list[str]) -> None:
     for text in overrides:
         key, value = parse_override(text)
         if key == "imports":
-            raw.imports += [
-                m for m in _string_list(value, key, COMMAND_LINE) if m not in raw.imports
-            ]
+            for m in string_list(value, key, COMMAND_LINE):
+                if m not in raw.imports:
+                    raw.imports.append(m)
+                raw.import_origins.setdefault(m, COMMAND_LINE)
             continue
         parts = key.split(".")
         node = raw.data
@@ -204,12 +252,23 @@ def apply_overrides(raw: RawConfig, overrides: list[str]) -> None:
             COMMAND_LINE,
             ".".join(parts[:-1]) + "." if len(parts) > 1 else "",
         )
+        other = EXCLUSIVE_KEYS.get(key)
+        if other is not None and raw.origins.get(other, COMMAND_LINE) != COMMAND_LINE:
+            table, _, leaf = other.rpartition(".")
+            parent = raw.data
+            for part in table.split("."):
+                parent = parent.get(part, {})
+            parent.pop(leaf, None)
+            _drop_origins(raw.origins, other)
 
 
 def load_raw(path: str | Path, overrides: list[str] | None = None) -> RawConfig:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"recipe {display_path(path)}: file not found")
-    raw = load_file(path)
+    """Load a recipe given by path or by name (`char_small`, `experiment=char_small`)."""
+    from craft.config.recipes import find_recipe, split_recipe_args
+
+    ref, overrides = split_recipe_args(path, list(overrides or []))
+    recipe = find_recipe(ref)
+    raw = load_file(recipe)
+    raw.recipe_dir = Path(recipe).resolve().parent
     apply_overrides(raw, overrides or [])
     return raw

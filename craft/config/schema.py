@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
-import os
+import re
 import sys
 from typing import Annotated, Any, Union
 
@@ -56,6 +56,7 @@ def _component_type(kind: str) -> Any:
 
 
 _SCHEMA_CACHE: dict[int, type[BaseModel]] = {}
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def build_schema() -> type[BaseModel]:
@@ -91,17 +92,28 @@ def build_schema() -> type[BaseModel]:
 def import_plugins(modules: list[str], raw: RawConfig | None = None) -> None:
     """Import the recipe's `imports` modules; this runs their code, like any Python import.
 
-    The working directory is importable too (as with `python -m`), so a plugin file next to where
-    the command runs needs no install.
+    Modules are found on `sys.path` and next to the recipe file (a recipe is run on purpose, so
+    its directory is trusted); the working directory is never added.
     """
-    if modules and os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
+    here = str(raw.recipe_dir) if raw and raw.recipe_dir else None
+    if modules and here and here not in sys.path:
+        sys.path.append(here)
     for mod in modules:
+        where = (raw.import_origins.get(mod) or raw.origin("imports")) if raw else "imports"
+        if not _MODULE_RE.match(mod):
+            raise ConfigError(
+                f"{where}: imports: {mod!r} is not a module name; expected a dotted Python module "
+                "name such as 'my_plugins' or 'pkg.plugins' (not a file path)"
+            )
         try:
             importlib.import_module(mod)
         except ImportError as e:
-            where = raw.origin("imports") if raw else "imports"
             raise ConfigError(f"{where}: imports: cannot import module {mod!r}: {e}") from None
+        except Exception as e:  # the module's own code failed while it was imported
+            raise ConfigError(
+                f"{where}: imports: module {mod!r} failed while being imported: "
+                f"{type(e).__name__}: {e}"
+            ) from None
 
 
 def _fill_default_types(raw: RawConfig) -> dict[str, Any]:

@@ -6,26 +6,40 @@ Component sections (`model`, `data`, `tokenizer`, `optimizer`, `scheduler`) are 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
     """Base of every config model: unknown keys are errors and a validated config is frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        # Numbers and booleans keep their type: `true` is not 1, 1 is not `true`, "5" is not 5
+        # (an int is still a valid float). Non-finite floats (nan, inf) are never meaningful.
+        strict=True,
+        allow_inf_nan=False,
+    )
 
 
 Backend = Literal["auto", "torch", "eager", "triton", "cuda"]
+MAX_SEED = 2**63 - 1  # seeds are 64-bit in torch; one bit is left for per-process offsets
 
 
 class RunConfig(Section):
     name: str = Field(
-        "run", min_length=1, description="Run name; outputs go to <output_dir>/<name>/<timestamp>/."
+        "run",
+        min_length=1,
+        description="Run name (one path component); outputs go to <output_dir>/<name>/<timestamp>/.",
     )
     seed: int = Field(
-        1337, ge=0, description="Seed for python, numpy and torch RNGs and the data sampler."
+        1337,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed for python, numpy and torch RNGs and the data sampler.",
     )
     output_dir: str = Field("outputs", description="Root directory of run directories.")
     deterministic: bool = Field(
@@ -33,6 +47,16 @@ class RunConfig(Section):
         description="Use deterministic algorithms (torch.use_deterministic_algorithms); needed for bitwise resume.",
     )
     cpu: bool = Field(False, description="Force the CPU even when an accelerator is available.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, name: str) -> str:
+        if name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(
+                f"{name!r} is not a single directory name (no '/', '\\', '.' or '..'): a run "
+                "name must stay inside run.output_dir"
+            )
+        return name
 
 
 class TrainingConfig(Section):
@@ -58,16 +82,60 @@ class TrainingConfig(Section):
         default_factory=list, description="Extra registered callbacks to attach by name."
     )
 
+    @field_validator("callbacks")
+    @classmethod
+    def _registered(cls, names: list[str]) -> list[str]:
+        from craft.config import registry
+
+        known = registry.names("callback")
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown callback {unknown[0]!r}; registered: {', '.join(known)} (a plugin's "
+                "callbacks need its module in imports)"
+            )
+        return names
+
+
+DEFAULT_EVAL_WINDOWS = 600
+
 
 class EvalConfig(Section):
     interval: int = Field(
         250, ge=1, description="Steps between evaluations on the validation split."
     )
-    batches: int = Field(50, ge=1, description="Validation batches per evaluation.")
+    windows: int | None = Field(
+        None,
+        ge=1,
+        description="Validation windows (model.block_size tokens each) scored per evaluation, "
+        "spread evenly over the split (all of them when it has fewer). The same whatever the "
+        f"batch sizes, so runs are comparable. Default {DEFAULT_EVAL_WINDOWS}.",
+    )
+    batches: int | None = Field(
+        None,
+        ge=1,
+        description="Deprecated: scores batches x eval batch size windows, so the result depends "
+        "on the batch size. Use eval.windows.",
+    )
     batch_size: int | None = Field(
-        None, ge=1, description="Eval batch size; defaults to training.batch_size."
+        None,
+        ge=1,
+        description="Windows per forward pass when evaluating (memory and speed only, the result "
+        "does not depend on it); defaults to training.batch_size.",
     )
     at_end: bool = Field(True, description="Evaluate once more after the last step.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_count(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "windows" in data and "batches" in data:
+                raise ValueError(
+                    "set eval.windows or the deprecated eval.batches, not both (remove eval.batches)"
+                )
+            if "batches" not in data and "windows" not in data:
+                data = {**data, "windows": DEFAULT_EVAL_WINDOWS}  # stored with the run's config
+        return data
 
 
 class CheckpointConfig(Section):

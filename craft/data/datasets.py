@@ -23,6 +23,7 @@ from craft.data.prepare import (
     META_FILE,
     UINT16_VOCAB_LIMIT,
     default_dataset_dir,
+    first_id_at_least,
     is_prepared,
     prepare,
     tokenizer_fingerprint,
@@ -31,6 +32,8 @@ from craft.data.prepare import (
 from craft.data.tokenizers import Tokenizer, load_tokenizer
 from craft.errors import CraftError, DataError
 from craft.fileio import sha256_file
+from craft.paths import cache_dir
+from craft.safety import check_private, inside, read_json_bounded
 
 SPLITS = ("train", "val")
 SAMPLER_STATE_VERSION = 1
@@ -59,11 +62,16 @@ class PreparedDataset:
         self._splits: dict[str, np.memmap] = {}
         for split in SPLITS:
             self._check_size(split)
+        for split in SPLITS:
+            self._check_ids(split)
 
     def _load_tokenizer(self) -> Tokenizer:
         where = f"{self.path / META_FILE}"
-        for name, digest in self.meta["tokenizer"].get("files", {}).items():
-            file = self.path / name
+        files = self.meta["tokenizer"].get("files", {})
+        if not isinstance(files, dict):
+            raise DataError(f"{where}: tokenizer.files: expected an object of file name -> sha256")
+        for name, digest in files.items():
+            file = inside(self.path, name, what=f"{where}: tokenizer.files", error=DataError)
             if not file.is_file():
                 raise DataError(f"{where}: tokenizer file {name} is missing from {self.path}")
             if sha256_file(file) != digest:
@@ -91,7 +99,12 @@ class PreparedDataset:
 
     def _check_size(self, split: str) -> None:
         info = self.meta["splits"][split]
-        file = self.path / info["file"]
+        file = inside(
+            self.path,
+            info["file"],
+            what=f"{self.path / META_FILE}: splits.{split}.file",
+            error=DataError,
+        )
         if not file.is_file():
             raise DataError(f"{self.path}: {info['file']} is missing (listed in {META_FILE})")
         expected = info["tokens"] * self.dtype.itemsize
@@ -100,6 +113,24 @@ class PreparedDataset:
             raise DataError(
                 f"{file}: holds {actual} bytes but {META_FILE} says {info['tokens']} {self.dtype.name} "
                 f"tokens ({expected} bytes); the dataset is incomplete or was modified, prepare it again"
+            )
+
+    def _check_ids(self, split: str) -> None:
+        """Every id must index the vocabulary (one pass over the memmap; about 1 GB/s)."""
+        info = self.meta["splits"][split]
+        if info.get("max_id", -1) >= self.vocab_size:
+            raise DataError(
+                f"{self.path / META_FILE}: splits.{split}.max_id {info['max_id']} is outside the "
+                f"vocabulary of {self.vocab_size} ids; prepare the dataset again"
+            )
+        ids = self.split(split)
+        bad = first_id_at_least(ids, self.vocab_size)
+        if bad is not None:
+            file = self.path / info["file"]
+            raise DataError(
+                f"{file}: token id {int(ids[bad])} at position {bad:,} is outside the vocabulary "
+                f"of {self.vocab_size} ids; the file was modified or written with another "
+                "tokenizer, prepare the dataset again"
             )
 
     def split(self, name: str) -> np.memmap:
@@ -131,10 +162,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise DataError(
             f"{path}: not a prepared dataset (no {META_FILE}); prepare it with `craft data prepare`"
         )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{meta_path}: not valid JSON ({e})") from None
+    inside(path, META_FILE, what="dataset", error=DataError)
+    meta = read_json_bounded(meta_path, what=str(meta_path), error=DataError)
     problems = _meta_problems(meta)
     if problems:
         raise DataError(f"{meta_path}: {problems[0]}")
@@ -154,7 +183,7 @@ def _meta_problems(meta: Any) -> list[str]:
     if meta.get("dtype") not in _DTYPES:
         return [f"dtype {meta.get('dtype')!r}: expected one of {', '.join(_DTYPES)}"]
     vocab = meta.get("vocab_size")
-    if not isinstance(vocab, int) or vocab < 1:
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
         return [f"vocab_size {vocab!r}: expected a positive integer"]
     if meta["dtype"] == "uint16" and vocab > UINT16_VOCAB_LIMIT:
         return [f"dtype uint16 cannot hold the ids of a vocabulary of {vocab}"]
@@ -167,11 +196,28 @@ def _meta_problems(meta: Any) -> list[str]:
             not isinstance(info, dict)
             or not isinstance(info.get("file"), str)
             or not isinstance(info.get("tokens"), int)
+            or isinstance(info["tokens"], bool)
             or info["tokens"] < 0
             or "/" in info["file"]
         ):
             return [f"splits.{split}: expected {{file, tokens}}"]
+        top = info.get("max_id")
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < -1):
+            return [f"splits.{split}.max_id {top!r}: expected an integer id"]
+    sources = meta.get("sources", [])
+    if not isinstance(sources, list) or not all(
+        isinstance(s, dict)
+        and isinstance(s.get("name"), str)
+        and _is_int(s.get("bytes"))
+        and isinstance(s.get("sha256"), str)
+        for s in sources
+    ):
+        return ["sources: expected a list of {name, bytes (an integer), sha256}"]
     return []
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -211,10 +257,15 @@ class TokenSource:
     def eval_starts(self, count: int | None) -> np.ndarray:
         """Non-overlapping windows at stride block_size; `count` of them spread evenly, or all."""
         all_starts = np.arange(0, self.num_starts, self.block_size, dtype=np.int64)
-        if count is None or count >= all_starts.size:
-            return all_starts
-        pick = np.linspace(0, all_starts.size - 1, count).round().astype(np.int64)
-        return all_starts[pick]
+        return all_starts[spread_evenly(all_starts.size, count)]
+
+
+def spread_evenly(total: int, count: int | None) -> np.ndarray:
+    """Indices of `count` items spread evenly over `total` (first and last included), or all of
+    them when `count` is None or not smaller. The rule behind every fixed evaluation subset."""
+    if count is None or count >= total:
+        return np.arange(total, dtype=np.int64)
+    return np.linspace(0, total - 1, count).round().astype(np.int64)
 
 
 class RandomSource:
@@ -353,28 +404,41 @@ class DataModule:
         )
 
     def eval_batches(
-        self, split: str, batch_size: int, max_batches: int | None = None
+        self,
+        split: str,
+        batch_size: int,
+        max_batches: int | None = None,
+        *,
+        windows: int | None = None,
     ) -> EvalBatches:
-        """Fixed windows of `split`: `max_batches * batch_size` windows spread evenly over the
-        split, or every non-overlapping window when `max_batches` is None. Identical on every
-        call and every rank."""
+        """Fixed windows of `split` in batches of `batch_size`: `windows` windows spread evenly
+        over the split (`max_batches * batch_size` when only `max_batches` is given), or every
+        non-overlapping window when neither is. The windows depend on neither the batch size nor
+        the rank, and are identical on every call."""
         if split not in self.sources:
             raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        if batch_size < 1 or (max_batches is not None and max_batches < 1):
+        if batch_size < 1 or any(n is not None and n < 1 for n in (max_batches, windows)):
             raise DataError(
-                f"eval batches: batch_size {batch_size} and max_batches {max_batches} must be >= 1"
+                f"eval batches: batch_size {batch_size}, max_batches {max_batches} and windows "
+                f"{windows} must be >= 1"
             )
+        if windows is None and max_batches is not None:
+            windows = max_batches * batch_size
         src = self.sources[split]
         if isinstance(src, RandomSource):
-            count = (max_batches or 1) * batch_size
             split_id = SPLITS.index(split)
 
             def make_random(first: int, n: int) -> np.ndarray:
-                rng = batch_generator(self.eval_seed, 1_000_000 + split_id, first)
-                return rng.integers(0, src.vocab_size, size=(n, self.block_size + 1))
+                rows = [
+                    batch_generator(self.eval_seed, 1_000_000 + split_id, first + j).integers(
+                        0, src.vocab_size, size=self.block_size + 1
+                    )
+                    for j in range(n)
+                ]  # one generator per window: the same windows whatever the batching
+                return np.stack(rows)
 
-            return EvalBatches(make_random, count, batch_size)
-        starts = src.eval_starts(None if max_batches is None else max_batches * batch_size)
+            return EvalBatches(make_random, windows or batch_size, batch_size)
+        starts = src.eval_starts(windows)
         return EvalBatches(
             lambda first, n: src.windows(starts[first : first + n]), int(starts.size), batch_size
         )
@@ -433,7 +497,12 @@ def build_tokens(
     """Registry builder of `data.type = "tokens"`: open the prepared directory, preparing it first
     (main process only; the others wait) when it is missing and a source or files are given."""
     out = Path(cfg.dir).expanduser() if cfg.dir else default_dataset_dir(cfg, tokenizer_cfg)
+    cached = not cfg.dir  # in CRAFT_HOME: checked, since it is used without being asked for
     try:
+        if cached and is_main:
+            cache_dir("datasets", error=DataError)
+            if out.exists():
+                check_private(out, what="cached dataset", error=DataError)
         if is_main and not is_prepared(out):
             if not cfg.source and not cfg.files:
                 raise DataError(
@@ -449,6 +518,8 @@ def build_tokens(
                 errors=cfg.errors,
                 workers=workers,
                 progress=progress,
+                wait=True,  # another run preparing the same dataset: use its result
+                text_field=cfg.text_field,
             )
     finally:
         if wait is not None:
@@ -459,6 +530,8 @@ def build_tokens(
             "see the main process's error"
         )
     ds = PreparedDataset(out)
+    if cached and is_main:
+        verify_cached(ds, cfg)
     if not tokenizer_matches(ds.meta, tokenizer_cfg):
         where = f"data.dir = {cfg.dir!r}" if cfg.dir else str(out)
         raise DataError(
@@ -468,6 +541,33 @@ def build_tokens(
             "prepare it again (craft data prepare --force) or fix the tokenizer section"
         )
     return open_prepared(ds, block_size, rank=rank, world_size=world_size)
+
+
+def verify_cached(ds: PreparedDataset, cfg: Any) -> None:
+    """Check a dataset found in the cache against the hashes recorded when it was prepared.
+
+    The token files must match their recorded sha256, and a named source's recorded sha256 must be
+    that source's published one, so a dataset that was altered (or planted) is never trained on.
+    """
+    from craft.data.sources import get_source
+
+    for split in SPLITS:
+        info = ds.meta["splits"][split]
+        digest = info.get("sha256")
+        if digest is not None and sha256_file(ds.path / info["file"]) != digest:
+            raise DataError(
+                f"{ds.path}: {info['file']} does not match the sha256 recorded when it was "
+                "prepared; the cached dataset was modified: delete it and run again"
+            )
+    if cfg.source:
+        expected = get_source(cfg.source).sha256
+        recorded = [s.get("sha256") for s in ds.meta.get("sources", [])]
+        if recorded != [expected]:
+            raise DataError(
+                f"{ds.path / META_FILE}: sources do not record the published sha256 of "
+                f"{cfg.source!r}; the cached dataset was not prepared from it: delete it and run "
+                "again"
+            )
 
 
 def build_random(

@@ -1,5 +1,8 @@
 """Streaming dataset preparation: text files -> tokenizer -> `train.bin`, `val.bin`, `meta.json`.
 
+JSON Lines and Parquet inputs (one document per record) are read by `craft/data/readers.py` into
+the same chunks, with a separator after every document.
+
 Memory stays bounded whatever the input size: files are read and decoded in chunks (cut after a
 newline so that every tokenizer encodes a chunk exactly as it would encode the whole text), chunks
 are encoded by a pool of worker processes with a bounded window of chunks in flight, and ids are
@@ -13,6 +16,8 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import json
+import logging
 import os
 import secrets
 import shutil
@@ -28,10 +33,18 @@ from typing import Any
 import numpy as np
 
 from craft.data.progress import ByteProgress, quiet
+from craft.data.readers import TEXT_SEPARATOR, RecordReader, encode_chunk, record_format
 from craft.data.sources import is_source, resolve_source
 from craft.data.tokenizers import Tokenizer, load_tokenizer
 from craft.errors import DataError, TokenizerError
-from craft.fileio import atomic_write_json, fsync_dir, sha256_file
+from craft.fileio import atomic_write_json, exclusive_lock, fsync_dir, pid_alive, sha256_file
+from craft.safety import (
+    check_output_location,
+    owned_entries,
+    read_json_bounded,
+    remove_owned,
+    unique_sibling,
+)
 
 META_FILE = "meta.json"
 FORMAT = "craft-tokens"
@@ -41,6 +54,7 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".tex")
 CHUNK_BYTES = 1 << 20  # bytes read per chunk
 UINT16_VOCAB_LIMIT = 1 << 16  # ids 0..65535 fit uint16
 _COPY_BLOCK = 1 << 24
+SCAN_BLOCK = 1 << 24  # ids per block when scanning a split for its largest id
 _TMP_MARK = ".preparing-"
 
 
@@ -81,13 +95,13 @@ def _dir_files(path: Path) -> list[Path]:
         p
         for p in path.rglob("*")
         if p.is_file()
-        and p.suffix.lower() in TEXT_SUFFIXES
+        and (p.suffix.lower() in TEXT_SUFFIXES or record_format(p) is not None)
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
         raise DataError(
             f"{path}: directory holds no text files (looked for {', '.join(TEXT_SUFFIXES)}, "
-            "hidden files skipped)"
+            ".jsonl[.gz], .json.gz, .parquet; hidden files skipped)"
         )
     return files
 
@@ -109,6 +123,8 @@ def resolve_inputs(inputs: Sequence[str | Path]) -> list[InputFile]:
 
     for item in inputs:
         text = str(item)
+        if not text.strip():  # Path("") is the working directory: never read it by accident
+            raise DataError(f"input {text!r}: empty path")
         path = Path(text).expanduser()
         if path.is_file():
             add(path, text)
@@ -185,19 +201,40 @@ def iter_file_chunks(
             carry, pending_bytes = buf[cut:], 0
 
 
+def input_chunks(
+    f: InputFile,
+    errors: str,
+    chunk_bytes: int,
+    records: RecordReader,
+    hasher: Any = None,
+) -> Iterator[tuple[Any, int]]:
+    """Chunks of a text file, or of a JSON Lines / Parquet file (craft/data/readers.py)."""
+    if record_format(f.path) is not None:
+        return records.chunks(f, chunk_bytes, hasher)
+    # `skip` is about records; a text file has none, so bad bytes there stay an error
+    return iter_file_chunks(f, "strict" if errors == "skip" else errors, chunk_bytes, hasher)
+
+
 class TextStream:
     """Re-iterable text chunks of all inputs, read lazily (a tokenizer that needs no text never
-    reads it); each full pass shows a progress bar."""
+    reads it); each full pass shows a progress bar. Records are joined with a blank line."""
 
     def __init__(
-        self, files: Sequence[InputFile], errors: str, chunk_bytes: int, label: str
+        self,
+        files: Sequence[InputFile],
+        errors: str,
+        chunk_bytes: int,
+        label: str,
+        text_field: str = "text",
     ) -> None:
         self.files, self.errors, self.chunk_bytes, self.label = files, errors, chunk_bytes, label
+        self.text_field = text_field
 
     def __iter__(self) -> Iterator[str]:
+        records = RecordReader(self.text_field, self.errors, TEXT_SEPARATOR)
         with ByteProgress(self.label, sum(f.size for f in self.files)) as bar:
             for f in self.files:
-                for text, n in iter_file_chunks(f, self.errors, self.chunk_bytes):
+                for text, n in input_chunks(f, self.errors, self.chunk_bytes, records):
                     bar.advance(n)
                     yield text
 
@@ -216,7 +253,11 @@ def _sp_model_path(model: str) -> Path:
 
 def tokenizer_fingerprint(cfg: Any) -> dict[str, Any]:
     """What determines the ids a tokenizer config produces (a given model file counts by its
-    sha256, not its path). Stored in meta.json and hashed into default dataset directory names."""
+    sha256, not its path). Stored in meta.json and hashed into default dataset directory names.
+    A tokenizer config may define `fingerprint()` to say this itself."""
+    own = getattr(cfg, "fingerprint", None)
+    if callable(own):
+        return own()
     data = cfg.model_dump(mode="json")
     if data.get("type") == "sentencepiece" and data.get("model"):
         return {"type": "sentencepiece", "model_sha256": sha256_file(_sp_model_path(data["model"]))}
@@ -261,15 +302,15 @@ def _init_worker(tokenizer_dir: str, dtype: str) -> None:
     _WORKER_DTYPE = np.dtype(dtype)
 
 
-def _encode_in_worker(text: str) -> bytes:
+def _encode_in_worker(text: Any) -> bytes:
     assert _WORKER_TOKENIZER is not None and _WORKER_DTYPE is not None
-    return _WORKER_TOKENIZER.encode_array(text).astype(_WORKER_DTYPE).tobytes()
+    return encode_chunk(_WORKER_TOKENIZER, text).astype(_WORKER_DTYPE).tobytes()
 
 
 def _encode_stream(
     tokenizer: Tokenizer,
     tokenizer_dir: Path,
-    chunks: Iterable[tuple[str, int]],
+    chunks: Iterable[tuple[Any, int]],
     dtype: np.dtype,
     workers: int,
     out: Any,
@@ -279,7 +320,7 @@ def _encode_stream(
     n_tokens = 0
     if workers <= 1:
         for text, nbytes in chunks:
-            ids = tokenizer.encode_array(text).astype(dtype)
+            ids = encode_chunk(tokenizer, text).astype(dtype)
             out.write(ids.tobytes())
             n_tokens += ids.size
             bar.advance(nbytes)
@@ -329,16 +370,6 @@ def is_prepared(path: Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _tmp_prefix(out: Path) -> str:
     """`.<name>.preparing-<host>-`: a temporary directory names its host and then its pid."""
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
@@ -353,13 +384,51 @@ def _remove_stale_temps(out: Path) -> None:
             pid = int(p.name[len(prefix) :].split("-", 1)[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _check_output(out: Path, force: bool) -> None:
+def dataset_files(out: Path, *, option: str = "output directory") -> list[str]:
+    """The entries of the dataset directory `out` that Craft wrote, which is all there is.
+
+    Raises DataError unless `meta.json` is Craft's (format and version) and every entry of `out`
+    is a plain file it lists (the splits, meta.json, the tokenizer files): what `--force` may
+    delete, and nothing else.
+    """
+    meta = read_json_bounded(out / META_FILE, what=f"{option} {out / META_FILE}", error=DataError)
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT
+        or not isinstance(meta.get("format_version"), int)
+    ):
+        raise DataError(
+            f"{option} {out}: its {META_FILE} is not one Craft wrote (format {FORMAT!r}); "
+            "--force replaces only a dataset Craft prepared; choose another directory"
+        )
+    listed = {META_FILE, *SPLIT_FILES.values()}
+    splits = meta.get("splits")
+    if isinstance(splits, dict):
+        listed.update(
+            info["file"]
+            for info in splits.values()
+            if isinstance(info, dict) and isinstance(info.get("file"), str)
+        )
+    tok_files = (
+        (meta.get("tokenizer") or {}).get("files")
+        if isinstance(meta.get("tokenizer"), dict)
+        else None
+    )
+    if isinstance(tok_files, dict):
+        listed.update(tok_files)
+    listed = {n for n in listed if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")}
+    return owned_entries(out, listed, option=option, what="a dataset", error=DataError)
+
+
+def _check_output(out: Path, force: bool) -> list[str]:
+    """Refuse an output Craft must not write to; the entries `--force` will replace."""
+    check_output_location(out, option="output directory", error=DataError)
     if not out.exists():
-        return
+        return []
     if not out.is_dir():
         raise DataError(f"output directory {out}: exists and is not a directory")
     if is_prepared(out):
@@ -368,11 +437,13 @@ def _check_output(out: Path, force: bool) -> None:
                 f"output directory {out}: already holds a prepared dataset; pass --force to "
                 "replace it"
             )
-    elif any(out.iterdir()):
+        return dataset_files(out)
+    if any(out.iterdir()):
         raise DataError(
             f"output directory {out}: exists, is not empty and is not a prepared dataset; "
             "choose another directory (--output-dir or data.dir)"
         )
+    return []
 
 
 def _split_file(tokens_path: Path, out_dir: Path, n_train: int, itemsize: int) -> None:
@@ -389,6 +460,22 @@ def _split_file(tokens_path: Path, out_dir: Path, n_train: int, itemsize: int) -
     os.replace(tokens_path, out_dir / SPLIT_FILES["train"])
 
 
+def lock_path(out: Path) -> Path:
+    """The lock file that gives a dataset directory one preparing process: `.<name>.lock` beside
+    it (the directory itself does not exist until it is complete)."""
+    return out.parent / f".{out.name}.lock"
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """`mkdir -p` the parent of `out`; returns the directories it created, outermost first."""
+    missing = [p for p in out.parents if not p.exists()][::-1]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only location, a parent that is a file
+        raise DataError(f"output directory {out}: cannot create it ({e.strerror or e})") from None
+    return missing
+
+
 def prepare(
     inputs: Sequence[str | Path],
     output_dir: str | Path,
@@ -400,15 +487,76 @@ def prepare(
     errors: str = "strict",
     chunk_bytes: int = CHUNK_BYTES,
     progress: bool = True,
+    wait: bool = False,
+    text_field: str = "text",
 ) -> dict[str, Any]:
-    """Prepare `inputs` into `output_dir` with the tokenizer of `tokenizer_cfg`; returns meta.json."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction}: expected a number between 0 and 1")
-    if errors not in ("strict", "replace"):
-        raise DataError(f"--errors {errors!r}: expected 'strict' or 'replace'")
+    """Prepare `inputs` into `output_dir` with the tokenizer of `tokenizer_cfg`; returns meta.json.
+
+    One process at a time prepares a given output directory: a second one gets a `BusyError`
+    naming the first one's pid (see `craft.fileio.exclusive_lock`), or with `wait=True` waits for
+    it and then uses what it prepared (unless `force`). `text_field` names the field that holds
+    the text of JSON Lines and Parquet records.
+    """
     out = Path(output_dir).expanduser().absolute()
-    _check_output(out, force)
+    created = _make_parents(out)
+
+    def waiting(holder: str) -> None:
+        logging.getLogger("craft.data").warning(
+            "waiting for another process (%s) that is preparing %s", holder, out
+        )
+
+    try:
+        with exclusive_lock(
+            lock_path(out), f"output directory {out}", wait=wait, remove=True, on_wait=waiting
+        ):
+            if wait and not force and is_prepared(out):
+                try:
+                    return json.loads((out / META_FILE).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    pass  # reported by the checks below
+            return _prepare_locked(
+                inputs, out, tokenizer_cfg, val_fraction=val_fraction, workers=workers,
+                force=force, errors=errors, chunk_bytes=chunk_bytes, progress=progress,
+                text_field=text_field,
+            )  # fmt: skip
+    except BaseException:
+        for d in reversed(created):  # only directories this call made, and only when empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _prepare_locked(
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    tokenizer_cfg: Any,
+    *,
+    val_fraction: float = 0.1,
+    workers: int | None = None,
+    force: bool = False,
+    errors: str = "strict",
+    chunk_bytes: int = CHUNK_BYTES,
+    progress: bool = True,
+    text_field: str = "text",
+) -> dict[str, Any]:
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(
+            f"--val-fraction {val_fraction}: expected a number strictly between 0 and 1 (both "
+            "bounds excluded: each split needs tokens)"
+        )
+    if errors not in ("strict", "replace", "skip"):
+        raise DataError(f"--errors {errors!r}: expected 'strict', 'replace' or 'skip'")
+    if not text_field:
+        raise DataError("--text-field: expected a field name, got an empty string")
+    out = Path(output_dir).expanduser().absolute()
+    check_output_location(out, option="output directory", error=DataError)
     files = resolve_inputs(inputs)
+    check_output_location(
+        out, option="output directory", inputs=[f.path for f in files], error=DataError
+    )
+    _check_output(out, force)
     fingerprint = tokenizer_fingerprint(tokenizer_cfg)
     total_bytes = sum(f.size for f in files)
     if workers is not None and workers < 1:
@@ -424,7 +572,9 @@ def prepare(
     start = time.monotonic()
     try:
         with quiet(not progress):
-            stream = TextStream(files, errors, chunk_bytes, "reading text for the tokenizer")
+            stream = TextStream(
+                files, errors, chunk_bytes, "reading text for the tokenizer", text_field
+            )
             tokenizer = build_tokenizer(tokenizer_cfg, stream, tmp)
             tok_files = tokenizer.save(tmp)
             dtype = dtype_for_vocab(tokenizer.vocab_size)
@@ -432,10 +582,12 @@ def prepare(
                 workers = default_workers() if tokenizer.parallel_encode else 1
             workers = min(workers, max(1, -(-total_bytes // chunk_bytes)))  # no idle processes
             hashes = {f.path: hashlib.sha256() for f in files}
+            sep = tokenizer.eos_id if tokenizer.eos_id is not None else TEXT_SEPARATOR
+            records = RecordReader(text_field, errors, sep)
             chunks = (
                 item
                 for f in files
-                for item in iter_file_chunks(f, errors, chunk_bytes, hasher=hashes[f.path])
+                for item in input_chunks(f, errors, chunk_bytes, records, hashes[f.path])
             )
             tokens_path = tmp / "tokens.partial"
             with (
@@ -450,8 +602,9 @@ def prepare(
         n_val = int(n_tokens * val_fraction)
         n_train = n_tokens - n_val
         if n_tokens == 0:
+            skipped = f" ({records.report.describe()})" if records.report.n_skipped else ""
             raise DataError(
-                f"input is empty: {', '.join(f.label for f in files[:5])} contain no text"
+                f"input is empty: {', '.join(f.label for f in files[:5])} contain no text{skipped}"
             )
         if n_val < 2 or n_train < 2:
             raise DataError(
@@ -463,13 +616,40 @@ def prepare(
             tokenizer, fingerprint, tok_files, tmp, dtype, n_train, n_val, files, hashes,
             val_fraction, errors, time.monotonic() - start,
         )  # fmt: skip
+        for info in meta["splits"].values():
+            ids = np.memmap(tmp / info["file"], dtype=dtype, mode="r")
+            info["max_id"] = max_id(ids)
+            if info["max_id"] >= tokenizer.vocab_size:
+                raise TokenizerError(
+                    f"the {tokenizer.type} tokenizer produced id {info['max_id']}, outside its "
+                    f"vocabulary of {tokenizer.vocab_size} ids"
+                )
+        if any(record_format(f.path) for f in files):
+            meta["records"] = _records_meta(records, text_field)
         atomic_write_json(tmp / META_FILE, meta)
         fsync_dir(tmp)
-        _commit(tmp, out)
+        _commit(tmp, out, force)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def max_id(ids: np.ndarray) -> int:
+    """The largest id of a split (-1 when empty), scanned in blocks so memory stays bounded."""
+    top = -1
+    for s in range(0, ids.shape[0], SCAN_BLOCK):
+        top = max(top, int(ids[s : s + SCAN_BLOCK].max()))
+    return top
+
+
+def first_id_at_least(ids: np.ndarray, limit: int) -> int | None:
+    """The position of the first id >= `limit`, or None."""
+    for s in range(0, ids.shape[0], SCAN_BLOCK):
+        block = ids[s : s + SCAN_BLOCK]
+        if int(block.max()) >= limit:
+            return s + int(np.flatnonzero(block >= limit)[0])
+    return None
 
 
 def _meta(
@@ -502,8 +682,8 @@ def _meta(
             "files": {name: sha256_file(tmp / name) for name in tok_files},
         },
         "splits": {
-            "train": {"file": SPLIT_FILES["train"], "tokens": n_train},
-            "val": {"file": SPLIT_FILES["val"], "tokens": n_val},
+            split: {"file": name, "tokens": n, "sha256": sha256_file(tmp / name)}
+            for (split, name), n in zip(SPLIT_FILES.items(), (n_train, n_val), strict=True)
         },
         "val_fraction": val_fraction,
         "errors": errors,
@@ -514,13 +694,29 @@ def _meta(
     }
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory into place (replacing an old dataset or empty dir)."""
+def _records_meta(records: RecordReader, text_field: str) -> dict[str, Any]:
+    """How JSON Lines / Parquet records were read (meta.json `records`); warns about skips."""
+    if records.report.n_skipped:
+        import logging
+
+        logging.getLogger("craft.data").warning("%s", records.report.describe())
+    sep = records.separator
+    return {
+        "text_field": text_field,
+        "separator": {"id": sep} if isinstance(sep, int) else {"text": sep},
+        **records.report.meta(),
+    }
+
+
+def _commit(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished temporary directory into place, replacing an empty directory or (with
+    `force`) a dataset Craft prepared: only the files it wrote are deleted."""
     if out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
+        owned = _check_output(out, force)  # again: the directory may have changed meanwhile
+        old = unique_sibling(out, "replaced")
         os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_owned(old, owned)
     else:
         try:
             os.replace(tmp, out)
@@ -532,12 +728,15 @@ def _commit(tmp: Path, out: Path) -> None:
 # ------------------------------------------------------------------------------ default paths
 
 
-def default_dataset_dir(data_cfg: Any, tokenizer_cfg: Any) -> Path:
+def default_dataset_dir(
+    data_cfg: Any, tokenizer_cfg: Any, *, fingerprint: dict[str, Any] | None = None
+) -> Path:
     """`<CRAFT_HOME>/datasets/<source or files-hash>-<tokenizer type>-<hash>`.
 
     The hash covers the tokenizer fingerprint, val_fraction and errors, so changing any of them
     never reuses a dataset prepared differently. For `files`, the base hash covers the resolved
     paths with their sizes and modification times, so edited files are prepared again.
+    `fingerprint` replaces `tokenizer_fingerprint(tokenizer_cfg)` when already known.
     """
     from craft.fileio import short_hash
     from craft.paths import datasets_dir
@@ -554,10 +753,12 @@ def default_dataset_dir(data_cfg: Any, tokenizer_cfg: Any) -> Path:
             "globs) or data.dir (a prepared dataset)"
         )
     key = {
-        "tokenizer": tokenizer_fingerprint(tokenizer_cfg),
+        "tokenizer": fingerprint or tokenizer_fingerprint(tokenizer_cfg),
         "val_fraction": data_cfg.val_fraction,
         "errors": data_cfg.errors,
         "format_version": FORMAT_VERSION,
     }
+    if getattr(data_cfg, "text_field", "text") != "text":  # the default keeps existing names
+        key["text_field"] = data_cfg.text_field
     tok_type = tokenizer_cfg.model_dump().get("type", "tok")
     return datasets_dir() / f"{base}-{tok_type}-{short_hash(key, 10)}"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from craft.data.progress import ByteProgress
 from craft.errors import DataError
-from craft.fileio import fsync_dir, sha256_file
-from craft.paths import sources_dir
+from craft.fileio import exclusive_temp_file, fsync_dir, sha256_file
+from craft.paths import cache_dir, sources_dir
 
 MIRROR_ENV = "CRAFT_DATA_MIRROR"
 OFFLINE_ENV = "CRAFT_OFFLINE"
@@ -94,6 +94,7 @@ def resolve_source(name: str) -> Path:
         return cached
     if _offline():
         raise DataError(_offline_message(src, cached, f"{OFFLINE_ENV} is set"))
+    cache_dir("sources", src.name, error=DataError)  # created private; refused if others can write
     return download(src.url, cached, src.sha256, name=src.name)
 
 
@@ -109,21 +110,21 @@ def download(url: str, dest: Path, sha256: str, name: str = "") -> Path:
     """Download `url` to `dest` through a temporary file, verify sha256, then rename into place."""
     label = name or dest.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.download-{os.getpid()}")
+    fd, tmp = exclusive_temp_file(dest, "download")
     h = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+        with (
+            os.fdopen(fd, "wb") as f,
+            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp,
+        ):
             total = resp.headers.get("Content-Length")
-            with (
-                open(tmp, "wb") as f,
-                ByteProgress(f"downloading {label}", int(total) if total else None) as bar,
-            ):
+            with ByteProgress(f"downloading {label}", int(total) if total else None) as bar:
                 while block := resp.read(1 << 16):
                     f.write(block)
                     h.update(block)
                     bar.advance(len(block))
-                f.flush()
-                os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         if h.hexdigest() != sha256:
             raise DataError(
                 f"download of {label} from {url}: sha256 {h.hexdigest()} does not match the "
@@ -138,8 +139,7 @@ def download(url: str, dest: Path, sha256: str, name: str = "") -> Path:
             raise DataError(_offline_message(src, dest, f"download failed: {reason}")) from None
         raise DataError(f"download of {label} from {url} failed: {reason}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return dest
 
 

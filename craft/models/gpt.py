@@ -24,10 +24,15 @@ from craft.config.components import GPTConfig
 
 
 class KVCache:
-    """Keys and values of every layer for `batch_size` sequences, preallocated to `max_len`.
+    """Keys and values of every layer for `batch_size` rows (sequences), preallocated to `max_len`.
 
-    `pos` is the number of tokens already stored; a forward pass with the cache writes its keys
-    and values at positions pos .. pos + T - 1 of every layer and then advances `pos` by T.
+    Each row has its own length, `lengths[b]` (tokens stored; a CPU int64 tensor, so reading it
+    never waits for the device), so rows can join, leave and restart independently, as in a
+    server's batch. A forward pass with the cache writes the keys/values of its T new tokens at
+    positions lengths[b] .. lengths[b] + T - 1 of each row, in place, and then advances every
+    length by T. While all rows hold the same number of tokens the model attends to the stored
+    prefix with the causal op; otherwise `mask` tells each query which keys belong to its row.
+    `rows(i, j)` is a cache over rows i..j-1 sharing this one's memory (prefill one row of a batch).
     """
 
     def __init__(
@@ -43,7 +48,14 @@ class KVCache:
         shape = (n_layer, batch_size, n_kv_head, max_len, head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, max_len, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, max_len, hs)
-        self.pos = 0
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # (B,) on the CPU
+        self._clear_step()
+
+    def _clear_step(self) -> None:
+        self.start: int | None = 0  # first new position when every row has the same length
+        self.positions: torch.Tensor | None = None  # (B, T) new positions of ragged rows
+        self.mask: torch.Tensor | None = None  # (B, 1, T, S) keys each query may see (ragged)
+        self.keys = 0  # S: keys the attention of this step reads
 
     @property
     def batch_size(self) -> int:
@@ -53,19 +65,67 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def pos(self) -> int:
+        """Tokens stored in the longest row (all rows, unless rows were filled separately)."""
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def begin(self, t: int, device: torch.device) -> None:
+        """Prepare a forward pass of T new tokens per row: their positions, and the mask if ragged."""
+        lengths = self.lengths.tolist()
+        first, longest = lengths[0], max(lengths)
+        self.keys = longest + t
+        if min(lengths) == longest:
+            self.start, self.positions, self.mask = first, None, None
+            return
+        self.start = None
+        pos = (self.lengths[:, None] + torch.arange(t)).to(device)  # (B, T)
+        self.positions = pos
+        self.mask = pos[:, None, :, None] >= torch.arange(self.keys, device=device)  # (B,1,T,S)
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, T, hs) of `layer` at pos and return all keys/values so far."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        # (B, Hkv, pos + T, hs) each, in the dtype the queries have (autocast may differ)
-        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
+        """Store k, v (B, Hkv, T, hs) of `layer` at each row's positions; return keys/values to read.
+
+        Returns (B, Hkv, S, hs) each, in the dtype the queries have (autocast may differ): the
+        stored prefix, or with ragged rows every row's first S positions (see `mask`).
+        """
+        if self.start is not None:
+            end = self.start + k.shape[2]
+            self.k[layer, :, :, self.start : end] = k
+            self.v[layer, :, :, self.start : end] = v
+        else:
+            b, hkv, t, hs = k.shape
+            where = self.positions[:, None, :, None].expand(b, hkv, t, hs)  # (B, Hkv, T, hs)
+            self.k[layer].scatter_(2, where, k.to(self.k.dtype))
+            self.v[layer].scatter_(2, where, v.to(self.v.dtype))
+        s = self.keys
+        return self.k[layer, :, :, :s].to(k.dtype), self.v[layer, :, :, :s].to(v.dtype)
+
+    def advance(self, t: int) -> None:
+        """End a forward pass: every row now holds T more tokens."""
+        self.lengths += t
+        self._clear_step()
 
     def reset(self) -> None:
-        """Forget every stored token (the memory is reused)."""
-        self.pos = 0
+        """Forget every stored token of these rows (the memory is reused)."""
+        self.lengths.zero_()
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """The cache of rows start..stop-1; it shares memory (and lengths) with this one."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.lengths = self.lengths[start:stop]
+        view._clear_step()
+        return view
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` a copy of row `src` (its stored tokens and length)."""
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
 
 
 class Norm(nn.Module):
@@ -102,6 +162,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, h, T, hs)
 
 
+def ragged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention over a KV cache whose rows hold different numbers of tokens.
+
+    q (B, H, T, hs), k/v (B, Hkv, S, hs), mask (B, 1, T, S) bool: True where a query may read a
+    key (its own row's earlier and current positions). `craft.ops.attention` has a causal mask
+    only, so this arbitrary-mask case calls SDPA directly. Query head h reads key/value head
+    h // (H // Hkv): the G = H // Hkv query heads of one key/value head are stacked as G*T queries.
+    """
+    b, h, t, hs = q.shape
+    g = h // k.shape[1]
+    q = q.reshape(b, h // g, g * t, hs)  # (B, Hkv, G*T, hs)
+    if g > 1:
+        mask = mask.repeat(1, 1, g, 1)  # (B, 1, G*T, S): row gi*T + ti is query ti
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, G*T, hs)
+    return y.reshape(b, h, t, hs)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with grouped key/value heads and optional RoPE."""
 
@@ -133,9 +212,12 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, Hkv, pos + T, hs)
-        p = self.attn_dropout if self.training else 0.0
-        y = self.kernels.attention(q, k, v, True, None, p)  # (B, H, T, hs); bottom-right causal
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, hs), S = stored + T
+        if cache is None or cache.mask is None:
+            p = self.attn_dropout if self.training else 0.0
+            y = self.kernels.attention(q, k, v, True, None, p)  # (B, H, T, hs); bottom-right causal
+        else:
+            y = ragged_attention(q, k, v, cache.mask)  # rows of different lengths
         y = y.transpose(1, 2).contiguous().view(b, t, c)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -144,19 +226,19 @@ def mlp_hidden_size(cfg: GPTConfig) -> int:
     """cfg.mlp_hidden, else 4*C for GELU and 8/3*C rounded up to a multiple of 64 for SwiGLU."""
     if cfg.mlp_hidden is not None:
         return cfg.mlp_hidden
-    if cfg.mlp == "gelu":
+    if cfg.mlp != "swiglu":
         return 4 * cfg.d_model
     return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
 
 
 class MLP(nn.Module):
-    """Feed-forward block: GELU(x W1) W2, or SwiGLU: (SiLU(x Wg) * x Wu) W2."""
+    """Feed-forward block: GELU(x W1) W2 (exact or tanh GELU), or SwiGLU: (SiLU(x Wg) * x Wu) W2."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
         hidden = mlp_hidden_size(cfg)
-        width = hidden if cfg.mlp == "gelu" else 2 * hidden  # SwiGLU: gate and up in one matmul
+        width = 2 * hidden if cfg.mlp == "swiglu" else hidden  # SwiGLU: gate and up in one matmul
         self.c_fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -165,6 +247,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
         if self.kind == "gelu":
             h = F.gelu(h)
+        elif self.kind == "gelu_tanh":  # GPT-2's gelu_new
+            h = F.gelu(h, approximate="tanh")
         else:
             gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
             h = F.silu(gate) * up
@@ -278,28 +362,49 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """idx (B, T) int64 -> logits (B, T, V) (None when the loss is fused) and the mean loss."""
-        b, t = idx.shape
-        start = 0 if cache is None else cache.pos
-        if start + t > self.block_size:
-            where = f"{start} cached + {t} new" if cache is not None else f"{t}"
-            raise ValueError(f"sequence of {where} tokens exceeds block_size {self.block_size}")
-        if cache is not None and cache.batch_size != b:
-            raise ValueError(f"cache holds {cache.batch_size} sequences, input has {b}")
+        """idx (B, T) int64 -> logits (B, T, V) (None when the loss is fused) and the mean loss.
 
+        `last_only` (without targets): logits of the last position only, (B, 1, V), which is all a
+        decoding step needs (the output layer is the largest matmul of a small model's step).
+        """
+        b, t = idx.shape
+        start: int | None = 0
+        if cache is not None:
+            if cache.batch_size != b:
+                raise ValueError(f"cache holds {cache.batch_size} sequences, input has {b}")
+            cache.begin(t, idx.device)
+            if cache.keys > self.block_size:
+                raise ValueError(
+                    f"sequence of {cache.keys - t} cached + {t} new tokens exceeds block_size "
+                    f"{self.block_size}"
+                )
+            start = cache.start  # None: rows of different lengths, positions per row
+        elif t > self.block_size:
+            raise ValueError(f"sequence of {t} tokens exceeds block_size {self.block_size}")
+
+        if start is not None:
+            pos = torch.arange(start, start + t, device=idx.device)  # (T,)
+        else:
+            pos = cache.positions  # (B, T)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + t, device=idx.device))  # + (T, C)
+            x = x + self.wpe(pos)  # + (T, C) or (B, T, C)
         x = self.drop(x)
         rope = None
         if self.rope_cos is not None:
-            rope = (self.rope_cos[start : start + t], self.rope_sin[start : start + t])  # (T, hs/2)
+            if start is not None:
+                rope = (self.rope_cos[start : start + t], self.rope_sin[start : start + t])
+            else:  # (B, 1, T, hs/2): one table row per row and position
+                rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)  # (B, T, C)
-        x = self.ln_f(x)  # (B, T, C)
         if cache is not None:
-            cache.pos += t
+            cache.advance(t)
+        if last_only and targets is None:
+            x = x[:, -1:]  # (B, 1, C)
+        x = self.ln_f(x)  # (B, T, C)
 
         if targets is None:
             return self.lm_head(x), None  # (B, T, V)
@@ -318,3 +423,23 @@ class GPT(nn.Module):
 def build(cfg: GPTConfig, vocab_size: int, *, fused_loss: bool = False, kernels: Any = None) -> GPT:
     """The model builder of the registry; `cfg.vocab_size` wins over `vocab_size` when set."""
     return GPT(cfg, cfg.vocab_size or vocab_size, fused_loss=fused_loss, kernels=kernels)
+
+
+def param_counts(cfg: GPTConfig, vocab_size: int):  # -> craft.models.flops.ParamCounts
+    """The parameter counts of `GPT(cfg, vocab_size)`, by arithmetic (nothing is built)."""
+    from craft.models.flops import ParamCounts
+
+    c, v = cfg.d_model, cfg.vocab_size or vocab_size
+    hs, kv = c // cfg.n_head, cfg.n_kv_head or cfg.n_head
+    qkv = (cfg.n_head + 2 * kv) * hs
+    hidden = mlp_hidden_size(cfg)
+    width = hidden if cfg.mlp == "gelu" else 2 * hidden
+    b = int(cfg.bias)
+    norm = c + (c if cfg.bias and cfg.norm == "layernorm" else 0)
+    attn = c * qkv + b * qkv + c * c + b * c  # c_attn, c_proj
+    mlp = c * width + b * width + hidden * c + b * c  # c_fc, c_proj
+    embedding = v * c + (cfg.block_size * c if cfg.positions == "learned" else 0)
+    head = 0 if cfg.tie_embeddings else v * c
+    total = embedding + cfg.n_layer * (2 * norm + attn + mlp) + norm + head
+    tied = v * c if cfg.tie_embeddings else 0
+    return ParamCounts(total, embedding, total - embedding, total - embedding + tied)

@@ -52,6 +52,37 @@ class RNNState:
         self.h = self.h.detach()
         self.c = None if self.c is None else self.c.detach()
 
+    def reset(self) -> None:
+        """Back to the zero initial state (in place)."""
+        self.h.zero_()
+        if self.c is not None:
+            self.c.zero_()
+        self.pos = 0
+
+    def rows(self, start: int, stop: int) -> RNNState:
+        """The state of rows start..stop-1; a forward with it writes into this state (no autograd)."""
+        return _RNNRows(self, start, stop)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` a copy of row `src`."""
+        self.h[:, dst] = self.h[:, src]
+        if self.c is not None:
+            self.c[:, dst] = self.c[:, src]
+
+
+class _RNNRows(RNNState):
+    """Rows of a batched state: `set` copies the new state into the parent's rows (generation)."""
+
+    def __init__(self, parent: RNNState, start: int, stop: int) -> None:
+        c = None if parent.c is None else parent.c[:, start:stop]
+        super().__init__(parent.h[:, start:stop], c)
+
+    def set(self, state: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
+        h, c = state if isinstance(state, tuple) else (state, None)
+        self.h.copy_(h)
+        if c is not None and self.c is not None:
+            self.c.copy_(c)
+
 
 class RNNLM(nn.Module):
     """Embedding -> recurrent layers -> (projection) -> output layer.
@@ -150,3 +181,20 @@ def build(
 ) -> RNNLM:
     """The model builder of the registry; `cfg.vocab_size` wins over `vocab_size` when set."""
     return RNNLM(cfg, cfg.vocab_size or vocab_size, fused_loss=fused_loss, kernels=kernels)
+
+
+def param_counts(cfg: RNNConfig, vocab_size: int):  # -> craft.models.flops.ParamCounts
+    """The parameter counts of `RNNLM(cfg, vocab_size)`, by arithmetic (nothing is built)."""
+    from craft.models.flops import ParamCounts
+
+    v, e, h = cfg.vocab_size or vocab_size, cfg.d_embed, cfg.hidden_size
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell] * h
+    # weight_ih, weight_hh, bias_ih, bias_hh per layer; layer 0 reads the embedding
+    recurrent = gates * (e + h + 2) + (cfg.n_layer - 1) * gates * (2 * h + 2)
+    proj = h * e if cfg.tie_embeddings and h != e else 0
+    out = e if proj else h
+    head = v if cfg.tie_embeddings else v * out + v  # the bias is never tied
+    embedding = v * e
+    total = embedding + recurrent + proj + head
+    tied = v * e if cfg.tie_embeddings else 0
+    return ParamCounts(total, embedding, total - embedding, total - embedding + tied)

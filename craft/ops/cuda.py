@@ -3,8 +3,9 @@
 `pip install --no-build-isolation .` on a machine with a CUDA toolkit and a CUDA build of torch
 builds them as the extension `craft._C`. When that module is missing, the first use on a CUDA
 machine compiles the same sources just in time (torch.utils.cpp_extension.load) into
-`<CRAFT_HOME>/torch_extensions/`, once; later processes reuse that build. `CRAFT_CUDA_JIT=0`
-turns the just-in-time build off.
+`<CRAFT_HOME>/torch_extensions/`, once; later processes reuse that build (a build folder that
+another user owns or can write is refused, since the library found there is loaded).
+`CRAFT_CUDA_JIT=0` turns the just-in-time build off.
 
 The kernels take x and residual in float32/float16/bfloat16 with weight/bias of any of those
 dtypes and compute in float32. They follow the mixed-precision contract of `craft.ops.eager`:
@@ -34,7 +35,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from craft.errors import KernelError
 from craft.ops.eager import check_norm, norm_dtypes
 from craft.ops.registry import register_backend
-from craft.paths import craft_home
+from craft.paths import cache_dir
 
 log = logging.getLogger("craft.ops")
 
@@ -90,8 +91,10 @@ def _jit_build() -> tuple[ModuleType | None, str | None]:
     if not cpp_extension.is_ninja_available():
         return None, "craft._C is not installed and building it needs ninja (pip install ninja)"
     name = _build_name(src)
-    build_dir = craft_home() / "torch_extensions" / name
-    build_dir.mkdir(parents=True, exist_ok=True)
+    try:  # a build folder another user could write would let them plant the loaded library
+        build_dir = cache_dir("torch_extensions", name, error=KernelError)
+    except KernelError as e:
+        return None, f"craft._C is not installed and the just-in-time build is refused: {e}"
     log.warning(
         "compiling the CUDA norm kernels (first use; this takes a minute or two) into %s", build_dir
     )

@@ -30,6 +30,13 @@ def build_model(
     takes one; a builder that does not gets the selection as the process default instead (its
     model calls the module-level `craft.ops` functions). None keeps every op on `auto`.
     """
+    declared = getattr(cfg.model, "vocab_size", None)
+    if isinstance(declared, int) and declared < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size = {declared}: smaller than the tokenizer's vocabulary of "
+            f"{vocab_size} ids (its ids would index past the embedding); unset it or use at "
+            f"least {vocab_size}"
+        )
     fn = registry.get("model", cfg.model.type).build_fn()
     kw: dict[str, Any] = {}
     if _accepts(fn, "fused_loss"):
@@ -46,6 +53,25 @@ def build_model(
 
             ops.configure(kernels)
     return fn(cfg.model, vocab_size, **kw)
+
+
+def build_start_model(
+    cfg: Any,
+    vocab_size: int,
+    tokenizer: Any,
+    *,
+    fused_loss: bool,
+    pretrained: bool,
+    kernels: Any = None,
+) -> torch.nn.Module:
+    """The model a run starts from: `build_model`, then with `pretrained` (a new run, not a
+    resume) the weights of `model.init_from` when the config names one."""
+    model = build_model(cfg, vocab_size, fused_loss=fused_loss, kernels=kernels)
+    if pretrained and getattr(cfg.model, "init_from", None):
+        from craft.training.pretrained import load_init_weights
+
+        load_init_weights(cfg, model, tokenizer)
+    return model
 
 
 def model_block_size(cfg: Any) -> int:

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from craft.config.registry import register
 from craft.fileio import atomic_write_text
 
 if TYPE_CHECKING:
@@ -446,7 +445,9 @@ def build_loss_curve(cfg: Any) -> Callback | None:
     return LossCurveCallback() if cfg.logging.plot else None
 
 
-# Built-ins in the order they run; each builder returns None when its config turns it off.
+# Built-ins in the order they run; each builder returns None when its config turns it off. They
+# are registered by import path in craft.config.components, so recipes are checked against them
+# without importing torch.
 BUILTINS = (
     ("progress", build_progress),
     ("metrics_jsonl", build_metrics_file),
@@ -455,5 +456,3 @@ BUILTINS = (
     ("early_stopping", build_early_stopping),
     ("loss_curve", build_loss_curve),
 )
-for _name, _builder in BUILTINS:
-    register("callback", _name, builder=_builder)

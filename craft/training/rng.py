@@ -30,8 +30,29 @@ def capture_rng() -> dict[str, torch.Tensor]:
     return out
 
 
+def check_rng(states: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError naming the first RNG state whose size differs from this process's own
+    (a damaged or foreign checkpoint), before any generator is touched."""
+    expected = {k: v.numel() for k, v in capture_rng().items() if not k.startswith("torch.cuda.")}
+    for key, n in expected.items():
+        t = states.get(key)
+        if t is None:
+            raise ValueError(f"RNG state {key!r} is missing")
+        if t.numel() != n:
+            raise ValueError(f"RNG state {key!r} holds {t.numel()} values, expected {n}")
+    cuda = [k for k in states if k.startswith("torch.cuda.")]
+    if cuda and torch.cuda.is_available():
+        n = torch.cuda.get_rng_state().numel()
+        for key in cuda:
+            if states[key].numel() != n:
+                raise ValueError(
+                    f"RNG state {key!r} holds {states[key].numel()} values, expected {n}"
+                )
+
+
 def restore_rng(states: dict[str, torch.Tensor]) -> None:
     """Inverse of `capture_rng` (CUDA states are restored for the devices present in both)."""
+    check_rng(states)
     gauss = float(states["python.gauss"][0])
     random.setstate(
         (

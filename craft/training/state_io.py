@@ -90,7 +90,9 @@ def save_state(directory: Path, stem: str, state: Any, meta: dict[str, Any]) -> 
 
 def load_state(directory: Path, stem: str) -> tuple[Any, dict[str, Any]]:
     """Inverse of `save_state`: (state, the JSON document without `state`)."""
-    doc = json.loads((directory / f"{stem}.json").read_text(encoding="utf-8"))
+    from craft.safety import read_json_bounded
+
+    doc = read_json_bounded(directory / f"{stem}.json", what=str(directory / f"{stem}.json"))
     tensors = load_file(str(directory / f"{stem}.safetensors"))
     structure = doc.pop("state")
     return unflatten_state(structure, tensors), doc

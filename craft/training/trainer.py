@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,13 @@ from craft.errors import CheckpointError, ConfigError, TrainingError
 from craft.fileio import atomic_write_text
 from craft.training import checkpoint as ckpt
 from craft.training.accumulation import token_weights
-from craft.training.builders import build_data, build_model
+from craft.training.builders import build_data, build_start_model
 from craft.training.callbacks import BUILTINS, Callback, ProgressCallback
 from craft.training.logs import setup_logging
+from craft.training.pretrained import resolve_pretrained
 from craft.training.rng import capture_rng, restore_rng, seed_everything
 from craft.training.schedulers import restore_scheduler, scheduler_state
-from craft.training.signals import StopSignals
+from craft.training.signals import StopSignals, any_process
 from craft.training.state_io import flatten_state, unflatten_state
 
 log = logging.getLogger("craft.training")
@@ -88,6 +90,23 @@ def eval_shard(num_batches: int, rank: int, world_size: int) -> list[tuple[int, 
     return [(i, True) if i < num_batches else (0, False) for i in picks]
 
 
+def eval_windows(cfg: Any) -> int:
+    """Validation windows per evaluation: `eval.windows`, or the deprecated `eval.batches` times
+    the eval batch size (warned about: that set depends on the batch size)."""
+    from craft.config.sections import DEFAULT_EVAL_WINDOWS
+
+    if cfg.eval.batches is None:
+        return cfg.eval.windows or DEFAULT_EVAL_WINDOWS
+    n = cfg.eval.batches * (cfg.eval.batch_size or cfg.training.batch_size)
+    logging.getLogger("craft").warning(
+        "eval.batches is deprecated: it scores batches x batch size = %d windows, so the "
+        "validation loss depends on the batch size; set eval.windows = %d instead",
+        n,
+        n,
+    )
+    return n
+
+
 def _new_run_dir(runs_root: Path) -> Path:
     """`<runs_root>/<YYYYmmdd-HHMMSS>[-N]/`, created (never reusing an existing directory)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -107,6 +126,19 @@ def _new_run_dir(runs_root: Path) -> Path:
     raise ConfigError(f"run.output_dir: cannot create a new run directory under {runs_root}")
 
 
+def _remove_made_dirs(made: list[Path]) -> None:
+    """Remove the run directory a failed start created (it holds only that start's files), then
+    the parents made for it while they are empty."""
+    if not made:
+        return
+    shutil.rmtree(made[-1], ignore_errors=True)
+    for d in reversed(made[:-1]):
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 class Trainer:
     """Builds model, data, optimizer and callbacks from `cfg`, optionally resumes, then `fit()`s.
 
@@ -118,7 +150,7 @@ class Trainer:
     def __init__(
         self, cfg: Any, *, resume: str | None = None, callbacks: list[Callback] | None = None
     ) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = resolve_pretrained(cfg)  # model.init_from fills the model section
         self.run_name = cfg.run.name
         self.max_steps = cfg.training.max_steps
         self.step = 0
@@ -135,11 +167,14 @@ class Trainer:
         self._evaluated_step = -1
         self._deterministic_before = torch.are_deterministic_algorithms_enabled()
         self._closed = False
+        self._made_dirs: list[Path] = []  # a new run's directory and the parents made for it
         try:
             self._setup(resume, callbacks or [])
         except BaseException:
             self.close()
+            _remove_made_dirs(self._made_dirs)  # a run that failed to start leaves nothing
             raise
+        self._made_dirs = []
 
     # ------------------------------------------------------------------------------- setup
 
@@ -165,13 +200,13 @@ class Trainer:
                 self.device,
             )
 
-        run_dir, resume_from = self._resolve_run(resume)
         # train.log keeps what is logged from here on; a new run's directory is only created once
         # its data and model are built, so a run that fails before leaves no directory behind.
         self.console, mode, self._teardown_logging, log_file = setup_logging(
             None, is_main=self.is_main, rank=self.rank, mode=cfg.logging.progress
         )
         self._progress_mode = mode
+        run_dir, resume_from = self._resolve_run(resume)
 
         # Same initial weights on every process; per-process streams are re-seeded below.
         seed_everything(cfg.run.seed)
@@ -185,8 +220,13 @@ class Trainer:
         self.tokenizer = self.data.tokenizer
         from craft import ops
 
-        model = build_model(
-            cfg, self.data.vocab_size, fused_loss=cfg.kernels.fused_loss, kernels=cfg.kernels
+        model = build_start_model(
+            cfg,
+            self.data.vocab_size,
+            self.tokenizer,
+            fused_loss=cfg.kernels.fused_loss,
+            pretrained=resume_from is None,
+            kernels=cfg.kernels,
         )
         table = getattr(model, "kernels", None)
         plan = (table if isinstance(table, ops.Kernels) else ops.DEFAULT).plan(self.device.type)
@@ -207,7 +247,7 @@ class Trainer:
 
         state: dict[str, Any] | None = None
         if resume_from is not None:
-            state = self._check_resume(resume_from, model)
+            state = self._check_resume(resume_from, model, own_run=resume == "auto")
             ckpt.load_weights_into(model, resume_from / "model.safetensors")
 
         self.run_dir = run_dir if run_dir is not None else self._create_run_dir()
@@ -240,7 +280,7 @@ class Trainer:
         self.train_iter = self.data.train_batches(cfg.training.batch_size, cfg.run.seed)
         eval_bs = cfg.eval.batch_size or cfg.training.batch_size
         # Each process evaluates its share of the fixed validation windows; losses are summed.
-        self._eval_batches = self.data.eval_batches("val", eval_bs, cfg.eval.batches)
+        self._eval_batches = self.data.eval_batches("val", eval_bs, windows=eval_windows(cfg))
         self._eval_plan = eval_shard(len(self._eval_batches), self.rank, self.world_size)
         self.tokens_per_step = (
             cfg.training.batch_size
@@ -323,8 +363,11 @@ class Trainer:
 
         payload: list[Any] = [None, None]
         if self.is_main:
+            runs_root = Path(self.cfg.run.output_dir) / self.cfg.run.name
+            missing = [p for p in (runs_root, *runs_root.parents) if not p.exists()][::-1]
             try:
-                payload[0] = str(_new_run_dir(Path(self.cfg.run.output_dir) / self.cfg.run.name))
+                payload[0] = str(_new_run_dir(runs_root))
+                self._made_dirs = [*missing, Path(payload[0])]
             except ConfigError as e:
                 payload[1] = e.message
         if self.world_size > 1:
@@ -337,32 +380,23 @@ class Trainer:
         runs_root = Path(self.cfg.run.output_dir) / self.cfg.run.name
         if resume is None:
             return None, None
-        if resume == "auto":
-            found = ckpt.newest_run_with_checkpoint(runs_root)
-            if found is None:
-                logging.getLogger("craft").warning(
-                    "--resume auto: no complete checkpoint under %s; starting a new run", runs_root
-                )
-                return None, None
-            run_dir, found_ckpt = found
-            return str(run_dir), str(found_ckpt)
-        found_ckpt = ckpt.resolve_checkpoint(resume)
-        marker = ckpt.read_marker(found_ckpt) or {}
-        if marker.get("kind") != "checkpoint":
-            raise CheckpointError(
-                f"--resume {resume}: {found_ckpt} is an exported model (weights only), not a "
-                "training checkpoint"
-            )
-        run_dir = ckpt.run_dir_of(found_ckpt)
-        if run_dir is not None and ckpt.latest_checkpoint(run_dir / ckpt.CHECKPOINTS) == found_ckpt:
-            return str(run_dir), str(found_ckpt)
-        # Resuming from an older checkpoint must not overwrite that run's later ones.
-        return None, str(found_ckpt)
+        run_dir, found = ckpt.choose_resume(runs_root, resume)
+        return (str(run_dir) if run_dir else None), (str(found) if found else None)
 
-    def _check_resume(self, path: Path, model: torch.nn.Module) -> dict[str, Any]:
-        """Trainer state of `path` after checking that it fits the model; reports config changes."""
+    def _check_resume(self, path: Path, model: torch.nn.Module, own_run: bool) -> dict[str, Any]:
+        """Trainer state of `path` after checking that it fits the model; reports config changes.
+
+        `own_run` (--resume auto: found under this recipe's run.output_dir) imports what the
+        checkpoint's config names, as the recipe that started the run did; another path imports
+        only what the recipe being run imports.
+        """
         state = ckpt.read_trainer_state(path)
-        saved_cfg = ckpt.read_config(path)
+        saved_cfg = ckpt.read_config(
+            path,
+            trust_imports=own_run,
+            trusted=self.cfg.imports,
+            hint="add them to the recipe's imports if you trust them",
+        )
         changes = ckpt.config_changes(ckpt.config_dict(saved_cfg), ckpt.config_dict(self.cfg))
         model_changes = [c for c in changes if c.startswith(("model.", "tokenizer."))]
         shapes = ckpt.weight_shapes(path / "model.safetensors")
@@ -373,9 +407,14 @@ class Trainer:
         if mismatch:
             name = mismatch[0]
             what = f"{name}: checkpoint {shapes.get(name, 'absent')}, config {expected.get(name, 'absent')}"
-            because = f"; changed: {'; '.join(model_changes)}" if model_changes else ""
+            if not model_changes:
+                raise CheckpointError(
+                    f"--resume {path}: model.safetensors does not match the checkpoint's own "
+                    f"config ({what}); the weights file is damaged or was replaced"
+                )
             raise CheckpointError(
-                f"--resume {path}: the config changes the model shape ({what}){because}"
+                f"--resume {path}: the config changes the model shape ({what}); changed: "
+                f"{'; '.join(model_changes)}"
             )
         if changes:
             log.warning("resuming with config changes: %s", "; ".join(changes))
@@ -665,11 +704,22 @@ class Trainer:
                 window_t0, window_steps, paused = time.perf_counter(), 0, 0.0
 
             t_pause = time.perf_counter()
-            if step_no % cfg.eval.interval == 0:
+            waited = step_no % cfg.eval.interval == 0
+            if waited:
                 self.evaluate()
             stopping = signal_stop is not None or self._stop_reason is not None
             if step_no % cfg.checkpoint.interval == 0 or stopping:
+                waited = True
                 self.save_checkpoint(elapsed=self._elapsed_before + time.perf_counter() - t_start)
+            if waited and not stopping and any_process(self._signals.received, self.device, multi):
+                # A signal during the evaluation or checkpoint: stop now, not after another step.
+                signal_stop = self._signals.received or "a signal on another process"
+                log.warning("received %s at step %d; exiting", signal_stop, step_no)
+                if self._saved_step != step_no:
+                    self.save_checkpoint(
+                        elapsed=self._elapsed_before + time.perf_counter() - t_start
+                    )
+                stopping = True
             paused += time.perf_counter() - t_pause
             if stopping:
                 if self._stop_reason:
@@ -755,7 +805,7 @@ class Trainer:
         pointer = root / ckpt.BEST
         name = pointer.read_text().strip() if pointer.exists() else None
         best_loss = None
-        if name and ckpt.is_complete(root / name):
+        if name and ckpt.checkpoint_step(Path(name)) is not None and ckpt.is_complete(root / name):
             best_loss = ckpt.read_trainer_state(root / name).get("last_val_loss")
         else:
             name = None

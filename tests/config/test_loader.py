@@ -140,3 +140,17 @@ def test_all_recipes_validate() -> None:
     assert len(recipes) >= 5
     for r in recipes:
         load_config(r)
+
+
+def test_a_table_override_merges_into_the_recipe_table(tmp_path: Path) -> None:
+    r = write(
+        tmp_path / "r.toml",
+        '[optimizer]\ntype = "adamw"\nlr = 1.0\nbetas = [0.8, 0.9]\n[model.extra]\na = 1\nb = 2\n',
+    )
+    raw = load_raw(r, ["optimizer={lr=0.5}", "model={extra={b=3}}"])
+    assert raw.data["optimizer"] == {"type": "adamw", "lr": 0.5, "betas": [0.8, 0.9]}
+    assert raw.data["model"] == {"extra": {"a": 1, "b": 3}}
+    assert raw.origin("optimizer.lr") == raw.origin("model.extra.b") == COMMAND_LINE
+    assert "r.toml" in raw.origin("optimizer.betas")
+    cfg = load_config(GOOD / "base.toml", ["optimizer={lr=0.5}"])
+    assert cfg.optimizer.lr == 0.5 and cfg.optimizer.betas == (0.9, 0.99)  # betas from the file

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,3 +210,18 @@ def test_tokenizer_train_bad_input(bad_inputs: Path) -> None:
         cwd=bad_inputs,
     )
     assert_user_error(r, "--model-type 'wordpiece'")
+
+
+def test_info_refuses_ids_outside_the_vocabulary(text_files: list[Path], tmp_path: Path) -> None:
+    from craft.config.components import CharTokenizerConfig
+    from craft.data.prepare import prepare
+
+    out = tmp_path / "ds"
+    meta = prepare(text_files, out, CharTokenizerConfig(), workers=1, progress=False)
+    ids = np.fromfile(out / "val.bin", dtype=np.uint16)
+    ids[7] = meta["vocab_size"]  # one id past the vocabulary; sizes and meta.json unchanged
+    ids.tofile(out / "val.bin")
+    assert_user_error(
+        craft("data", "info", str(out)),
+        f"val.bin: token id {meta['vocab_size']} at position 7 is outside the vocabulary",
+    )

@@ -16,7 +16,13 @@ from craft.config.components import (
     TokensDataConfig,
 )
 from craft.config.registry import build
-from craft.data.datasets import DataModule, PreparedDataset, TrainBatches, open_prepared
+from craft.data.datasets import (
+    DataModule,
+    PreparedDataset,
+    TokenSource,
+    TrainBatches,
+    open_prepared,
+)
 from craft.data.prepare import default_dataset_dir, prepare
 from craft.errors import DataError
 
@@ -240,3 +246,76 @@ def test_build_tokens_rejects_a_dir_prepared_with_another_tokenizer(prepared: Pa
             CharTokenizerConfig(),
             block_size=8,
         )
+
+
+def test_prepare_records_the_largest_id_of_each_split(prepared: Path) -> None:
+    ds = PreparedDataset(prepared)
+    for split in ("train", "val"):
+        assert ds.meta["splits"][split]["max_id"] == int(np.asarray(ds.split(split)).max())
+        assert ds.meta["splits"][split]["max_id"] < ds.vocab_size
+
+
+def test_ids_outside_the_vocabulary_fail_at_load_naming_the_first_position(
+    prepared: Path,
+) -> None:
+    meta = json.loads((prepared / "meta.json").read_text())
+    ids = np.fromfile(prepared / "train.bin", dtype=np.uint16)
+    ids[[123, 200]] = meta["vocab_size"] + 4  # same size, meta.json untouched
+    ids.tofile(prepared / "train.bin")
+    with pytest.raises(
+        DataError,
+        match=rf"train\.bin: token id {meta['vocab_size'] + 4} at position 123 is outside",
+    ):
+        PreparedDataset(prepared)
+
+
+def test_a_recorded_max_id_outside_the_vocabulary_is_a_damaged_meta(prepared: Path) -> None:
+    _corrupt(prepared, lambda m: m["splits"]["val"].update(max_id=m["vocab_size"]))
+    with pytest.raises(DataError, match=r"splits\.val\.max_id \d+ is outside"):
+        PreparedDataset(prepared)
+    _corrupt(prepared, lambda m: m["splits"]["val"].update(max_id=None, tokens=True))
+    with pytest.raises(DataError, match=r"splits\.val: expected"):
+        PreparedDataset(prepared)
+
+
+def test_eval_windows_do_not_depend_on_the_batch_size(dm: DataModule) -> None:
+    def windows(batch_size: int) -> torch.Tensor:
+        return torch.cat([x for x, _ in dm.eval_batches("val", batch_size, windows=7)])
+
+    assert windows(2).shape[0] == 7 and torch.equal(windows(2), windows(5))
+    rand = build("data", RandomDataConfig(vocab_size=50, seed=3), None, block_size=BLOCK)
+    a = torch.cat([x for x, _ in rand.eval_batches("val", 2, windows=5)])
+    b = torch.cat([x for x, _ in rand.eval_batches("val", 3, windows=5)])
+    assert a.shape[0] == 5 and torch.equal(a, b)
+
+
+def _over(tokens: np.ndarray, block: int) -> DataModule:
+    """A DataModule whose splits are both `tokens`."""
+    src = TokenSource(tokens, block)
+    return DataModule(train=src, val=src, tokenizer=None, vocab_size=1 << 16, block_size=block)
+
+
+@pytest.mark.parametrize("n", range(9, 30))  # every remainder mod the window, edges included
+def test_eval_windows_cover_the_split_from_its_first_to_its_last_full_window(n: int) -> None:
+    block = 4
+    tokens = np.arange(n, dtype=np.uint16)  # token i is i: a window names its start
+    dm = _over(tokens, block)
+    starts = [int(x[0]) for xs, _ in dm.eval_batches("val", batch_size=3) for x in xs]
+    # windows of block + 1 tokens at stride block: the last one may end on the last token
+    assert starts == list(range(0, n - block, block))
+    for xs, ys in dm.eval_batches("val", batch_size=3):
+        for x, y in zip(xs, ys, strict=True):
+            s = int(x[0])
+            assert x.tolist() == list(range(s, s + block))
+            assert y.tolist() == list(range(s + 1, s + block + 1))
+    spread = dm.eval_batches("val", batch_size=1, max_batches=3)
+    chosen = [int(x[0, 0]) for x, _ in spread]
+    assert chosen[0] == 0 and chosen[-1] == starts[-1] and len(set(chosen)) == min(3, len(starts))
+
+
+def test_training_windows_reach_both_ends_of_the_split() -> None:
+    block = 4
+    tokens = np.arange(block + 3, dtype=np.uint16)  # three possible windows: starts 0, 1, 2
+    it = _over(tokens, block).train_batches(batch_size=64, seed=0)
+    seen = {int(x[0]) for _ in range(4) for x in next(it)[0]}
+    assert seen == {0, 1, 2}

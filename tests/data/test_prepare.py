@@ -178,6 +178,7 @@ def test_long_lines_are_cut_before_a_space(sp_tokenizer, tmp_path: Path) -> None
         (lambda d: [str(d / "empty.txt")], "input is empty"),
         (lambda d: [str(d / "nontext")], "directory holds no text files"),
         (lambda d: [], "no input given"),
+        (lambda d: [""], "input '': empty path"),  # not the working directory
     ],
 )
 def test_bad_inputs(make, message: str, tmp_path: Path) -> None:
@@ -254,3 +255,10 @@ def test_named_source_from_mirror(tmp_path: Path, shakespeare: Path) -> None:
     assert meta["sources"][0]["sha256"].startswith("86c4e6aa")
     assert meta["vocab_size"] == 65
     assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == 1115394
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_val_fraction_bounds_are_said_to_be_exclusive(text_files, tmp_path: Path, fraction) -> None:
+    with pytest.raises(DataError, match="strictly between 0 and 1 \\(both bounds excluded"):
+        prepare(text_files, tmp_path / "o", CharTokenizerConfig(), val_fraction=fraction)
+    assert not (tmp_path / "o").exists()

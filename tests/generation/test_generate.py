@@ -10,7 +10,7 @@ import torch
 
 from craft.data.tokenizers import BytesTokenizer, CharTokenizer, SentencePieceTokenizer
 from craft.errors import TokenizerError
-from craft.generation import SamplingParams, generate, iter_tokens
+from craft.generation import SamplingParams, generate, iter_tokens, row_generator
 from tests.generation._fakes import Scripted, tiny_gpt, tiny_rnn
 
 TEXT = "abcdefghij \n"
@@ -245,7 +245,7 @@ def test_sentencepiece_streaming_keeps_word_boundaries(
 
 
 def _tokens_from_seed(model, tok, prompt: str, n: int, seed: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = row_generator(seed, 0)  # sample 0 of a run with `seed`
     idx = torch.tensor([tok.encode(prompt)])
     out = []
     for t in iter_tokens(model.eval(), idx, max_new_tokens=n, generator=gen, eos_id=tok.eos_id):

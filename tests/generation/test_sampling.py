@@ -103,3 +103,41 @@ def test_temperature_sharpens() -> None:
 def test_invalid_parameters_are_config_errors(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         SamplingParams(**kwargs)
+
+
+def test_top_p_at_exactly_the_mass_of_the_kept_tokens_stops_there() -> None:
+    """Four equal logits: probabilities exactly 0.25, so the cumulative mass hits p exactly."""
+    logits = torch.zeros(1, 4)
+    for p, kept in [(0.25, 1), (0.5, 2), (0.75, 3), (0.7499, 3), (0.5001, 3)]:
+        assert len(_kept(filter_logits(logits, top_p=p))) == kept, p
+    # the same through sampling: p = 0.5 draws from two tokens only
+    g = torch.Generator().manual_seed(0)
+    out = sample_next(logits.expand(400, 4), temperature=1.0, top_p=0.5, generator=g)
+    assert len(out.unique()) == 2
+
+
+def test_temperature_is_applied_before_top_p() -> None:
+    """logits 3, 2, 1, 0: at temperature 1 a nucleus of 0.7 holds tokens {0, 1} (0.64 + 0.24);
+    at temperature 10 the distribution is flatter (0.29, 0.26, 0.24, 0.21) and it holds {0, 1, 2}."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    hot = sample_next(logits.expand(n, 4), temperature=10.0, top_p=0.7, generator=g)
+    counts = torch.bincount(hot, minlength=4).tolist()
+    probs = torch.softmax(logits[0] / 10.0, dim=-1)[:3]
+    expected = (probs / probs.sum()).tolist()  # renormalised over the tempered nucleus
+    assert counts[3] == 0
+    for c, e in zip(counts[:3], expected, strict=True):
+        assert math.isclose(c / n, e, abs_tol=0.03)
+    cold = sample_next(logits.expand(n, 4), temperature=1.0, top_p=0.7, generator=g)
+    assert set(cold.tolist()) == {0, 1}
+
+
+def test_temperature_and_top_k_commute_and_keep_the_k_largest() -> None:
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    out = sample_next(logits.expand(3000, 5), temperature=4.0, top_k=2, generator=g)
+    counts = torch.bincount(out, minlength=5).tolist()
+    p1 = 1 / (1 + math.exp((2.0 - 3.0) / 4.0))  # token 1 vs token 3 at temperature 4
+    assert counts[0] == counts[2] == counts[4] == 0
+    assert math.isclose(counts[1] / 3000, p1, abs_tol=0.03)

@@ -91,7 +91,7 @@ def test_char_gpt_recipe_is_nanogpts_shakespeare_char_config() -> None:
     assert (tr.batch_size, tr.grad_accum_steps, tr.max_steps, tr.grad_clip) == (64, 1, 5000, 1.0)
     assert (opt.lr, tuple(opt.betas), opt.weight_decay) == (1e-3, (0.9, 0.99), 0.1)
     assert (sch.type, sch.warmup_steps, sch.min_lr) == ("cosine", 100, 1e-4)
-    assert (cfg.eval.interval, cfg.eval.batches) == (250, 200)
+    assert (cfg.eval.interval, cfg.eval.windows) == (250, 200 * 64)  # 200 batches of 64
     assert cfg.data.val_fraction == 0.1 and cfg.tokenizer.type == "char"
 
 

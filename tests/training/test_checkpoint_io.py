@@ -109,15 +109,15 @@ def test_incomplete_or_corrupt_checkpoints_are_never_loaded(tmp_path: Path) -> N
     trunc = _save(root, 7)
     with open(trunc / "model.safetensors", "r+b") as f:
         f.truncate(10)
-    (root / ".step_00000008.tmp-123").mkdir()
     assert ckpt.latest_checkpoint(root) == good
     assert ckpt.resolve_checkpoint(tmp_path / "run") == good
-    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint \(no COMPLETE marker"):
         ckpt.resolve_checkpoint(bad)
-    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"incomplete checkpoint \(model\.safetensors holds 10 "
+    ):
         ckpt.resolve_checkpoint(trunc)
-    removed = {p.name for p in ckpt.clean_stale(root)}
-    assert removed == {"step_00000006", "step_00000007", ".step_00000008.tmp-123"}
+    # Damaged checkpoints are skipped, never removed (tests/training/test_run_safety.py).
 
 
 def _scramble_header(path: Path) -> None:
@@ -143,7 +143,7 @@ def test_corrupt_tensor_files_of_a_complete_checkpoint_are_checkpoint_errors(
         ckpt.read_trainer_tensors(ck)
 
 
-@pytest.mark.parametrize("doc", ["[]", "{}", '{"step": "x"}'])
+@pytest.mark.parametrize("doc", ["[]", "{}", '{"step": "x"}', '{"step": true}', '{"step": -3}'])
 def test_trainer_state_without_an_integer_step_is_a_checkpoint_error(
     tmp_path: Path, doc: str
 ) -> None:
@@ -187,3 +187,108 @@ def test_config_changes_lists_dotted_keys() -> None:
     old = {"training": {"max_steps": 10, "batch_size": 4}, "model": {"d_model": 16}}
     new = {"training": {"max_steps": 20, "batch_size": 4}, "model": {"d_model": 16}}
     assert ckpt.config_changes(old, new) == ["training.max_steps: 10 -> 20"]
+
+
+def test_config_changes_lists_keys_present_on_one_side_only() -> None:
+    old = {"scheduler": {"type": "cosine", "min_lr": 0.0}, "model": {"d_model": 16}}
+    new = {"scheduler": {"type": "wsd", "decay_fraction": 0.2}, "model": {"d_model": 16}}
+    assert ckpt.config_changes(old, new) == [
+        "scheduler.decay_fraction: '<unset>' -> 0.2",
+        "scheduler.min_lr: 0.0 -> '<unset>'",
+        "scheduler.type: 'cosine' -> 'wsd'",
+    ]
+    assert ckpt.config_changes(new, new) == []
+
+
+def _rng_of_another_process() -> dict[str, torch.Tensor]:
+    saved = capture_rng()
+    random.random(), np.random.rand(), torch.rand(1)
+    other = capture_rng()
+    restore_rng(saved)
+    return other
+
+
+def test_each_rank_reads_back_its_own_rng_states(tmp_path: Path) -> None:
+    ranks = [capture_rng(), _rng_of_another_process()]
+    ck = ckpt.save_checkpoint(
+        tmp_path / "checkpoints", 1, model_state={"w": torch.zeros(2)},
+        optimizer_state={"state": {}, "param_groups": []}, rng_states=ranks,
+        trainer_state={"step": 1}, config_toml="", tokenizer=None, keep_last=1,
+    )  # fmt: skip
+    for rank, saved in enumerate(ranks):
+        back = ckpt.read_rng(ck, rank)
+        assert back is not None, f"rank {rank}"
+        torch.testing.assert_close(back, saved, rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(ranks[0]["torch.cpu"], ranks[1]["torch.cpu"])
+    assert ckpt.read_rng(ck, 2) is None  # a process that did not exist when it was saved
+
+
+class _FailingTok(_Tok):
+    def save(self, d: Path) -> list[str]:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_checkpoint_that_fails_to_write_leaves_latest_and_older_ones(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    first = _save(root, 1, keep_last=1)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_checkpoint(
+            root, 2, model_state={"w": torch.zeros(2)},
+            optimizer_state={"state": {}, "param_groups": []}, rng_states=[capture_rng()],
+            trainer_state={"step": 2}, config_toml="", tokenizer=_FailingTok(), keep_last=1,
+        )  # fmt: skip
+    assert (root / "latest").read_text().strip() == "step_00000001"
+    assert ckpt.latest_checkpoint(root) == first and ckpt.is_complete(first)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
+
+
+def test_a_checkpoint_is_on_disk_before_it_appears_and_before_latest_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests._disk_trace import DiskTrace
+
+    root = tmp_path / "checkpoints"
+    _save(root, 1)
+    trace = DiskTrace(monkeypatch)
+    final = _save(root, 2)
+    i, tmp = trace.rename_to(final)
+    assert tmp != final.resolve() and tmp.parent == root.resolve()
+    files = [p.relative_to(final) for p in final.rglob("*") if p.is_file()]
+    assert {"COMPLETE", "model.safetensors", "rng.safetensors", "trainer_state.json"} <= {
+        str(f) for f in files
+    }
+    for rel in files:  # every file's data, then its directory entry, before the rename
+        synced = trace.fsyncs_of(tmp / rel)
+        assert synced and synced[-1] < i, f"{rel} not synced before it appeared"
+        assert trace.fsynced_between(tmp / rel.parent, synced[-1], i), f"entry of {rel} not synced"
+    assert trace.fsynced_between(root, i, None), "the rename itself is not made durable"
+    j, _ = trace.rename_to(root / "latest")
+    assert j > min(k for k in trace.fsyncs_of(root) if k > i), "latest moved before the rename"
+    assert (root / "latest").read_text().strip() == final.name
+
+
+def test_replacing_a_directory_keeps_the_old_one_until_the_new_one_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests._disk_trace import DiskTrace
+
+    out = tmp_path / "model"
+    ckpt.commit_directory(out, lambda d: (d / "w").write_text("old"), kind="export", step=1)
+    trace = DiskTrace(monkeypatch)
+    ckpt.commit_directory(out, lambda d: (d / "w").write_text("new"), kind="export", step=2)
+    i, tmp = trace.rename_to(out)
+    assert trace.fsynced_between(tmp / "w", -1, i)
+    assert trace.fsynced_between(tmp / "COMPLETE", -1, i)
+    durable = min(k for k in trace.fsyncs_of(tmp_path) if k > i)  # the swap reached the disk
+    assert trace.removals() and min(trace.removals()) > durable, "old copy removed too early"
+    assert (out / "w").read_text() == "new" and ckpt.read_marker(out)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the old copy is gone
+
+    def fail(d: Path) -> None:
+        (d / "w").write_text("partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        ckpt.commit_directory(out, fail, kind="export", step=3)
+    assert (out / "w").read_text() == "new" and ckpt.is_complete(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

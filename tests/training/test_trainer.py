@@ -29,13 +29,17 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def test_exact_resume_is_bitwise_identical(tmp_path: Path) -> None:
-    """12 steps straight == 5 steps, resume, 4 more, resume again, finish (deterministic CPU)."""
-    straight = train(tiny_config(tmp_path / "a", *FAST))
-    first = train(tiny_config(tmp_path / "b", *FAST), callbacks=[StopAt(5)])
+    """12 steps straight == 5 steps, resume, 4 more, resume again, finish (deterministic CPU).
+
+    Dropout is on, so every step reads the torch RNG: a resume that does not restore it differs.
+    """
+    run = [*FAST, "model.dropout=0.2"]
+    straight = train(tiny_config(tmp_path / "a", *run))
+    first = train(tiny_config(tmp_path / "b", *run), callbacks=[StopAt(5)])
     assert first.status == "stopped" and first.step == 5
-    second = train(tiny_config(tmp_path / "b", *FAST), resume="auto", callbacks=[StopAt(9)])
+    second = train(tiny_config(tmp_path / "b", *run), resume="auto", callbacks=[StopAt(9)])
     assert second.run_dir == first.run_dir and second.step == 9
-    third = train(tiny_config(tmp_path / "b", *FAST), resume="auto")
+    third = train(tiny_config(tmp_path / "b", *run), resume="auto")
     assert third.status == "completed" and third.step == 12 and third.run_dir == first.run_dir
 
     a, b = train_losses(straight.run_dir), train_losses(third.run_dir)

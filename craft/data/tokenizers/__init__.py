@@ -1,10 +1,12 @@
-"""Tokenizers: `char`, `bytes` and `sentencepiece`, one interface (see `base.Tokenizer`).
+"""Tokenizers: `char`, `bytes`, `sentencepiece` and `hf`, one interface (see `base.Tokenizer`).
 
-`load_tokenizer(path)` opens a saved tokenizer directory (or a SentencePiece `.model` file).
+`load_tokenizer(path)` opens a saved tokenizer directory, a Hugging Face tokenizer directory
+(`tokenizer.json` in the `tokenizers` format) or a SentencePiece `.model` file.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from craft.data.tokenizers.base import (
@@ -15,6 +17,7 @@ from craft.data.tokenizers.base import (
 )
 from craft.data.tokenizers.bytes import BytesTokenizer
 from craft.data.tokenizers.char import CharTokenizer
+from craft.data.tokenizers.hf import HFTokenizer, is_hf_tokenizer_json
 from craft.data.tokenizers.sentencepiece import SentencePieceTokenizer
 from craft.errors import TokenizerError
 
@@ -22,7 +25,16 @@ _LOADERS = {
     "char": CharTokenizer.from_artifact,
     "bytes": BytesTokenizer.from_artifact,
     "sentencepiece": SentencePieceTokenizer.from_artifact,
+    "hf": HFTokenizer.from_artifact,
 }
+
+
+def _is_hf_dir(path: Path) -> bool:
+    try:
+        with open(path / TOKENIZER_FILE, encoding="utf-8") as f:
+            return is_hf_tokenizer_json(json.load(f))
+    except (OSError, ValueError):
+        return False
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -36,6 +48,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise TokenizerError(
             f"{path}: expected a tokenizer directory (with {TOKENIZER_FILE}) or a .model file"
         )
+    if _is_hf_dir(path):
+        return HFTokenizer.from_hf_dir(path)
     data = read_artifact(path)
     loader = _LOADERS.get(data["type"])
     if loader is None:
@@ -50,6 +64,7 @@ __all__ = [
     "TOKENIZER_FILE",
     "BytesTokenizer",
     "CharTokenizer",
+    "HFTokenizer",
     "IncrementalDecoder",
     "SentencePieceTokenizer",
     "Tokenizer",

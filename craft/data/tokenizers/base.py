@@ -7,7 +7,6 @@ Nothing is pickled. `tokenizer.json` is written last, so a directory holding it 
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from craft.errors import TokenizerError
 from craft.fileio import atomic_write_bytes, atomic_write_json
+from craft.safety import inside, read_json_bounded
 
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
@@ -46,6 +46,9 @@ class Tokenizer(ABC):
     bos_id: int | None = None
     eos_id: int | None = None
     unk_id: int | None = None
+    # A Jinja chat template (Hugging Face's `chat_template`) that turns a list of messages into a
+    # prompt, or None when the tokenizer has none (then a model offers no chat completions).
+    chat_template: str | None = None
 
     @property
     @abstractmethod
@@ -75,6 +78,11 @@ class Tokenizer(ABC):
     def encode(self, text: str) -> list[int]:
         """Encode `text` into a list of ids."""
         return self.encode_array(text).tolist()
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Ids that start generation from `text`: `encode`, plus any special tokens the tokenizer
+        adds to a model input (e.g. a Hugging Face Llama tokenizer's leading bos)."""
+        return self.encode(text)
 
     def decode(self, ids: Sequence[int] | Any) -> str:
         """Decode ids (list, numpy array or tensor) into text."""
@@ -162,10 +170,8 @@ def read_artifact(directory: Path) -> dict[str, Any]:
             f"{directory}: no {TOKENIZER_FILE}; expected a saved tokenizer directory "
             "(or a SentencePiece .model file)"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    inside(directory, TOKENIZER_FILE, what="tokenizer", error=TokenizerError)
+    data = read_json_bounded(path, what=str(path), error=TokenizerError)
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise TokenizerError(f"{path}: expected a JSON object with a string 'type'")
     version = data.get("format_version")

@@ -20,6 +20,7 @@ The one character that does not survive a round trip is U+2581 (▁), SentencePi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import os
@@ -31,13 +32,14 @@ import numpy as np
 
 from craft.data.tokenizers.base import Tokenizer
 from craft.errors import TokenizerError
-from craft.fileio import sha256_file
+from craft.safety import MAX_MODEL_FILE_BYTES, inside, read_bytes_bounded
 
 MODEL_FILE = "tokenizer.model"
 INPUT_SENTENCE_SIZE = 2_000_000
 MAX_SENTENCE_CHARS = 4000  # longer lines are cut for training (SentencePiece skips long ones)
 MAX_SENTENCE_BYTES = 4 * MAX_SENTENCE_CHARS + 16
 TRAIN_SEED = 1234
+MAX_VOCAB_SIZE = 1 << 24  # piece ids are 32-bit in SentencePiece; real vocabularies are far smaller
 
 
 def _spm() -> Any:
@@ -83,7 +85,8 @@ class SentencePieceTokenizer(Tokenizer):
         path = Path(path).expanduser()
         if not path.is_file():
             raise TokenizerError(f"{path}: SentencePiece model file not found")
-        return cls(path.read_bytes(), origin=str(path))
+        data = read_bytes_bounded(path, MAX_MODEL_FILE_BYTES, what=str(path), error=TokenizerError)
+        return cls(data, origin=str(path))
 
     @classmethod
     def train(
@@ -160,8 +163,6 @@ class SentencePieceTokenizer(Tokenizer):
         return {MODEL_FILE: self.model_proto}
 
     def artifact(self) -> dict[str, Any]:
-        import hashlib
-
         return {
             "model_file": MODEL_FILE,
             "model_sha256": hashlib.sha256(self.model_proto).hexdigest(),
@@ -169,8 +170,6 @@ class SentencePieceTokenizer(Tokenizer):
         }
 
     def config(self) -> dict[str, Any]:
-        import hashlib
-
         return {
             "type": self.type,
             "vocab_size": self.vocab_size,
@@ -180,18 +179,21 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def from_artifact(cls, data: dict[str, Any], directory: Path) -> SentencePieceTokenizer:
-        name = data.get("model_file", MODEL_FILE)
-        path = directory / str(name)
+        where = f"{directory / 'tokenizer.json'}: model_file"
+        path = inside(
+            directory, data.get("model_file", MODEL_FILE), what=where, error=TokenizerError
+        )
         if not path.is_file():
             raise TokenizerError(
                 f"{path}: SentencePiece model file named in tokenizer.json is missing"
             )
+        proto = read_bytes_bounded(path, MAX_MODEL_FILE_BYTES, what=str(path), error=TokenizerError)
         expected = data.get("model_sha256")
-        if expected is not None and sha256_file(path) != expected:
+        if expected is not None and hashlib.sha256(proto).hexdigest() != expected:
             raise TokenizerError(
                 f"{path}: sha256 does not match tokenizer.json; the model file was changed"
             )
-        return cls(path.read_bytes(), origin=str(path))
+        return cls(proto, origin=str(path))
 
 
 class _SentenceCounter:

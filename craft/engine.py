@@ -1,0 +1,355 @@
+"""The decoding engine: batched KV-cached decoding with sequences joining and leaving between steps.
+
+`craft generate` (all samples of a prompt as one batch) and `craft serve` (whatever requests are
+in flight) both drive a `DecodeEngine`:
+
+    engine = DecodeEngine(model, max_rows=8)
+    rows = engine.add(prompt_ids, sampling, generators, max_new_tokens=100, eos_id=eos)
+    while engine.active:
+        for row, token in engine.step():   # one token for every active row
+            ...
+
+`add` prefills the prompt once (logits of the last position only) and copies the cache row for
+every further sample of the same prompt. `step` samples the pending logits of every row (each row
+with its own parameters and generator, see `craft.sampling`), retires finished rows, and runs one
+forward pass over all remaining rows to get their next logits. Rows live in slots 0..n-1 of one
+batched cache; a retired row's slot is taken by the last row (its cache row is copied), so the
+batch stays contiguous.
+
+Models: a GPT's KV cache and an RNN's state implement the row operations the batch needs
+(`rows(i, j)`, `copy_row(src, dst)`, `reset()`). A model whose cache lacks them is decoded with
+one cache per row (one forward per row and step); a model without `new_cache` recomputes the
+window at every step. Context window: when a row's cache is full, the row restarts from its most
+recent `refill_tokens` tokens (default three quarters of the window; see craft/generation.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from craft.errors import GenerationError
+from craft.sampling import SamplingParams, sample_rows
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence being decoded. `tokens` are the sampled ones (an eos token included)."""
+
+    index: int  # the caller's number for it (e.g. sample i of a request)
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    max_new_tokens: int
+    eos_id: int | None
+    prompt_tokens: int
+    context: list[int]  # the tokens the model may still need (the last block_size)
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (eos) | "length" | "cancelled"
+    slot: int = -1
+    cached: int = 0  # tokens held by the row's cache
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Request:
+    """Rows to add: one per generator, all continuing `prompt` (see `DecodeEngine.add`)."""
+
+    prompt: Sequence[int]
+    sampling: SamplingParams
+    generators: Sequence[torch.Generator | None]
+    max_new_tokens: int
+    eos_id: int | None = None
+    first_index: int = 0
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+class DecodeEngine:
+    """Decodes up to `max_rows` sequences at once over one batched cache.
+
+    Each row draws from the generator it was added with (rows may share one).
+    `use_cache=False` recomputes the last `block_size` tokens at every step (the reference).
+    The caller puts the model in eval mode and runs the engine under `torch.no_grad()` or lets
+    `step`/`add` do it (they are decorated).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_rows: int,
+        *,
+        use_cache: bool = True,
+        refill_tokens: int | None = None,
+    ) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows = {max_rows}: expected >= 1")
+        self.model = model
+        self.max_rows = max_rows
+        self.device, self.dtype = model_device_dtype(model)
+        self.block: int | None = getattr(model, "block_size", None)
+        self.keep = 0
+        if self.block is not None:
+            self.keep = self.block * 3 // 4 if refill_tokens is None else refill_tokens
+            if not 1 <= self.keep <= self.block:
+                raise ValueError(
+                    f"refill_tokens = {self.keep}: expected 1..block_size ({self.block})"
+                )
+        self.slots: list[Row] = []  # row of each slot 0..n-1
+        self.logits: torch.Tensor | None = None  # (max_rows, V) next-token logits of each slot
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self._last_only = {"last_only": True} if "last_only" in params else {}
+        self.cache: Any = None
+        self.row_caches: list[Any] = []
+        self.mode = "recompute"
+        if use_cache and callable(getattr(model, "new_cache", None)):
+            cache = model.new_cache(max_rows, self.device, self.dtype)
+            if callable(getattr(cache, "rows", None)) and callable(
+                getattr(cache, "copy_row", None)
+            ):
+                self.mode, self.cache = "batched", cache
+            else:
+                self.mode = "per_row"
+
+    # ---------------------------------------------------------------------------------- state
+
+    @property
+    def active(self) -> int:
+        """Rows being decoded."""
+        return len(self.slots)
+
+    @property
+    def free(self) -> int:
+        """Rows that can still be added."""
+        return self.max_rows - len(self.slots)
+
+    # -------------------------------------------------------------------------------- forward
+
+    def _forward(self, idx: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Next-token logits (B, V) of idx (B, T), extending `cache` (None: no cache)."""
+        if cache is None:
+            out = self.model(idx)
+        else:
+            out = self.model(idx, cache=cache, **self._last_only)
+        logits = out[0]
+        if logits is None:
+            raise TypeError("the model returned no logits; generation needs them (targets=None)")
+        return logits[:, -1, :]
+
+    def _set_logits(self, slot: int, logits: torch.Tensor) -> None:
+        if self.logits is None:
+            self.logits = torch.empty(
+                self.max_rows, logits.shape[-1], device=logits.device, dtype=torch.float32
+            )
+        self.logits[slot : slot + logits.shape[0]] = logits
+
+    def _fill(self, slot: int, ids: list[int]) -> torch.Tensor | None:
+        """Start slot's cache afresh from `ids`; their last logits (None for no ids)."""
+        if self.mode == "batched":
+            cache = self.cache.rows(slot, slot + 1)
+            cache.reset()
+        elif self.mode == "per_row":
+            cache = self.row_caches[slot]
+            if callable(getattr(cache, "reset", None)):
+                cache.reset()
+            else:
+                cache = self.row_caches[slot] = self.model.new_cache(1, self.device, self.dtype)
+        else:
+            cache = None
+        if not ids:
+            return None
+        return self._forward(torch.tensor([ids], dtype=torch.long, device=self.device), cache)
+
+    # -------------------------------------------------------------------------------- add rows
+
+    @torch.no_grad()
+    def add(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        generators: Sequence[torch.Generator | None],
+        *,
+        max_new_tokens: int,
+        eos_id: int | None = None,
+        first_index: int = 0,
+    ) -> list[Row]:
+        """Add one row per generator, all continuing `prompt` (prefilled once); returns them.
+
+        The prompt is cropped to the model's window from the left (the caller warns).
+        """
+        request = Request(prompt, sampling, generators, max_new_tokens, eos_id, first_index)
+        return self.add_many([request])[0]
+
+    @torch.no_grad()
+    def add_many(self, requests: Sequence[Request]) -> list[list[Row]]:
+        """`add` for several requests at once: prompts of equal length share one prefill forward."""
+        total = sum(len(r.generators) for r in requests)
+        if total > self.free:
+            raise ValueError(f"{total} rows requested, {self.free} free of {self.max_rows}")
+        prompts = []
+        for r in requests:
+            if r.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens = {r.max_new_tokens}: expected >= 1")
+            ids = [int(t) for t in r.prompt]
+            if not ids:
+                raise ValueError("the prompt has no tokens")
+            prompts.append(ids[-self.block :] if self.block is not None else ids)
+        # Slots: the first row of every request, shortest prompts first (equal lengths adjacent,
+        # so they prefill together), then the further samples, which copy their first row.
+        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
+        rows: list[list[Row]] = [[] for _ in requests]
+        for k in (0, 1):
+            for i in order:
+                r = requests[i]
+                gens = r.generators[:1] if k == 0 else r.generators[1:]
+                for j, gen in enumerate(gens, start=k):
+                    row = Row(
+                        r.first_index + j,
+                        r.sampling,
+                        gen,
+                        r.max_new_tokens,
+                        r.eos_id,
+                        len(r.prompt),
+                        list(prompts[i]),
+                    )
+                    row.slot, row.cached = len(self.slots), len(prompts[i])
+                    self.slots.append(row)
+                    if self.mode == "per_row":
+                        self.row_caches.append(self.model.new_cache(1, self.device, self.dtype))
+                    rows[i].append(row)
+        try:
+            self._prefill([rows[i][0] for i in order])
+            for group in rows:
+                first = group[0]
+                for row in group[1:]:
+                    if self.mode == "batched":
+                        self.cache.copy_row(first.slot, row.slot)
+                        self.logits[row.slot] = self.logits[first.slot]
+                    else:  # separate caches cannot be copied: prefill each
+                        self._set_logits(row.slot, self._fill(row.slot, row.context))
+        except BaseException:
+            for row in sorted((r for g in rows for r in g), key=lambda r: -r.slot):
+                self.cancel(row)
+            raise
+        return rows
+
+    def _prefill(self, firsts: list[Row]) -> None:
+        """Prefill rows in adjacent slots; runs of equal length go through one forward."""
+        i = 0
+        while i < len(firsts):
+            j = i + 1
+            if self.mode == "batched":
+                while j < len(firsts) and len(firsts[j].context) == len(firsts[i].context):
+                    j += 1
+            run = firsts[i:j]
+            if len(run) == 1:
+                self._set_logits(run[0].slot, self._fill(run[0].slot, run[0].context))
+            else:
+                cache = self.cache.rows(run[0].slot, run[-1].slot + 1)
+                cache.reset()
+                idx = torch.tensor([r.context for r in run], dtype=torch.long, device=self.device)
+                self._set_logits(run[0].slot, self._forward(idx, cache))  # (R, T) -> (R, V)
+            i = j
+
+    # ------------------------------------------------------------------------------------ step
+
+    def _sample(self, n: int) -> list[int]:
+        rows = self.slots
+        tok = sample_rows(self.logits[:n], [r.sampling for r in rows], [r.generator for r in rows])
+        out = tok.tolist()  # the one host synchronisation of a step
+        if min(out) < 0:
+            raise GenerationError(
+                "the model's next-token probabilities are not finite (NaN or inf) although its "
+                "weights are"
+            )
+        return out
+
+    def _retire(self, row: Row) -> None:
+        """Free row's slot: the last row moves into it (cache row, logits and all)."""
+        slot, last = row.slot, len(self.slots) - 1
+        if slot != last:
+            moved = self.slots[last]
+            if self.mode == "batched":
+                self.cache.copy_row(last, slot)
+            elif self.mode == "per_row":
+                self.row_caches[slot] = self.row_caches[last]
+            self.logits[slot] = self.logits[last]
+            self.slots[slot], moved.slot = moved, slot
+        self.slots.pop()
+        if self.mode == "per_row":
+            self.row_caches.pop()
+        row.slot = -1
+
+    def cancel(self, row: Row) -> None:
+        """Stop decoding `row` now (e.g. its client went away); call between steps."""
+        if row.slot >= 0:
+            row.finish_reason = row.finish_reason or "cancelled"
+            self._retire(row)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Row, int]]:
+        """Sample one token for every active row and prepare the next; returns (row, token) pairs.
+
+        Rows that finish with this token (eos, or max_new_tokens reached) are retired and have
+        `finish_reason` set; the others have their next logits computed in one batched forward.
+        """
+        n = len(self.slots)
+        if n == 0:
+            return []
+        out = []
+        for row, tok in zip(list(self.slots), self._sample(n), strict=True):
+            row.tokens.append(tok)
+            out.append((row, tok))
+            if tok == row.eos_id:
+                row.finish_reason = "stop"
+            elif len(row.tokens) >= row.max_new_tokens:
+                row.finish_reason = "length"
+            else:
+                row.context.append(tok)
+                if self.block is not None and len(row.context) > self.block:
+                    del row.context[: len(row.context) - self.block]
+        for row in sorted((r for r, _ in out if r.done), key=lambda r: -r.slot):
+            self._retire(row)
+        if self.slots:
+            self._advance()
+        return out
+
+    def _advance(self) -> None:
+        """Feed every active row its newest token; leaves the next logits in `self.logits`."""
+        n = len(self.slots)
+        if self.mode == "recompute":
+            for row in self.slots:
+                self._set_logits(row.slot, self._fill(row.slot, row.context))
+            return
+        for row in self.slots:  # a full cache restarts from the most recent tokens
+            if self.block is not None and row.cached >= self.block:
+                self._fill(row.slot, row.context[-self.keep : -1])
+                row.cached = self.keep - 1
+            row.cached += 1
+        feed = torch.tensor(
+            [r.context[-1] for r in self.slots], dtype=torch.long, device=self.device
+        )[:, None]  # (n, 1)
+        if self.mode == "batched":
+            cache = self.cache if n == self.max_rows else self.cache.rows(0, n)
+            self._set_logits(0, self._forward(feed, cache))
+        else:
+            for row in self.slots:
+                cache = self.row_caches[row.slot]
+                self._set_logits(row.slot, self._forward(feed[row.slot : row.slot + 1], cache))
+
+
+__all__ = ["DecodeEngine", "Request", "Row", "model_device_dtype"]

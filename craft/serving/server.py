@@ -1,0 +1,160 @@
+"""Start the server: load the checkpoint, bind the socket, run uvicorn until interrupted."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from craft.errors import ConfigError
+
+log = logging.getLogger("craft.serving")
+
+DEFAULT_MAX_TOKENS = 256
+
+
+def _uvicorn() -> Any:
+    """uvicorn, once the serve extra is known to be installed (torch is not imported yet)."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+        from jinja2 import sandbox  # noqa: F401
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"craft serve needs the 'serve' extra ({e.name} is not installed): "
+            "pip install 'craft-lm[serve]'"
+        ) from None
+    return uvicorn
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one); errors are one-line ConfigErrors."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_key(var: str | None) -> str | None:
+    if var is None:
+        return None
+    key = os.environ.get(var, "")
+    if not key.strip():
+        raise ConfigError(f"--api-key-env {var}: the environment variable is not set or empty")
+    return key.strip()
+
+
+def serve(
+    checkpoint: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    dtype: str = "float32",
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    max_tokens_limit: int = 4096,
+    api_key_env: str | None = None,
+    model_name: str | None = None,
+    chat_template: Path | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve `checkpoint` until interrupted (Ctrl-C / SIGTERM).
+
+    Argument errors (a taken port, a missing key variable, a bad template) are reported before
+    torch is imported and the checkpoint loaded, so they come back at once.
+    """
+    uvicorn = _uvicorn()
+    if max_batch_size < 1 or max_queue < 1 or max_tokens_limit < 1:
+        raise ConfigError("--max-batch-size, --max-queue and --max-tokens-limit must be >= 1")
+    api_key = read_api_key(api_key_env)
+    template = None
+    if chat_template is not None:
+        from craft.serving.chat import compile_template
+
+        try:
+            source = chat_template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--chat-template {chat_template}: cannot read it ({e})") from None
+        try:
+            template = compile_template(source)
+        except ValueError as e:
+            raise ConfigError(f"--chat-template {chat_template}: {e}") from None
+    sock = bind(host, port)  # before the slow load: a taken port fails at once
+    try:
+        from craft.generation import resolve_device, resolve_dtype
+        from craft.serving import app as app_mod
+        from craft.serving.chat import compile_template
+        from craft.serving.worker import BatchWorker
+        from craft.training.checkpoint import load_model
+
+        model, tokenizer, cfg = load_model(
+            checkpoint, device=resolve_device(device), dtype=resolve_dtype(dtype)
+        )
+        if template is None and getattr(tokenizer, "chat_template", None):
+            try:
+                template = compile_template(tokenizer.chat_template)
+            except ValueError as e:
+                raise ConfigError(f"{checkpoint}: the tokenizer's {e}") from None
+        name = model_name or cfg.run.name
+        worker = BatchWorker(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+        block = getattr(model, "block_size", None)
+        state = app_mod.ServerState(
+            worker=worker,
+            tokenizer=tokenizer,
+            model_name=name,
+            context=block,
+            max_tokens_limit=max_tokens_limit,
+            default_max_tokens=min(DEFAULT_MAX_TOKENS, max_tokens_limit),
+            api_key=api_key,
+            chat_template=template,
+        )
+        application = app_mod.build_app(state)
+        if not is_loopback(host) and api_key is None:
+            log.warning(
+                "listening on %s without an API key: anyone who can reach it may use it", host
+            )
+        worker.start()
+        bound = sock.getsockname()
+        sys.stdout.write(
+            f"serving {name!r} on http://{host}:{bound[1]} (batch {max_batch_size}, "
+            f"device {worker.device.type}, {'API key required' if api_key else 'no API key'})\n"
+        )
+        sys.stdout.flush()
+        config = uvicorn.Config(
+            application,
+            log_level=log_level,
+            access_log=log_level == "debug",
+            lifespan="off",
+            timeout_graceful_shutdown=5,  # open streams are cut after 5 s on Ctrl-C / SIGTERM
+        )
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            worker.stop()
+    finally:
+        sock.close()

@@ -1,0 +1,236 @@
+"""The batching worker: one thread owns the model and decodes every request in flight together.
+
+Requests (`Job`s) wait in a bounded queue; between decode steps the worker admits as many as the
+batch has free rows for (a job's rows are admitted together), runs one `DecodeEngine.step` for
+all rows, turns each row's tokens into text with the tokenizer's incremental decoder, applies
+stop sequences, and hands the new text of each job to its asyncio queue in one call per step.
+A job whose client went away is cancelled before the next step. Greedy or seeded rows decode
+exactly as `craft generate` would (see craft/sampling.py): the batch does not change a row's
+draws.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from craft.engine import DecodeEngine, Request, Row
+from craft.sampling import SamplingParams, row_generator
+
+log = logging.getLogger("craft.serving")
+
+
+@dataclass(frozen=True)
+class Event:
+    """New text of choice `index`; `finish` is set on its last event ("stop" or "length")."""
+
+    index: int
+    text: str
+    finish: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: `prompts` (token ids) each sampled `n` times; choice i*n + j is sample j of
+    prompt i, seeded with `row_generator(seed, j)`."""
+
+    prompts: list[list[int]]
+    n: int
+    sampling: SamplingParams
+    max_tokens: int
+    seed: int | None
+    stops: list[str]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[list[Event] | BaseException] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts) * self.n
+
+    def send(self, item: list[Event] | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class _Text:
+    """The text of one row: incremental decoding, stop sequences, text held back for them."""
+
+    def __init__(self, decoder: Any, stops: list[str]) -> None:
+        self.decoder, self.stops = decoder, stops
+        self.text = ""  # decoded so far (held-back text included)
+        self.sent = 0  # characters handed on
+
+    def push(self, piece: str, final: bool) -> tuple[str, bool]:
+        """Add decoded text; returns (text that may be sent now, whether a stop sequence hit)."""
+        self.text += piece
+        # Text up to `sent` holds no stop sequence nor the start of one (that is held back).
+        hit = [p for p in (self.text.find(s, self.sent) for s in self.stops) if p >= 0]
+        if hit:
+            end = min(hit)
+            out, self.sent = self.text[self.sent : end], end
+            return out, True
+        end = len(self.text)
+        if not final:  # hold back a tail that may be the start of a stop sequence
+            for s in self.stops:
+                for k in range(min(len(s) - 1, end - self.sent), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        out, self.sent = self.text[self.sent : end], end
+        return out, False
+
+
+class BatchWorker:
+    """Owns the model in a background thread; `submit` jobs from the event loop."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+        self.engine = DecodeEngine(model, max_batch_size)
+        self.device = self.engine.device
+        self.pending: collections.deque[Job] = collections.deque()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.texts: dict[Row, tuple[Job, int, _Text]] = {}
+        self.thread = threading.Thread(target=self._run, name="craft-decode", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=10)
+
+    # ------------------------------------------------------------------------ event-loop side
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full (the caller answers 503)."""
+        with self.lock:
+            if self.stopping or len(self.pending) >= self.max_queue:
+                return False
+            self.pending.append(job)
+        self.wake.set()
+        return True
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job before its next step."""
+        job.cancelled = True
+        self.wake.set()
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"active_rows": self.engine.active, "queued_requests": len(self.pending)}
+
+    # ---------------------------------------------------------------------------- worker side
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self.stopping:
+            try:
+                self._admit()
+                self._drop_cancelled()
+                if not self.engine.active:
+                    self.wake.wait(timeout=0.5)
+                    self.wake.clear()
+                    continue
+                self._step()
+            except Exception as e:  # a fault fails the requests in flight, not the server
+                log.exception("decoding failed")
+                self._fail_all(e)
+
+    def _admit(self) -> None:
+        """Start every queued job the batch has room for, prefilling their prompts together."""
+        jobs: list[Job] = []
+        free = self.engine.free
+        with self.lock:
+            while self.pending:
+                job = self.pending[0]
+                if job.cancelled:
+                    self.pending.popleft()
+                elif job.size <= free:
+                    jobs.append(self.pending.popleft())
+                    free -= job.size
+                else:
+                    break
+        if not jobs:
+            return
+        try:
+            self._start(jobs)
+        except Exception as e:
+            log.exception("starting requests failed")
+            for row in [r for r, (j, _, _) in self.texts.items() if j in jobs]:
+                self.engine.cancel(row)
+                del self.texts[row]
+            for job in jobs:
+                job.send(e)
+
+    def _start(self, jobs: list[Job]) -> None:
+        requests, owners = [], []
+        for job in jobs:
+            seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**62)
+            for p, prompt in enumerate(job.prompts):
+                gens = [row_generator(seed, j, self.device) for j in range(job.n)]
+                requests.append(
+                    Request(prompt, job.sampling, gens, job.max_tokens, self.eos_id, p * job.n)
+                )
+                owners.append((job, prompt))
+        for (job, prompt), rows in zip(owners, self.engine.add_many(requests), strict=True):
+            for row in rows:
+                decoder = self.tokenizer.decoder()
+                decoder.push(prompt)  # the prompt is context: word boundaries of the first piece
+                self.texts[row] = (job, row.index, _Text(decoder, job.stops))
+            job.rows.extend(rows)
+
+    def _drop_cancelled(self) -> None:
+        for row in [r for r, (job, _, _) in self.texts.items() if job.cancelled]:
+            self.engine.cancel(row)
+            del self.texts[row]
+
+    def _step(self) -> None:
+        events: dict[Job, list[Event]] = {}
+        for row, tok in self.engine.step():
+            job, index, text = self.texts[row]
+            piece = "" if tok == self.eos_id else text.decoder.push([tok])
+            final = row.done
+            if final:
+                piece += text.decoder.flush()
+            out, hit = text.push(piece, final)
+            finish = "stop" if hit else row.finish_reason
+            if hit and not row.done:
+                self.engine.cancel(row)
+            done = hit or final
+            if out or done:
+                events.setdefault(job, []).append(
+                    Event(index, out, finish if done else None, len(row.tokens))
+                )
+            if done:
+                del self.texts[row]
+        for job, evs in events.items():
+            job.send(evs)
+
+    def _fail_all(self, error: Exception) -> None:
+        jobs = {job for job, _, _ in self.texts.values()}
+        for row in list(self.texts):
+            self.engine.cancel(row)
+        self.texts.clear()
+        for job in jobs:
+            job.send(error)

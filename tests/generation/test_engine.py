@@ -1,0 +1,133 @@
+"""The decoding engine: rows joining and leaving a batch decode exactly as they would alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from craft.engine import DecodeEngine, Request
+from craft.generation import SamplingParams, generate, row_generator
+from tests.generation._fakes import Scripted, tiny_gpt, tiny_rnn
+from tests.generation.test_generate import _char
+
+SAMPLE = SamplingParams(temperature=1.0, top_k=7)
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _alone(model, prompt: list[int], n: int, sampling: SamplingParams, seed: int) -> list[int]:
+    engine = DecodeEngine(model, 1)
+    (row,) = engine.add(prompt, sampling, [row_generator(seed, 0)], max_new_tokens=n)
+    while engine.active:
+        engine.step()
+    return row.tokens
+
+
+def _models():
+    return {
+        "gpt": tiny_gpt(12, block_size=12).eval(),  # small window: rows refill while batched
+        "gpt-rope-gqa": tiny_gpt(12, block_size=12, positions="rope", n_head=4, n_kv_head=2),
+        "lstm": tiny_rnn(12).eval(),
+    }
+
+
+@pytest.mark.parametrize("name", ["gpt", "gpt-rope-gqa", "lstm"])
+def test_rows_joining_and_leaving_decode_as_alone(name: str) -> None:
+    model = _models()[name].eval()
+    requests = [  # (prompt, max_new_tokens, sampling, seed, step it joins at)
+        ([1, 2, 3], 20, SAMPLE, 1, 0),
+        ([4], 6, SamplingParams(temperature=0.8, top_p=0.9), 2, 0),
+        ([5, 6, 7, 8, 9, 10, 11], 15, GREEDY, 3, 2),
+        ([2, 2], 9, SAMPLE, 4, 5),
+        ([3, 1, 4, 1, 5], 12, SamplingParams(temperature=1.3), 5, 7),
+    ]
+    expect = [_alone(model, p, n, s, seed) for p, n, s, seed, _ in requests]
+    engine = DecodeEngine(model, 3)
+    rows: dict[int, object] = {}
+    waiting = list(enumerate(requests))
+    step = 0
+    while waiting or engine.active:
+        while waiting and waiting[0][1][4] <= step and engine.free:
+            i, (p, n, s, seed, _) = waiting.pop(0)
+            (rows[i],) = engine.add(p, s, [row_generator(seed, 0)], max_new_tokens=n)
+        engine.step()
+        step += 1
+    assert [rows[i].tokens for i in range(len(requests))] == expect
+    assert all(r.finish_reason == "length" for r in rows.values())
+
+
+def test_samples_of_one_batch_equal_separate_runs() -> None:
+    tok = _char()
+    model = tiny_gpt(tok.vocab_size, block_size=24)  # 40 tokens: every row refills
+    kw = dict(max_new_tokens=40, temperature=1.0, top_k=8, top_p=0.95, seed=123)
+    batch = generate(model, tok, "abc", num_samples=3, **kw)
+    alone = [generate(model, tok, "abc", first_sample=i, **kw)[0] for i in range(3)]
+    assert batch == alone
+    assert len(set(batch)) == 3
+
+
+def test_cancel_frees_the_slot_and_keeps_the_others() -> None:
+    model = tiny_gpt(12, block_size=32).eval()
+    expect = _alone(model, [1, 2], 10, SAMPLE, 9)
+    engine = DecodeEngine(model, 2)
+    (a,) = engine.add([3, 3, 3], SAMPLE, [row_generator(1, 0)], max_new_tokens=10)
+    (b,) = engine.add([1, 2], SAMPLE, [row_generator(9, 0)], max_new_tokens=10)
+    engine.step()
+    engine.cancel(a)  # a held slot 0: b moves into it
+    assert a.finish_reason == "cancelled" and engine.active == 1 and b.slot == 0
+    (c,) = engine.add([5], GREEDY, [None], max_new_tokens=3)
+    while engine.active:
+        engine.step()
+    assert b.tokens == expect and len(c.tokens) == 3
+    with pytest.raises(ValueError, match="free"):
+        engine.add([1], SAMPLE, [None, None, None], max_new_tokens=1)
+
+
+def test_eos_finishes_a_row_and_a_cache_without_row_operations_works() -> None:
+    # Scripted's cache is a plain dict: the engine keeps one cache per row
+    model = Scripted(12, [0, 0, 5, 6, 3, 7, 7, 7])
+    engine = DecodeEngine(model, 2)
+    assert engine.mode == "per_row"
+    (a,) = engine.add([1], GREEDY, [None], max_new_tokens=10, eos_id=3)
+    (b,) = engine.add([1, 1, 1], GREEDY, [None], max_new_tokens=2, eos_id=3)
+    while engine.active:
+        engine.step()
+    assert a.tokens == [0, 5, 6, 3] and a.finish_reason == "stop"
+    assert b.tokens == [6, 3] and b.finish_reason == "stop"  # eos on the last allowed token
+
+
+def test_streamed_pieces_stay_in_sample_order() -> None:
+    tok = _char()
+    model = tiny_gpt(tok.vocab_size, block_size=16)
+    seen: list[tuple[int, str]] = []
+    out = generate(
+        model,
+        tok,
+        "ab",
+        max_new_tokens=12,
+        seed=4,
+        num_samples=3,
+        on_text=lambda *a: seen.append(a),
+    )
+    order = [i for i, _ in seen]
+    assert order == sorted(order)  # sample 0's pieces, then 1's, then 2's
+    assert ["".join(p for i, p in seen if i == k) for k in range(3)] == out
+
+
+def test_requests_added_together_prefill_together_and_decode_as_alone() -> None:
+    model = tiny_gpt(12, block_size=16, positions="rope").eval()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8], [9, 10, 11, 1, 2], [3, 3]]
+    engine = DecodeEngine(model, 8)
+    reqs = [
+        Request(p, SAMPLE, [row_generator(i, j) for j in range(1 + (i == 2))], 12, None, 0)
+        for i, p in enumerate(prompts)
+    ]
+    rows = engine.add_many(reqs)
+    assert sorted(r.slot for g in rows for r in g) == list(range(6))
+    while engine.active:
+        engine.step()
+    for i, p in enumerate(prompts):
+        assert rows[i][0].tokens == _alone(model, p, 12, SAMPLE, i)
+    second = DecodeEngine(model, 1)
+    (row,) = second.add([6, 7, 8], SAMPLE, [row_generator(2, 1)], max_new_tokens=12)
+    while second.active:
+        second.step()
+    assert rows[2][1].tokens == row.tokens and rows[2][1].index == 1
