@@ -45,7 +45,9 @@ def _losses(tmp_path: Path, *overrides: str) -> dict[int, float]:
 def fp32_losses(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, dict[int, float]]:
     base = tmp_path_factory.mktemp("fp32")
     return {
-        fused: _losses(base / str(fused), *_kernels("torch"), f"kernels.fused_loss={fused}")
+        fused: _losses(
+            base / str(fused), *_kernels("torch"), f"kernels.fused_loss={str(fused).lower()}"
+        )
         for fused in (False, True)
     }
 
@@ -57,7 +59,10 @@ def fp32_losses(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, dict[int
 def test_bf16_run_tracks_fp32_run(tmp_path: Path, fp32_losses, backend: str, fused: bool) -> None:
     want = fp32_losses[fused]
     got = _losses(
-        tmp_path, "training.precision=bf16", *_kernels(backend), f"kernels.fused_loss={fused}"
+        tmp_path,
+        "training.precision=bf16",
+        *_kernels(backend),
+        f"kernels.fused_loss={str(fused).lower()}",
     )
     assert sorted(got) == sorted(want) == list(range(1, 5))
     worst = max(abs(got[s] - want[s]) for s in want)
