@@ -158,7 +158,12 @@ class Kernels:
         scale: float | None = None,
         dropout_p: float = 0.0,
     ) -> torch.Tensor:
-        """See `craft.ops.attention`."""
+        """Scaled dot-product attention. q (B, H, Tq, D), k/v (B, Hkv, Tk, D) with H % Hkv == 0.
+
+        `causal` masks bottom-right aligned: query i sits at position Tk - Tq + i (so decoding
+        with a KV cache is causal too). `dropout_p` drops attention probabilities (pass 0 when
+        not training).
+        """
         key = (q.device, q.dtype, k.dtype, q.shape[-1])  # (torch.device: cheaper than .type)
         fn = self._attention.get(key)
         if fn is None:
@@ -176,7 +181,7 @@ class Kernels:
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
     ) -> torch.Tensor:
-        """See `craft.ops.cross_entropy`."""
+        """Cross-entropy of logits (N, V) against targets (N,); `z_loss` adds z_loss * lse^2."""
         key = (logits.device, logits.dtype, targets.dtype)
         fn = self._cross_entropy.get(key)
         if fn is None:
@@ -194,7 +199,9 @@ class Kernels:
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
     ) -> torch.Tensor:
-        """See `craft.ops.linear_cross_entropy`."""
+        """cross_entropy(hidden @ weight.T + bias, targets) without all logits at once where
+        possible. hidden (N, C), weight (V, C), targets (N,).
+        """
         key = (hidden.device, hidden.dtype, weight.dtype, targets.dtype)
         fn = self._linear_cross_entropy.get(key)
         if fn is None:
@@ -215,7 +222,14 @@ class Kernels:
         eps: float = 1e-5,
         residual: torch.Tensor | None = None,
     ) -> Any:
-        """See `craft.ops.norm`."""
+        """LayerNorm or RMSNorm over the last dim.
+
+        Without `residual`: returns norm(x). With it: s = x + residual, returns (norm(s), s),
+        which fused backends compute in one pass. Dtypes (every backend): s has the promoted
+        dtype of x and residual (an fp32 residual stream stays fp32 when x is a bf16 branch);
+        the normalised output has the autocast dtype when autocast is on for the device, else
+        s's dtype.
+        """
         key = (
             x.device,
             x.dtype,
@@ -286,69 +300,11 @@ def use_backends(**names: str) -> Iterator[None]:
                 DEFAULT.select(op, name)
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Scaled dot-product attention. q (B, H, Tq, D), k/v (B, Hkv, Tk, D) with H % Hkv == 0.
-
-    `causal` masks bottom-right aligned: query i sits at position Tk - Tq + i (so decoding with a
-    KV cache is causal too). `dropout_p` drops attention probabilities (pass 0 when not training).
-    """
-    return DEFAULT.attention(q, k, v, causal, scale, dropout_p)
-
-
-def cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-) -> torch.Tensor:
-    """Cross-entropy of logits (N, V) against targets (N,). `z_loss` adds z_loss * logsumexp^2."""
-    return DEFAULT.cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-) -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T + bias, targets) without all logits at once where possible.
-
-    hidden (N, C), weight (V, C), targets (N,).
-    """
-    return DEFAULT.linear_cross_entropy(
-        hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss
-    )
-
-
-def norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None = None,
-    kind: str = "layernorm",
-    eps: float = 1e-5,
-    residual: torch.Tensor | None = None,
-) -> Any:
-    """LayerNorm or RMSNorm over the last dim.
-
-    Without `residual`: returns norm(x). With it: s = x + residual, returns (norm(s), s), which
-    fused backends compute in one pass. Dtypes (every backend): s has the promoted dtype of x
-    and residual (an fp32 residual stream stays fp32 when x is a bf16 branch); the normalised
-    output has the autocast dtype when autocast is on for the device, else s's dtype.
-    """
-    return DEFAULT.norm(x, weight, bias, kind, eps, residual)
+# The module-level ops: the process default table's (models hold their own table).
+attention = DEFAULT.attention
+cross_entropy = DEFAULT.cross_entropy
+linear_cross_entropy = DEFAULT.linear_cross_entropy
+norm = DEFAULT.norm
 
 
 __all__ = [
