@@ -1,9 +1,10 @@
 """The Trainer: builds a run from a validated config and runs the loop under an Accelerator.
 
-One optimizer step = `grad_accum_steps` micro-batches per process; each micro-batch loss is the
-mean over its B*T tokens and is divided by `grad_accum_steps` before backward, so the accumulated
-gradient is the gradient of the mean loss over the whole step (all micro-batches hold the same
-number of tokens). DDP syncs gradients only on the last micro-batch.
+One optimizer step = `grad_accum_steps` micro-batches per process; each micro-batch loss (the
+mean over its valid target tokens) is weighted by its share of the valid target tokens of the
+whole step on all processes (`craft.training.accumulation.token_weights`) before backward, so the
+accumulated gradient is the gradient of the mean over every valid token of the step, however
+many tokens each micro-batch ignores. DDP syncs gradients only on the last micro-batch.
 
 Order of events in one step: micro-batches -> gradient clipping (the norm is measured here) ->
 non-finite check (before anything changes) -> optimizer and scheduler step -> `on_step_end` ->
@@ -30,6 +31,7 @@ from craft.config import registry, to_toml
 from craft.errors import CheckpointError, ConfigError, TrainingError
 from craft.fileio import atomic_write_text
 from craft.training import checkpoint as ckpt
+from craft.training.accumulation import token_weights
 from craft.training.builders import build_data, build_start_model
 from craft.training.callbacks import BUILTINS, Callback, ProgressCallback
 from craft.training.logs import setup_logging
@@ -218,15 +220,17 @@ class Trainer:
         self.tokenizer = self.data.tokenizer
         from craft import ops
 
-        ops.configure(cfg.kernels, self.device.type)  # logs the backend chosen for each op
-
         model = build_start_model(
             cfg,
             self.data.vocab_size,
             self.tokenizer,
             fused_loss=cfg.kernels.fused_loss,
             pretrained=resume_from is None,
+            kernels=cfg.kernels,
         )
+        table = getattr(model, "kernels", None)
+        plan = (table if isinstance(table, ops.Kernels) else ops.DEFAULT).plan(self.device.type)
+        ops.log_plan(plan, self.device.type)  # `auto` resolves per input signature on first use
         self.raw_model = model
         n_params = (
             model.num_params()
@@ -596,18 +600,27 @@ class Trainer:
 
         while self.step < self.max_steps:
             step_no = self.step + 1
+            batches = [next(self.train_iter) for _ in range(accum)]
+            batches = [
+                (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                for x, y in batches
+            ]  # (B, T) each
+            # each micro-batch mean weighted by its share of the step's valid target tokens
+            weights = (
+                token_weights([y for _, y in batches], self.world_size)
+                if accum > 1 or multi
+                else None
+            )
             losses = []
-            for micro in range(accum):
-                x, y = next(self.train_iter)
-                x = x.to(self.device, non_blocking=True)  # (B, T)
-                y = y.to(self.device, non_blocking=True)  # (B, T)
+            for micro, (x, y) in enumerate(batches):
                 sync = acc.no_sync(self.model) if micro < accum - 1 else contextlib.nullcontext()
                 with sync:
                     _, loss = self.model(x, y)
-                    scaled = loss / accum if accum > 1 else loss
+                    scaled = loss if weights is None else loss * weights[micro]
                     scaled.backward() if self._direct else acc.backward(scaled)
-                losses.append(loss.detach())
-            loss_mean = losses[0] if accum == 1 else torch.stack(losses).mean()
+                losses.append(scaled.detach())
+            # this process's share of the step's token mean (the mean itself on one process)
+            loss_mean = losses[0] if accum == 1 else torch.stack(losses).sum()
             if self._direct:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             else:
