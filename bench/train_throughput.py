@@ -55,7 +55,6 @@ def run_plain(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from craft import ops
     from craft.bench.timing import now
     from craft.bench.train import mfu
     from craft.config import load_config
@@ -67,8 +66,7 @@ def run_plain(recipe: str, steps: int, overrides: list[str]) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)
     dm = build_data(cfg, rank=0, world_size=1, is_main=True, wait=lambda: None)
     data = PreparedDataset(dm.dir).split("train")
-    ops.configure(cfg.kernels, device.type)
-    model = build_model(cfg, dm.vocab_size).to(device)
+    model = build_model(cfg, dm.vocab_size, kernels=cfg.kernels).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt_cfg = cfg.optimizer

@@ -3,9 +3,15 @@
 // Plain C++ over raw device pointers: the kernels do not depend on torch headers, so they compile
 // (and are checked in CI) with nvcc alone. norm_binding.cpp validates tensors and calls these.
 //
-// Layout: every (rows, cols) tensor is contiguous and row-major, all in the same dtype. weight and
-// bias are fp32 (the binding converts fp16/bf16 parameters; the result is the same because the
-// kernels do all math in fp32). Row statistics (mean, rstd) are fp32.
+// Layout: every (rows, cols) tensor is contiguous and row-major. weight and bias are fp32 (the
+// binding converts fp16/bf16 parameters; the result is the same because the kernels do all math in
+// fp32). Row statistics (mean, rstd) are fp32.
+//
+// Dtypes (mixed precision): the branch x has `dtype`; the residual and the returned sum share
+// `sum_dtype` (x's dtype, or fp32 for an fp32 residual stream under autocast); y has `y_dtype`
+// (the sum's dtype, or the autocast dtype). Supported (x, sum, y): all three equal; and with h in
+// {fp16, bf16}: (fp32, fp32, h), (h, fp32, h), (h, fp32, fp32). Anything else returns
+// cudaErrorNotSupported. Without a residual, sum_dtype must equal dtype.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -30,9 +36,16 @@ struct NormFwdArgs {
   int64_t cols = 0;
   float eps = 1e-5f;
   bool rms = false;
-  NormDType dtype = NormDType::kFloat32;
+  NormDType dtype = NormDType::kFloat32;      // x
+  NormDType sum_dtype = NormDType::kFloat32;  // residual and sum (dtype when there is no residual)
+  NormDType y_dtype = NormDType::kFloat32;    // y
 };
 
+// Backward dtypes: x (the normalised input: the sum when a residual was fused), dsum and dx have
+// `dtype`; dy has `dy_dtype` (the forward's y_dtype); `dx_branch`, when set, receives the same
+// gradient as dx rounded to `branch_dtype` (the forward's x dtype when it differs from the sum's).
+// Supported (dy, x, branch): all equal (no dx_branch); and with h in {fp16, bf16}: (h, fp32, -),
+// (h, fp32, h), (fp32, fp32, h).
 struct NormBwdArgs {
   const void* dy = nullptr;       // (rows, cols) gradient of y
   const void* dsum = nullptr;     // (rows, cols) gradient of the returned sum, or nullptr
@@ -41,12 +54,15 @@ struct NormBwdArgs {
   const float* rstd = nullptr;    // (rows,) from the forward
   const float* weight = nullptr;  // (cols,) or nullptr
   void* dx = nullptr;             // (rows, cols) out: gradient of x (and of the residual)
+  void* dx_branch = nullptr;      // (rows, cols) out: the same gradient in branch_dtype, or nullptr
   float* dweight = nullptr;       // (cols,) out, or nullptr when not needed
   float* dbias = nullptr;         // (cols,) out, or nullptr when not needed
   int64_t rows = 0;
   int64_t cols = 0;
   bool rms = false;
-  NormDType dtype = NormDType::kFloat32;
+  NormDType dtype = NormDType::kFloat32;         // x, dsum, dx
+  NormDType dy_dtype = NormDType::kFloat32;      // dy
+  NormDType branch_dtype = NormDType::kFloat32;  // dx_branch (ignored when it is nullptr)
 };
 
 // How the backward runs on the current device; `workspace_floats` fp32 values of scratch are
@@ -62,6 +78,17 @@ struct NormBwdPlan {
   size_t smem_bytes = 0;   // dynamic shared memory of the row kernel
   size_t workspace_floats = 0;
 };
+
+// Whether the kernels take this dtype triple: (x, sum, y) for the forward, (dy, x, dx_branch or x)
+// for the backward. All equal, or the middle one fp32 with the outer pair one of (fp32, h),
+// (h, h), (h, fp32) for one h in {fp16, bf16}.
+inline bool norm_dtypes_supported(NormDType a, NormDType b, NormDType c) {
+  if (a == b && b == c) return true;
+  if (b != NormDType::kFloat32) return false;
+  const bool a_half = a != NormDType::kFloat32;
+  const bool c_half = c != NormDType::kFloat32;
+  return (a_half || c_half) && (!a_half || !c_half || a == c);
+}
 
 // Forward. Returns the first CUDA error met (launch configuration or earlier sticky error).
 cudaError_t norm_fwd(const NormFwdArgs& args, cudaStream_t stream);

@@ -10,6 +10,10 @@
 // registers and writes one partial row; a second kernel sums the partial rows in a fixed order.
 // No atomics touch the results. Rows too long for registers are streamed, and their dweight/dbias
 // partials come from a column-parallel kernel instead.
+//
+// Mixed precision: dy has the forward's y dtype (TDY), the normalised input, dsum and dx the sum's
+// (TN); when the branch x had a narrower dtype than the sum, its gradient (the same values) is
+// also written rounded to TB, so autograd needs no extra cast kernel.
 #include "norm_common.cuh"
 
 namespace craft {
@@ -55,19 +59,29 @@ __device__ __forceinline__ void store_block_partial(const float (&acc)[NV][VEC],
   __syncthreads();  // `dyn` is reused for the next parameter
 }
 
+// Stores one vector of dx (TN) and, when wanted, of dx_branch (TB).
+template <typename TN, typename TB, int VEC>
+__device__ __forceinline__ void store_dx(TN* dx, TB* dxb, int64_t at, const float (&v)[VEC]) {
+  store_floats<TN, VEC>(dx + at, v);
+  if constexpr (!std::is_same_v<TN, TB>) {
+    if (dxb != nullptr) store_floats<TB, VEC>(dxb + at, v);
+  }
+}
+
 // Row kernel: dx for every row; with NV > 0 also the block's dweight/dbias partial rows
 // (part_w / part_b may be nullptr when not wanted). With NV == 0 the rows are streamed and the
-// partials are left to norm_bwd_affine_kernel.
-template <typename T, int VEC, int NV>
+// partials are left to norm_bwd_affine_kernel. TDY: dy; TN: x, dsum, dx; TB: dx_branch.
+template <typename TDY, typename TN, typename TB, int VEC, int NV>
 __global__ void __launch_bounds__(kMaxBlockThreads, 1)
     norm_bwd_kernel(NormBwdArgs a, float* part_w, float* part_b) {
   __shared__ float smem[kMaxWarpsPerBlock * 2];
   extern __shared__ float dyn[];  // R * cols floats when R > 1 and partials are wanted
   constexpr int NA = NV > 0 ? NV : 1;
-  const T* __restrict__ x = static_cast<const T*>(a.x);
-  const T* __restrict__ dy = static_cast<const T*>(a.dy);
-  const T* __restrict__ dsum = static_cast<const T*>(a.dsum);
-  T* __restrict__ dx = static_cast<T*>(a.dx);
+  const TN* __restrict__ x = static_cast<const TN*>(a.x);
+  const TDY* __restrict__ dy = static_cast<const TDY*>(a.dy);
+  const TN* __restrict__ dsum = static_cast<const TN*>(a.dsum);
+  TN* __restrict__ dx = static_cast<TN*>(a.dx);
+  TB* __restrict__ dxb = static_cast<TB*>(a.dx_branch);
   const float* __restrict__ weight = a.weight;
   const int G = blockDim.x;
   const int R = blockDim.y;
@@ -101,8 +115,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
         const int j = threadIdx.x + i * G;
         if (valid && j < nvec) {
           float xv[VEC], dv[VEC], w[VEC];
-          load_floats<T, VEC>(x + off + j * VEC, xv);
-          load_floats<T, VEC>(dy + off + j * VEC, dv);
+          load_floats<TN, VEC>(x + off + j * VEC, xv);
+          load_floats<TDY, VEC>(dy + off + j * VEC, dv);
           if (weight != nullptr) {
             load_floats<float, VEC>(weight + j * VEC, w);
           } else {
@@ -138,11 +152,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
             for (int k = 0; k < VEC; ++k) out[k] = rstd * (g[i][k] - m1 - xh[i][k] * m2);
             if (dsum != nullptr) {
               float d[VEC];
-              load_floats<T, VEC>(dsum + off + j * VEC, d);
+              load_floats<TN, VEC>(dsum + off + j * VEC, d);
 #pragma unroll
               for (int k = 0; k < VEC; ++k) out[k] += d[k];
             }
-            store_floats<T, VEC>(dx + off + j * VEC, out);
+            store_dx<TN, TB, VEC>(dx, dxb, off + j * VEC, out);
           }
         }
       }
@@ -152,8 +166,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
       if (valid) {
         for (int j = threadIdx.x; j < nvec; j += G) {
           float xv[VEC], dv[VEC];
-          load_floats<T, VEC>(x + off + j * VEC, xv);
-          load_floats<T, VEC>(dy + off + j * VEC, dv);
+          load_floats<TN, VEC>(x + off + j * VEC, xv);
+          load_floats<TDY, VEC>(dy + off + j * VEC, dv);
           if (weight != nullptr) {
             float w[VEC];
             load_floats<float, VEC>(weight + j * VEC, w);
@@ -175,8 +189,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
       if (valid) {
         for (int j = threadIdx.x; j < nvec; j += G) {
           float xv[VEC], dv[VEC], out[VEC];
-          load_floats<T, VEC>(x + off + j * VEC, xv);
-          load_floats<T, VEC>(dy + off + j * VEC, dv);
+          load_floats<TN, VEC>(x + off + j * VEC, xv);
+          load_floats<TDY, VEC>(dy + off + j * VEC, dv);
           if (weight != nullptr) {
             float w[VEC];
             load_floats<float, VEC>(weight + j * VEC, w);
@@ -187,11 +201,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
           for (int k = 0; k < VEC; ++k) out[k] = rstd * (dv[k] - m1 - (xv[k] - mean) * rstd * m2);
           if (dsum != nullptr) {
             float d[VEC];
-            load_floats<T, VEC>(dsum + off + j * VEC, d);
+            load_floats<TN, VEC>(dsum + off + j * VEC, d);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) out[k] += d[k];
           }
-          store_floats<T, VEC>(dx + off + j * VEC, out);
+          store_dx<TN, TB, VEC>(dx, dxb, off + j * VEC, out);
         }
       }
     }
@@ -205,13 +219,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
 
 // dweight/dbias partials for streamed rows: block (32, kAffineRows) owns 32 columns and the rows
 // blockIdx.y, blockIdx.y + gridDim.y, ... (in steps of kAffineRows); writes part[blockIdx.y].
-template <typename T>
+template <typename TDY, typename TN>
 __global__ void __launch_bounds__(32 * kAffineRows)
     norm_bwd_affine_kernel(NormBwdArgs a, float* part_w, float* part_b) {
   __shared__ float sw[kAffineRows][33];
   __shared__ float sb[kAffineRows][33];
-  const T* __restrict__ x = static_cast<const T*>(a.x);
-  const T* __restrict__ dy = static_cast<const T*>(a.dy);
+  const TN* __restrict__ x = static_cast<const TN*>(a.x);
+  const TDY* __restrict__ dy = static_cast<const TDY*>(a.dy);
   const int64_t cols = a.cols;
   const int64_t col = int64_t(blockIdx.x) * 32 + threadIdx.x;
   float aw = 0.f;
@@ -262,33 +276,43 @@ __global__ void __launch_bounds__(32 * kReduceRows)
   }
 }
 
-template <typename T>
+template <typename TDY, typename TN, typename TB>
 struct BwdFamily {
   template <int VEC, int NV>
   struct K {
-    static BwdKernel ptr() { return &norm_bwd_kernel<T, VEC, NV>; }
+    static BwdKernel ptr() { return &norm_bwd_kernel<TDY, TN, TB, VEC, NV>; }
   };
 };
 
-template <typename T>
+// The row kernel for a plan's (vec, nv). Mixed dtypes have only the streamed scalar variant
+// besides the 16-byte ones.
+template <typename TDY, typename TN, typename TB>
 BwdKernel pick_bwd(int vec, int nv) {
-  constexpr int F = fast_vec<T>();
-  return vec == F ? pick_variant<BwdFamily<T>::template K, F>(nv)
-                  : pick_variant<BwdFamily<T>::template K, 1>(nv);
+  constexpr int F = fast_vec<TDY, TN, TB>();
+  using Fam = BwdFamily<TDY, TN, TB>;
+  if (vec == F) return pick_variant<Fam::template K, F>(nv);
+  if constexpr (all_same<TDY, TN, TB>()) {
+    return pick_variant<Fam::template K, 1>(nv);
+  } else {
+    return nv == 0 ? Fam::template K<1, 0>::ptr() : nullptr;
+  }
 }
 
 struct PlanBwd {
   const NormBwdArgs& a;
   NormBwdPlan* p;
 
-  template <typename T>
+  template <typename TDY, typename TN, typename TB>
   cudaError_t operator()() const {
-    constexpr int F = fast_vec<T>();
+    constexpr int F = fast_vec<TDY, TN, TB>();
     const bool vector_ok = a.cols % F == 0 && is_aligned(a.x, 16) && is_aligned(a.dy, 16) &&
                            is_aligned(a.dx, 16) && (a.dsum == nullptr || is_aligned(a.dsum, 16)) &&
+                           (a.dx_branch == nullptr || is_aligned(a.dx_branch, 16)) &&
                            (a.weight == nullptr || is_aligned(a.weight, 16));
-    const RowLayout l = choose_layout(a.cols, vector_ok ? F : 1);
-    const BwdKernel k = pick_bwd<T>(l.vec, l.nv);
+    const RowLayout l = vector_ok                       ? choose_layout(a.cols, F)
+                        : all_same<TDY, TN, TB>() ? choose_layout(a.cols, 1)
+                                                        : streamed_layout(a.cols);
+    const BwdKernel k = pick_bwd<TDY, TN, TB>(l.vec, l.nv);
     if (k == nullptr) return cudaErrorInvalidConfiguration;
     const bool affine = a.dweight != nullptr || a.dbias != nullptr;
     const int threads = l.threads_x * l.rows_per_block;
@@ -338,9 +362,9 @@ struct LaunchBwd {
   float* workspace;
   cudaStream_t stream;
 
-  template <typename T>
+  template <typename TDY, typename TN, typename TB>
   cudaError_t operator()() const {
-    const BwdKernel k = pick_bwd<T>(p.vec, p.nv);
+    const BwdKernel k = pick_bwd<TDY, TN, TB>(p.vec, p.nv);
     if (k == nullptr) return cudaErrorInvalidConfiguration;
     const bool affine = a.dweight != nullptr || a.dbias != nullptr;
     if (affine && (workspace == nullptr || (p.vec > 1 && !is_aligned(workspace, 16)))) {
@@ -355,7 +379,7 @@ struct LaunchBwd {
     } else {
       k<<<dim3(unsigned(p.grid)), block, 0, stream>>>(a, nullptr, nullptr);
       if (affine) {
-        norm_bwd_affine_kernel<T>
+        norm_bwd_affine_kernel<TDY, TN>
             <<<dim3(unsigned(p.affine_grid_x), unsigned(p.partial_rows)), dim3(32, kAffineRows), 0,
                stream>>>(a, part_w, part_b);
       }
@@ -374,21 +398,28 @@ bool valid_args(const NormBwdArgs& a) {
          a.rstd != nullptr && (a.rms || a.mean != nullptr);
 }
 
+// The dtype triple of the backward: (dy, x, dx_branch), the branch being x's dtype when absent.
+template <typename F>
+cudaError_t dispatch_bwd(const NormBwdArgs& a, F&& f) {
+  const NormDType branch = a.dx_branch != nullptr ? a.branch_dtype : a.dtype;
+  if (a.dx_branch != nullptr && branch == a.dtype) return cudaErrorInvalidValue;
+  return dispatch_dtypes3(a.dy_dtype, a.dtype, branch, f);
+}
+
 }  // namespace norm_detail
 
 cudaError_t norm_bwd_plan(const NormBwdArgs& args, NormBwdPlan* plan) {
   if (plan == nullptr || !norm_detail::valid_args(args)) return cudaErrorInvalidValue;
   *plan = NormBwdPlan{};
   if (args.rows == 0) return cudaSuccess;
-  return norm_detail::dispatch_dtype(args.dtype, norm_detail::PlanBwd{args, plan});
+  return norm_detail::dispatch_bwd(args, norm_detail::PlanBwd{args, plan});
 }
 
 cudaError_t norm_bwd(const NormBwdArgs& args, const NormBwdPlan& plan, float* workspace,
                      cudaStream_t stream) {
   if (!norm_detail::valid_args(args)) return cudaErrorInvalidValue;
   if (args.rows == 0) return cudaSuccess;  // the caller zero-fills dweight/dbias
-  return norm_detail::dispatch_dtype(args.dtype,
-                                     norm_detail::LaunchBwd{args, plan, workspace, stream});
+  return norm_detail::dispatch_bwd(args, norm_detail::LaunchBwd{args, plan, workspace, stream});
 }
 
 }  // namespace craft

@@ -12,7 +12,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "norm.h"
 
@@ -170,9 +172,19 @@ inline RowLayout choose_layout(int64_t cols, int vec) {
   return l;
 }
 
-template <typename T>
+// Scalar loads, rows streamed from memory: the one layout the mixed-dtype kernels have for rows
+// that cannot take 16-byte accesses (odd widths, misaligned tensors).
+inline RowLayout streamed_layout(int64_t cols) {
+  RowLayout l{1, 0, 1, 1};
+  l.threads_x = cols >= kMaxRowThreads ? kMaxRowThreads : pow2_ceil(cols);
+  l.rows_per_block = l.threads_x >= kSmallBlockThreads ? 1 : kSmallBlockThreads / l.threads_x;
+  return l;
+}
+
+// Elements per 16-byte access of the narrowest of the element types.
+template <typename... T>
 constexpr int fast_vec() {
-  return 16 / int(sizeof(T));
+  return 16 / int(std::min({sizeof(T)...}));
 }
 
 inline cudaError_t sm_count(int* out) {
@@ -182,18 +194,42 @@ inline cudaError_t sm_count(int* out) {
   return cudaDeviceGetAttribute(out, cudaDevAttrMultiProcessorCount, dev);
 }
 
-// Calls f.template operator()<T>() with the element type of `d`.
+// Calls f.template operator()<A, B, C>() for a supported dtype triple (see norm.h): all three
+// equal, or B fp32 with (A, C) one of (fp32, h), (h, h), (h, fp32) for h in {fp16, bf16}. The
+// forward passes (x, sum, y), the backward (dy, x, dx_branch).
 template <typename F>
-cudaError_t dispatch_dtype(NormDType d, F&& f) {
-  switch (d) {
-    case NormDType::kFloat32:
-      return f.template operator()<float>();
-    case NormDType::kFloat16:
-      return f.template operator()<__half>();
-    case NormDType::kBFloat16:
-      return f.template operator()<__nv_bfloat16>();
+cudaError_t dispatch_dtypes3(NormDType a, NormDType b, NormDType c, F&& f) {
+  using D = NormDType;
+  if (a == b && b == c) {
+    switch (a) {
+      case D::kFloat32:
+        return f.template operator()<float, float, float>();
+      case D::kFloat16:
+        return f.template operator()<__half, __half, __half>();
+      case D::kBFloat16:
+        return f.template operator()<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>();
+    }
+    return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
+  if (b != D::kFloat32) return cudaErrorNotSupported;
+  if (a == D::kFloat32 && c == D::kFloat16) return f.template operator()<float, float, __half>();
+  if (a == D::kFloat32 && c == D::kBFloat16) {
+    return f.template operator()<float, float, __nv_bfloat16>();
+  }
+  if (a == D::kFloat16 && c == D::kFloat16) return f.template operator()<__half, float, __half>();
+  if (a == D::kBFloat16 && c == D::kBFloat16) {
+    return f.template operator()<__nv_bfloat16, float, __nv_bfloat16>();
+  }
+  if (a == D::kFloat16 && c == D::kFloat32) return f.template operator()<__half, float, float>();
+  if (a == D::kBFloat16 && c == D::kFloat32) {
+    return f.template operator()<__nv_bfloat16, float, float>();
+  }
+  return cudaErrorNotSupported;
+}
+
+template <typename A, typename B, typename C>
+constexpr bool all_same() {
+  return std::is_same_v<A, B> && std::is_same_v<B, C>;
 }
 
 // Kernel for (VEC, NV) from a family `K<VEC, NV>::ptr()`; NV = 0 (streamed) or a power of two with

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,3 +107,30 @@ def test_short_hash_is_a_prefix_of_the_canonical_json_hash() -> None:
     full = hashlib.sha256(canonical.encode()).hexdigest()
     assert fileio.short_hash(a) == full[:10] and fileio.short_hash(a, 16) == full[:16]
     assert fileio.short_hash({**a, "val_fraction": 0.2}) != fileio.short_hash(a)
+
+
+def test_text_is_written_as_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    """A machine whose locale is plain ASCII (C locale without UTF-8 mode) still gets UTF-8."""
+    script = (
+        "import locale, sys\n"
+        "from pathlib import Path\n"
+        "from craft import fileio\n"
+        "assert locale.getpreferredencoding(False).lower() not in ('utf-8', 'utf8')\n"
+        "d = Path(sys.argv[1])\n"
+        "t = '\\u00e9\\u2603'\n"  # the script itself stays ASCII
+        "fileio.write_text_durable(d / 'a.txt', t)\n"
+        "fileio.atomic_write_text(d / 'b.txt', t)\n"
+        "fileio.atomic_write_json(d / 'c.json', [t])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG"))}
+    env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONIOENCODING="utf-8")
+    ascii_dir, here = tmp_path / "ascii", tmp_path / "here"
+    ascii_dir.mkdir(), here.mkdir()
+    subprocess.run([sys.executable, "-c", script, str(ascii_dir)], env=env, check=True)
+    fileio.write_text_durable(here / "a.txt", "é☃")  # the same files from this process
+    fileio.atomic_write_text(here / "b.txt", "é☃")
+    fileio.atomic_write_json(here / "c.json", ["é☃"])
+    for name in ("a.txt", "b.txt", "c.json"):
+        assert (ascii_dir / name).read_bytes() == (here / name).read_bytes(), name
+    assert (ascii_dir / "a.txt").read_bytes() == (ascii_dir / "b.txt").read_bytes() == "é☃".encode()
+    assert json.loads((ascii_dir / "c.json").read_bytes().decode("utf-8")) == ["é☃"]

@@ -166,7 +166,7 @@ def run_train_bench(
         "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "precision": cfg.training.precision,
         "compile": bool(cfg.training.compile),
-        "kernels": _kernels(device.type),
+        "kernels": _kernels(model, device.type),
         "batch_size": cfg.training.batch_size,
         "grad_accum_steps": cfg.training.grad_accum_steps,
         "seq_len": seq_len,
@@ -195,11 +195,12 @@ def run_train_bench(
     return record
 
 
-def _kernels(device_type: str) -> dict[str, str]:
-    from craft.ops import OPS
-    from craft.ops.registry import choose
+def _kernels(model: torch.nn.Module, device_type: str) -> dict[str, str]:
+    """The backend each op of `model` takes on `device_type` (its own table, else the default)."""
+    from craft import ops
 
-    return {op: choose(op, device_type) for op in OPS}
+    table = getattr(model, "kernels", None)
+    return (table if isinstance(table, ops.Kernels) else ops.DEFAULT).plan(device_type)
 
 
 def mfu(

@@ -195,17 +195,19 @@ def _info(recipe: Path, overrides: list[str], vocab_option: int | None) -> None:
     t.add_column("op", style="bold")
     t.add_column("selected")
     for d in devices:
-        t.add_column(f"auto on {d}")
+        t.add_column(f"runs on {d}")
     t.add_column("backends")
-    ops.configure(cfg.kernels)
+    table = ops.Kernels(cfg.kernels)
     for op in ops.OPS:
         avail = ops.availability(op)
         listed = "; ".join(
             f"{name}: ok" if why is None else f"{name}: unavailable ({why})"
             for name, why in avail.items()
         )
-        t.add_row(op, ops.selected(op), *(ops.registry.choose(op, d) for d in devices), listed)
+        name = table.names[op]
+        t.add_row(op, name, *(ops.choose(op, d, name) for d in devices), listed)
     console.print(t)
+    console.print(ops.describe_auto())
     for mod, why in ops.unloaded_backends().items():
         console.print(f"[dim]backend module {mod} not loaded: {why}[/dim]")
 

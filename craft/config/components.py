@@ -44,7 +44,15 @@ class GPTConfig(Section):
         description="Feed-forward hidden size; default 4*d_model (gelu, gelu_tanh) or 8/3*d_model rounded up to a multiple of 64 (swiglu).",
     )
     bias: bool = Field(True, description="Biases in linear and norm layers.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on the embeddings and residual branches."
+    )
+    attn_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the attention probabilities while training (nanoGPT uses `dropout` for both).",
+    )
     tie_embeddings: bool = Field(
         True, description="Share the token embedding with the output layer."
     )

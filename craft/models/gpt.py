@@ -2,8 +2,10 @@
 
 Configured by `GPTConfig` (the `model` section): pre-norm blocks with LayerNorm or RMSNorm,
 learned or rotary positions, a GELU or SwiGLU feed-forward, grouped-query attention, optional
-biases, tied embeddings and GPT-2 initialisation. Every op with more than one implementation
-(attention, norm, the loss) goes through `craft.ops`, which picks the kernel backend.
+biases, dropout (attention probabilities and residual branches), tied embeddings and GPT-2
+initialisation. Every op with more than one implementation (attention, norm, the loss) goes
+through the model's `craft.ops.Kernels` table, which picks the kernel backend once per input
+signature (from the `kernels` config section, or the process default when built without one).
 
 Shapes: B batch, T tokens, C d_model, H query heads, Hkv key/value heads, hs head size, V vocab.
 """
@@ -11,6 +13,7 @@ Shapes: B batch, T tokens, C d_model, H query heads, Hkv key/value heads, hs hea
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,15 +131,19 @@ class KVCache:
 class Norm(nn.Module):
     """LayerNorm (with an optional bias) or RMSNorm (never a bias) over the last dim."""
 
-    def __init__(self, dim: int, kind: str, bias: bool, eps: float) -> None:
+    def __init__(self, dim: int, kind: str, bias: bool, eps: float, kernels: ops.Kernels) -> None:
         super().__init__()
-        self.kind, self.eps = kind, eps
+        self.kind, self.eps, self.kernels = kind, eps, kernels
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # type: ignore[override]
-        """norm(x), or with `residual`: (norm(x + residual), x + residual) in one op."""
-        return ops.norm(x, self.weight, self.bias, self.kind, self.eps, residual)
+        """norm(x), or with `residual`: (norm(x + residual), x + residual) in one op.
+
+        Under autocast the normalised output is in the autocast dtype and the sum keeps the
+        promoted dtype (the fp32 residual stream stays fp32): see `craft.ops.norm`.
+        """
+        return self.kernels.norm(x, self.weight, self.bias, self.kind, self.eps, residual)
 
 
 def rope_tables(
@@ -177,14 +184,16 @@ def ragged_attention(
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with grouped key/value heads and optional RoPE."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, kernels: ops.Kernels) -> None:
         super().__init__()
         self.n_head = cfg.n_head
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.head_size = cfg.d_model // cfg.n_head
+        self.kernels = kernels
         qkv = (self.n_head + 2 * self.n_kv_head) * self.head_size
         self.c_attn = nn.Linear(cfg.d_model, qkv, bias=cfg.bias)  # q, k and v in one matmul
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.attn_dropout = cfg.attn_dropout  # on the attention probabilities, while training
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(  # type: ignore[override]
@@ -205,7 +214,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hs), S = stored + T
         if cache is None or cache.mask is None:
-            y = ops.attention(q, k, v, causal=True)  # (B, H, T, hs); bottom-right aligned mask
+            p = self.attn_dropout if self.training else 0.0
+            y = self.kernels.attention(q, k, v, True, None, p)  # (B, H, T, hs); bottom-right causal
         else:
             y = ragged_attention(q, k, v, cache.mask)  # rows of different lengths
         y = y.transpose(1, 2).contiguous().view(b, t, c)  # (B, T, C)
@@ -248,11 +258,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, kernels: ops.Kernels) -> None:
         super().__init__()
-        self.ln_1 = Norm(cfg.d_model, cfg.norm, cfg.bias, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = Norm(cfg.d_model, cfg.norm, cfg.bias, cfg.norm_eps)
+        self.ln_1 = Norm(cfg.d_model, cfg.norm, cfg.bias, cfg.norm_eps, kernels)
+        self.attn = CausalSelfAttention(cfg, kernels)
+        self.ln_2 = Norm(cfg.d_model, cfg.norm, cfg.bias, cfg.norm_eps, kernels)
         self.mlp = MLP(cfg)
 
     def forward(  # type: ignore[override]
@@ -274,11 +284,16 @@ class GPT(nn.Module):
     loss comes from `ops.linear_cross_entropy` on the last hidden state and logits is None. With
     targets and grad enabled logits is None too: the cross-entropy kernel may write the gradient
     into the logits' memory. Call without targets, or under `torch.no_grad()`, to get them.
+    `kernels` (a `kernels` config section or an op -> backend mapping) gives the model its own
+    backend table; without it the model follows the process default (`craft.ops.use_backends`).
     """
 
-    def __init__(self, cfg: GPTConfig, vocab_size: int, fused_loss: bool = False) -> None:
+    def __init__(
+        self, cfg: GPTConfig, vocab_size: int, fused_loss: bool = False, kernels: Any = None
+    ) -> None:
         super().__init__()
         self.config = cfg
+        self.kernels = ops.kernels_for(kernels)
         self.vocab_size = vocab_size
         self.block_size = cfg.block_size
         self.fused_loss = fused_loss
@@ -288,8 +303,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, cfg.norm_eps)
+        self.blocks = nn.ModuleList([Block(cfg, self.kernels) for _ in range(cfg.n_layer)])
+        self.ln_f = Norm(cfg.d_model, cfg.norm, cfg.bias, cfg.norm_eps, self.kernels)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.positions == "rope":
             cos, sin = rope_tables(cfg.block_size, self.head_size, cfg.rope_theta)
@@ -394,20 +409,20 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x), None  # (B, T, V)
         if self.fused_loss:
-            loss = ops.linear_cross_entropy(
+            loss = self.kernels.linear_cross_entropy(
                 x.reshape(b * t, -1), self.lm_head.weight, targets.reshape(b * t)
             )
             return None, loss
         logits = self.lm_head(x)  # (B, T, V)
-        loss = ops.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t))
+        loss = self.kernels.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t))
         # When training, a fused loss kernel may reuse the logits' memory for their gradient, so
         # they are not handed back; under no_grad (eval) they are intact and returned.
         return (None if torch.is_grad_enabled() else logits), loss
 
 
-def build(cfg: GPTConfig, vocab_size: int, *, fused_loss: bool = False) -> GPT:
+def build(cfg: GPTConfig, vocab_size: int, *, fused_loss: bool = False, kernels: Any = None) -> GPT:
     """The model builder of the registry; `cfg.vocab_size` wins over `vocab_size` when set."""
-    return GPT(cfg, cfg.vocab_size or vocab_size, fused_loss=fused_loss)
+    return GPT(cfg, cfg.vocab_size or vocab_size, fused_loss=fused_loss, kernels=kernels)
 
 
 def param_counts(cfg: GPTConfig, vocab_size: int):  # -> craft.models.flops.ParamCounts

@@ -10,6 +10,8 @@ Shapes: B batch, T tokens, E d_embed, Hd hidden_size, L layers, V vocab.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -92,8 +94,11 @@ class RNNLM(nn.Module):
 
     block_size: int | None = None
 
-    def __init__(self, cfg: RNNConfig, vocab_size: int, fused_loss: bool = False) -> None:
+    def __init__(
+        self, cfg: RNNConfig, vocab_size: int, fused_loss: bool = False, kernels: Any = None
+    ) -> None:
         super().__init__()
+        self.kernels = ops.kernels_for(kernels)  # the loss's backend table (see craft.ops)
         self.config = cfg
         self.vocab_size = vocab_size
         self.fused_loss = fused_loss
@@ -160,20 +165,22 @@ class RNNLM(nn.Module):
         if targets is None:
             return self.lm_head(y), None  # (B, T, V)
         if self.fused_loss:
-            loss = ops.linear_cross_entropy(
+            loss = self.kernels.linear_cross_entropy(
                 y.reshape(b * t, -1), self.lm_head.weight, targets.reshape(b * t), self.lm_head.bias
             )
             return None, loss
         logits = self.lm_head(y)  # (B, T, V)
-        loss = ops.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t))
+        loss = self.kernels.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t))
         # As in GPT: while training a fused loss kernel may reuse the logits' memory for their
         # gradient, so they are only handed back under no_grad.
         return (None if torch.is_grad_enabled() else logits), loss
 
 
-def build(cfg: RNNConfig, vocab_size: int, *, fused_loss: bool = False) -> RNNLM:
+def build(
+    cfg: RNNConfig, vocab_size: int, *, fused_loss: bool = False, kernels: Any = None
+) -> RNNLM:
     """The model builder of the registry; `cfg.vocab_size` wins over `vocab_size` when set."""
-    return RNNLM(cfg, cfg.vocab_size or vocab_size, fused_loss=fused_loss)
+    return RNNLM(cfg, cfg.vocab_size or vocab_size, fused_loss=fused_loss, kernels=kernels)
 
 
 def param_counts(cfg: RNNConfig, vocab_size: int):  # -> craft.models.flops.ParamCounts

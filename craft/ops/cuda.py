@@ -7,10 +7,14 @@ machine compiles the same sources just in time (torch.utils.cpp_extension.load) 
 another user owns or can write is refused, since the library found there is loaded).
 `CRAFT_CUDA_JIT=0` turns the just-in-time build off.
 
-The kernels take x, residual (same dtype) in float32/float16/bfloat16 with weight/bias of any of
-those dtypes, compute in float32, and return y in x's dtype; gradients of weight/bias come back in
-their own dtypes. With a residual, s = x + residual is rounded to x's dtype and normalised, as the
-unfused `norm(x + residual)` does.
+The kernels take x and residual in float32/float16/bfloat16 with weight/bias of any of those
+dtypes and compute in float32. They follow the mixed-precision contract of `craft.ops.eager`:
+s = x + residual is rounded once to the promoted dtype (a bf16 attention output on the fp32
+residual stream gives an fp32 sum), y is rounded once to the autocast dtype when autocast is on
+(else to s's dtype), and each gradient comes back in its input's dtype, the branch's written by the
+backward kernel itself. Supported (x, s, y): all equal; (fp32, fp32, h), (h, fp32, h) and
+(h, fp32, fp32) for h in {fp16, bf16}. Other mixes (e.g. a bf16 branch under fp16 autocast) are
+rejected by `supports`, so `auto` takes the torch backend for them.
 """
 
 from __future__ import annotations
@@ -23,13 +27,13 @@ import threading
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from craft.errors import KernelError
-from craft.ops.eager import check_norm
+from craft.ops.eager import check_norm, norm_dtypes
 from craft.ops.registry import register_backend
 from craft.paths import cache_dir
 
@@ -158,6 +162,16 @@ def supports(
     return input_problem(x, weight, bias, residual)
 
 
+def dtypes_supported(x: torch.dtype, s: torch.dtype, y: torch.dtype) -> bool:
+    """Whether the kernels take (x, sum, y) dtypes; mirrors norm_dtypes_supported in norm.h."""
+    if x == s == y:
+        return x in DTYPES
+    if s != torch.float32 or x not in DTYPES or y not in DTYPES:
+        return False
+    x_half, y_half = x != torch.float32, y != torch.float32
+    return (x_half or y_half) and (not (x_half and y_half) or x == y)
+
+
 def input_problem(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -173,13 +187,19 @@ def input_problem(
     if cols > MAX_COLS:
         return f"last dimension {cols} is larger than {MAX_COLS}"
     if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype:
+        if residual.shape != x.shape or residual.dtype not in DTYPES:
             return (
                 f"residual {tuple(residual.shape)} {residual.dtype} does not match "
-                f"x {tuple(x.shape)} {x.dtype}"
+                f"x {tuple(x.shape)} (float32, float16 or bfloat16)"
             )
         if residual.device != x.device:
             return f"residual is on {residual.device} but x is on {x.device}"
+    s_dtype, y_dtype = norm_dtypes(x, residual)
+    if not dtypes_supported(x.dtype, s_dtype, y_dtype):
+        return (
+            f"no kernel for x {x.dtype} with sum {s_dtype} and output {y_dtype} (a branch in "
+            "one half dtype under autocast to the other)"
+        )
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
@@ -192,8 +212,75 @@ def input_problem(
     return None
 
 
+# The extension's two calls as torch custom ops: torch.compile sees opaque ops with known output
+# shapes and dtypes (the fake implementations below) instead of breaking the graph at every norm.
+# Outputs the binding returns as None (no sum without a residual, no mean for RMSNorm, gradients
+# not asked for) are empty tensors here.
+
+
+@torch.library.custom_op("craft::norm_fwd", mutates_args=())
+def norm_fwd_op(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],  # noqa: UP045 (custom_op reads the annotations)
+    weight: Optional[torch.Tensor],  # noqa: UP045
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    rms: bool,
+    eps: float,
+    y_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[y (N, C) y_dtype, sum (N, C) or empty, mean (N,) or empty, rstd (N,)] of x (N, C)."""
+    y, s, mean, rstd = extension().norm_fwd(x, residual, weight, bias, rms, eps, y_dtype)
+    return y, x.new_empty(0) if s is None else s, x.new_empty(0) if mean is None else mean, rstd
+
+
+@norm_fwd_op.register_fake
+def _norm_fwd_fake(x, residual, weight, bias, rms, eps, y_dtype):  # type: ignore[no-untyped-def]
+    rows = x.shape[0]
+    s = x.new_empty(0) if residual is None else torch.empty_like(x, dtype=residual.dtype)
+    mean = x.new_empty(0) if rms else x.new_empty(rows, dtype=torch.float32)
+    return torch.empty_like(x, dtype=y_dtype), s, mean, x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("craft::norm_bwd", mutates_args=())
+def norm_bwd_op(
+    dy: torch.Tensor,
+    dsum: Optional[torch.Tensor],  # noqa: UP045
+    x: torch.Tensor,
+    mean: Optional[torch.Tensor],  # noqa: UP045
+    rstd: torch.Tensor,
+    weight: Optional[torch.Tensor],  # noqa: UP045
+    need_dweight: bool,
+    need_dbias: bool,
+    rms: bool,
+    branch_dtype: Optional[torch.dtype],  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[dx (x's dtype), dweight fp32 or empty, dbias fp32 or empty, dx_branch or empty]."""
+    dx, dw, db, dxb = extension().norm_bwd(
+        dy, dsum, x, mean, rstd, weight, need_dweight, need_dbias, rms, branch_dtype
+    )
+
+    def given(t: torch.Tensor | None) -> torch.Tensor:
+        return dy.new_empty(0) if t is None else t  # a fresh empty tensor each: no aliases
+
+    return dx, given(dw), given(db), given(dxb)
+
+
+@norm_bwd_op.register_fake
+def _norm_bwd_fake(dy, dsum, x, mean, rstd, weight, need_dweight, need_dbias, rms, branch_dtype):  # type: ignore[no-untyped-def]
+    cols = x.shape[-1]
+    dw = x.new_empty(cols, dtype=torch.float32) if need_dweight else dy.new_empty(0)
+    db = x.new_empty(cols, dtype=torch.float32) if need_dbias else dy.new_empty(0)
+    branch = branch_dtype is not None and branch_dtype != x.dtype
+    dxb = torch.empty_like(x, dtype=branch_dtype) if branch else dy.new_empty(0)
+    return torch.empty_like(x), dw, db, dxb
+
+
 class FusedNorm(torch.autograd.Function):
-    """y = norm(x [+ residual]) with the compiled kernels; also returns s = x + residual if given."""
+    """y = norm(x [+ residual]) with the compiled kernels; also returns s = x + residual if given.
+
+    `y_dtype` is the output dtype the contract asks for (autocast's, or s's); the residual arrives
+    in s's dtype (the caller casts a narrower one, whose gradient is cast back in `backward`).
+    """
 
     @staticmethod
     def forward(
@@ -204,17 +291,21 @@ class FusedNorm(torch.autograd.Function):
         residual: torch.Tensor | None,
         rms: bool,
         eps: float,
+        y_dtype: torch.dtype,
     ) -> Any:
         shape = x.shape
         cols = shape[-1]
         x2 = x.reshape(-1, cols).contiguous()  # (N, C)
         r2 = None if residual is None else residual.reshape(-1, cols).contiguous()  # (N, C)
-        y, s, mean, rstd = extension().norm_fwd(x2, r2, weight, bias, rms, eps)  # y, s (N, C)
+        # y (N, C) in y_dtype; s (N, C) in the residual's dtype
+        y, s, mean, rstd = norm_fwd_op(x2, r2, weight, bias, rms, eps, y_dtype)
+        s = None if residual is None else s
         # The backward needs the normalised input: the sum when a residual was fused.
-        ctx.save_for_backward(x2 if s is None else s, mean, rstd, weight)
+        ctx.save_for_backward(x2 if s is None else s, None if rms else mean, rstd, weight)
         ctx.rms = rms
         ctx.shape = shape
-        ctx.fused = residual is not None
+        # the branch's gradient dtype when it differs from the sum's (written by the kernel)
+        ctx.branch_dtype = x.dtype if s is not None and s.dtype != x.dtype else None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.set_materialize_grads(False)
         if s is None:
@@ -228,20 +319,20 @@ class FusedNorm(torch.autograd.Function):
         cols = inp.shape[-1]
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         if dy is None:  # only the returned sum was used: its gradient passes straight through
-            return (ds if need_x else None), None, None, (ds if need_r else None), None, None
+            dx = None if ds is None or not need_x else ds.to(ctx.branch_dtype or ds.dtype)
+            return dx, None, None, (ds if need_r else None), None, None, None
         dy2 = dy.reshape(-1, cols).contiguous()  # (N, C)
         ds2 = None if ds is None else ds.reshape(-1, cols).contiguous()  # (N, C)
         need_w = need_w and weight is not None
         need_b = need_b and ctx.bias_dtype is not None
-        dx, dw, db = extension().norm_bwd(
-            dy2, ds2, inp, mean, rstd, weight, need_w, need_b, ctx.rms
+        dx, dw, db, dx_branch = norm_bwd_op(
+            dy2, ds2, inp, mean, rstd, weight, need_w, need_b, ctx.rms, ctx.branch_dtype
         )
-        dx = dx.view(ctx.shape)
-        if dw is not None:
-            dw = dw.to(weight.dtype)
-        if db is not None:
-            db = db.to(ctx.bias_dtype)
-        return (dx if need_x else None), dw, db, (dx if need_r else None), None, None
+        dx = dx.view(ctx.shape)  # in s's dtype: the residual's gradient
+        grad_x = dx if ctx.branch_dtype is None else dx_branch.view(ctx.shape)
+        dw = dw.to(weight.dtype) if need_w else None
+        db = db.to(ctx.bias_dtype) if need_b else None
+        return (grad_x if need_x else None), dw, db, (dx if need_r else None), None, None, None
 
 
 def norm(
@@ -257,7 +348,10 @@ def norm(
     reason = supports(x, weight, bias, kind, residual)
     if reason is not None:
         raise KernelError(f"the cuda norm kernels cannot run these inputs: {reason}")
-    return FusedNorm.apply(x, weight, bias, residual, kind == "rmsnorm", float(eps))
+    s_dtype, y_dtype = norm_dtypes(x, residual)
+    if residual is not None and residual.dtype != s_dtype:
+        residual = residual.to(s_dtype)  # e.g. a bf16 residual under an fp32 branch; rare
+    return FusedNorm.apply(x, weight, bias, residual, kind == "rmsnorm", float(eps), y_dtype)
 
 
 register_backend(

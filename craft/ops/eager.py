@@ -5,14 +5,21 @@ Conventions shared by every backend (the other backends are tested against these
 - attention: q (B, H, Tq, D), k/v (B, Hkv, Tk, D), H % Hkv == 0; query head h reads key/value head
   h // (H // Hkv). The causal mask is bottom-right aligned: query i sits at position Tk - Tq + i
   and sees keys 0 .. Tk - Tq + i, so a decode step with a KV cache (Tq < Tk) is causal too.
-  Causal attention needs Tq <= Tk (otherwise some queries would see no key at all).
+  Causal attention needs Tq <= Tk (otherwise some queries would see no key at all). `dropout_p`
+  zeroes attention probabilities with that probability and scales the rest by 1 / (1 - p), as
+  SDPA does; callers pass 0 outside training.
 - cross_entropy / linear_cross_entropy: computed in float32 (float64 inputs stay float64) and the
   result has that dtype. Per token: lse - x[target], label smoothing eps mixes in the mean over the
   vocabulary, (1 - eps) * nll + eps * (lse - mean(x)) (PyTorch's definition), and z_loss adds
   z_loss * lse**2. Tokens whose target is `ignore_index` contribute 0 and are left out of the mean;
   when every token is ignored the mean is 0 (not NaN) and so are the gradients.
-- norm: computed in float32 (float64 stays float64), returned in x's dtype. LayerNorm uses the
-  biased variance; RMSNorm is x / sqrt(mean(x**2) + eps) and never has a bias.
+- norm: computed in float32 (float64 stays float64). LayerNorm uses the biased variance; RMSNorm
+  is x / sqrt(mean(x**2) + eps) and never has a bias. Dtypes, the mixed-precision contract: with
+  a residual, s = x + residual has the promoted dtype of the two (a bf16 branch added to an fp32
+  residual stream gives an fp32 sum, as `x + residual` does) and the gradient of each input comes
+  back in its own dtype; the normalised output has the autocast dtype when autocast is on for the
+  device (it feeds a matmul that would cast it anyway), else the dtype of s (of x without a
+  residual). float64 is never narrowed.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from craft.ops.registry import register_backend
 
@@ -30,6 +38,24 @@ NORM_KINDS = ("layernorm", "rmsnorm")
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype losses and norms are computed in: float64 stays, everything else is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_NARROWABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype on `device_type` when autocast is enabled there, else None."""
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def norm_dtypes(x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of s = x [+ residual], dtype of the normalised output) under the current autocast."""
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    cast = autocast_dtype(x.device.type)
+    return s_dtype, (cast if cast is not None and s_dtype in _NARROWABLE else s_dtype)
 
 
 # ------------------------------------------------------------------------------------- attention
@@ -43,8 +69,12 @@ def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+def check_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0
+) -> None:
     """Raise ValueError when q, k, v do not form a valid (grouped-query) attention call."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention dropout_p must be in [0, 1); got {dropout_p}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"attention expects 4-d q, k, v (B, H, T, D); got {tuple(q.shape)}, "
@@ -75,9 +105,10 @@ def attention(
     v: torch.Tensor,
     causal: bool = True,
     scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v with grouped-query heads mapped by index."""
-    check_attention(q, k, v, causal)
+    """dropout(softmax(q k^T * scale + mask)) v with grouped-query heads mapped by index."""
+    check_attention(q, k, v, causal, dropout_p)
     h, hkv = q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kv_head = torch.arange(h, device=q.device) // (h // hkv)  # (H,) kv head read by each q head
@@ -87,6 +118,8 @@ def attention(
     if causal:
         att = att.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     att = torch.softmax(att.to(compute_dtype(att.dtype)), dim=-1).to(q.dtype)  # (B, H, Tq, Tk)
+    if dropout_p > 0.0:
+        att = F.dropout(att, dropout_p)  # kept probabilities scaled by 1 / (1 - p)
     return att @ v  # (B, H, Tq, D)
 
 
@@ -164,7 +197,12 @@ def check_norm(kind: str, bias: torch.Tensor | None) -> None:
 
 
 def _normalise(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, kind: str, eps: float
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    kind: str,
+    eps: float,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
     xf = x.to(compute_dtype(x.dtype))  # (..., C)
     if kind == "layernorm":
@@ -177,7 +215,7 @@ def _normalise(
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype)
+    return y.to(out_dtype)
 
 
 def norm(
@@ -190,10 +228,11 @@ def norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm/RMSNorm over the last dim; with `residual`, (norm(x + residual), x + residual)."""
     check_norm(kind, bias)
+    _, out_dtype = norm_dtypes(x, residual)
     if residual is None:
-        return _normalise(x, weight, bias, kind, eps)
-    s = x + residual
-    return _normalise(s, weight, bias, kind, eps), s
+        return _normalise(x, weight, bias, kind, eps, out_dtype)
+    s = x + residual  # the promoted dtype: an fp32 residual stream stays fp32
+    return _normalise(s, weight, bias, kind, eps, out_dtype), s
 
 
 ANY_DEVICE = ("cpu", "cuda", "mps")

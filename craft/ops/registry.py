@@ -1,7 +1,10 @@
-"""Kernel backends of the ops layer: registration, availability and the `auto` choice.
+"""Kernel backends of the ops layer: registration, availability and the `auto` order.
 
 A backend is registered per op with one call to `register_backend`. `auto` takes, for the device of
-the inputs, the available backend with the highest priority whose `supports` accepts the inputs.
+the inputs, the first backend in order of preference (highest `priority` first) that is available
+and whose `supports` accepts the inputs. The order is a preference, not a measurement: see
+`docs/architecture.md` for the evidence behind it. `resolve` makes that choice; `craft.ops.Kernels`
+calls it once per input signature and then calls the chosen function directly.
 """
 
 from __future__ import annotations
@@ -50,8 +53,6 @@ class Backend:
 
 
 _BACKENDS: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
-_SELECTED: dict[str, str] = dict.fromkeys(OPS, "auto")
-_LOGGED: set[tuple[str, str, str]] = set()
 
 
 def register_backend(
@@ -84,19 +85,14 @@ def backends(op: str) -> dict[str, Backend]:
     return _BACKENDS[op]
 
 
-def set_backend(op: str, name: str) -> None:
-    """Select the backend of `op` ("auto" or a registered name)."""
-    if op not in _SELECTED:
-        raise ValueError(f"unknown op {op!r}")
+def check_name(op: str, name: str) -> None:
+    """Raise when `name` is neither "auto" nor a registered backend of `op`."""
+    if op not in _BACKENDS:
+        raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
     if name != "auto" and name not in backends(op):
         raise KernelError(
             f"kernels.{op} = {name!r}: no such backend; registered: {', '.join(sorted(backends(op)))}"
         )
-    _SELECTED[op] = name
-
-
-def selected(op: str) -> str:
-    return _SELECTED[op]
 
 
 def availability(op: str) -> dict[str, str | None]:
@@ -104,37 +100,35 @@ def availability(op: str) -> dict[str, str | None]:
     return {n: b.unavailable_reason() for n, b in sorted(backends(op).items())}
 
 
-def resolve(op: str, device_type: str, *args: Any, **kwargs: Any) -> Backend:
-    """The backend that runs `op` for these inputs under the current selection."""
+def preference(op: str) -> list[Backend]:
+    """The backends of `op` in `auto`'s order of preference (highest priority first)."""
+    return sorted(backends(op).values(), key=lambda b: -b.priority)
+
+
+def resolve(op: str, name: str, device_type: str, *args: Any) -> Backend:
+    """The backend that runs `op` on these inputs when `name` ("auto" or a backend) is selected.
+
+    The slow path: it looks at every candidate. `craft.ops.Kernels` calls it once per input
+    signature and keeps the answer.
+    """
     table = backends(op)
-    name = _SELECTED[op]
     if name != "auto":
         b = table[name]
         reason = b.unavailable_reason()
         if reason is None and device_type not in b.devices:
             reason = f"does not run on {device_type}"
-        reason = reason or b.rejects(*args, **kwargs)
+        reason = reason or b.rejects(*args)
         if reason:
             raise KernelError(f"kernels.{op} = {name!r} cannot run these inputs: {reason}")
         return b
-    for b in sorted(table.values(), key=lambda b: -b.priority):
-        if (
-            b.auto_ok(device_type)
-            and b.unavailable_reason() is None
-            and b.rejects(*args, **kwargs) is None
-        ):
-            key = (op, device_type, b.name)
-            if key not in _LOGGED:
-                _LOGGED.add(key)
-                log.info("ops.%s: auto chose backend %r on %s", op, b.name, device_type)
+    for b in preference(op):
+        if b.auto_ok(device_type) and b.unavailable_reason() is None and b.rejects(*args) is None:
             return b
-    reasons = "; ".join(
-        f"{b.name}: {_why_not(b, device_type, args, kwargs)}" for b in table.values()
-    )
+    reasons = "; ".join(f"{b.name}: {_why_not(b, device_type, args)}" for b in table.values())
     raise KernelError(f"no backend of {op} can run these inputs on {device_type} ({reasons})")
 
 
-def _why_not(b: Backend, device_type: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def _why_not(b: Backend, device_type: str, args: tuple[Any, ...]) -> str:
     """Why backend `b` cannot run these inputs on `device_type` (for error messages)."""
     if not b.auto_ok(device_type):
         return (
@@ -142,20 +136,28 @@ def _why_not(b: Backend, device_type: str, args: tuple[Any, ...], kwargs: dict[s
             if device_type in b.devices
             else f"does not run on {device_type}"
         )
-    return b.unavailable_reason() or b.rejects(*args, **kwargs) or "?"
+    return b.unavailable_reason() or b.rejects(*args) or "?"
 
 
-def mark_logged(op: str, device_type: str, name: str) -> None:
-    """Record that the choice of `name` for `op` was already announced (by `configure`)."""
-    _LOGGED.add((op, device_type, name))
-
-
-def choose(op: str, device_type: str) -> str:
-    """The backend `auto` would pick on `device_type` for typical inputs (for logging at start)."""
-    name = _SELECTED[op]
+def choose(op: str, device_type: str, name: str = "auto") -> str:
+    """The backend `name` stands for on `device_type` for typical inputs (for logs and reports)."""
     if name != "auto":
         return name
-    for b in sorted(backends(op).values(), key=lambda b: -b.priority):
+    for b in preference(op):
         if b.auto_ok(device_type) and b.unavailable_reason() is None:
             return b.name
     return "none"
+
+
+def describe_auto() -> str:
+    """One line on what `auto` means, for `craft model info` and the docs (never "fastest")."""
+    prio: dict[str, int] = {}
+    for op in OPS:
+        for b in backends(op).values():
+            prio[b.name] = max(prio.get(b.name, b.priority), b.priority)
+    names = sorted(prio, key=lambda n: -prio[n])
+    return (
+        f"auto takes, per op and input signature, the first of {' > '.join(names)} that runs on "
+        "the device and accepts the inputs: an order of preference, not a timing (Triton only "
+        "on CUDA; `craft bench` and bench/results/ hold the measured speeds)."
+    )

@@ -2,7 +2,9 @@
 
 It runs on every device PyTorch does and follows the conventions written down in
 `craft.ops.eager`. `linear_cross_entropy` walks over the tokens in chunks inside one
-`autograd.Function`, so the (N, V) logits never exist at once: only one chunk of them does.
+`autograd.Function`, so the (N, V) logits never exist at once: only one chunk of them does. Its
+forward keeps the gradients unscaled and accumulates d weight in fp32; the backward applies
+grad_output / N in fp32 (`craft.ops.lowp`), so a GradScaler scale cannot overflow fp16 on the way.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from craft.ops.eager import (
     check_norm,
     compute_dtype,
     matmul_dtype,
+    norm_dtypes,
     reduce_loss,
 )
+from craft.ops.lowp import addmm_fp32_, scaled
 from craft.ops.registry import register_backend
 
 
@@ -43,9 +47,10 @@ def attention(
     v: torch.Tensor,
     causal: bool = True,
     scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """F.scaled_dot_product_attention with a bottom-right aligned causal mask."""
-    check_attention(q, k, v, causal)
+    """F.scaled_dot_product_attention with a bottom-right aligned causal mask (and dropout)."""
+    check_attention(q, k, v, causal, dropout_p)
     (_, h, tq, _), hkv, tk = q.shape, k.shape[1], k.shape[2]
     mask, is_causal = None, False
     if causal and tq == tk:
@@ -60,7 +65,7 @@ def attention(
             k = k.repeat_interleave(h // hkv, dim=1)  # (B, H, Tk, D)
             v = v.repeat_interleave(h // hkv, dim=1)  # (B, H, Tk, D)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **extra
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra
     )  # (B, H, Tq, D)
 
 
@@ -103,7 +108,8 @@ def _fused_pass(
     """Per-token losses and, when `row_scale` (N,) is given, the gradients of sum(scale * loss).
 
     One chunk of rows at a time: logits (n, V) -> loss and dloss/dlogits -> grads of hidden,
-    weight and bias. `need` says which of those three gradients to compute.
+    weight and bias. `need` says which of those three gradients to compute. d hidden has
+    hidden's dtype; d weight and d bias are accumulated in the compute dtype (fp32).
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
@@ -147,7 +153,7 @@ def _fused_pass(
         if g_h is not None:
             g_h[start:end] = (dx.to(mm_dtype) @ w).to(hidden.dtype)  # (n, C)
         if g_w is not None:
-            g_w += (dx.to(mm_dtype).t() @ h).to(acc)  # (V, C)
+            addmm_fp32_(g_w, dx.to(mm_dtype).t(), h)  # (V, C): low-precision operands, fp32 sum
         if g_b is not None:
             g_b += dx.sum(dim=0)  # (V,)
     return losses, g_h, g_w, g_b
@@ -177,12 +183,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         need = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
         valid = targets != ignore_index  # (N,)
-        scale = None
-        if any(need) and reduction != "none":
-            denom = valid.sum().clamp(min=1) if reduction == "mean" else 1
-            scale = valid.to(compute_dtype(hidden.dtype)) / denom  # (N,)
+        unit = None
+        if any(need) and reduction != "none":  # unscaled now; grad_output / N in backward
+            unit = valid.to(compute_dtype(hidden.dtype))  # (N,)
         losses, g_h, g_w, g_b = _fused_pass(
-            hidden, weight, bias, targets, valid, label_smoothing, z_loss, mm_dtype, scale, need
+            hidden, weight, bias, targets, valid, label_smoothing, z_loss, mm_dtype, unit, need
         )
         ctx.reduction = reduction
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -191,6 +196,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, targets, valid)
         else:
             ctx.grads = (g_h, g_w, g_b)
+            ctx.denom = valid.sum().clamp(min=1) if reduction == "mean" else None
+            ctx.acc = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
         return reduce_loss(losses, valid, reduction)
 
     @staticmethod
@@ -214,9 +221,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             )
         else:
             g_h, g_w, g_b = ctx.grads
-            g_h = None if g_h is None else g_h * grad_out.to(g_h.dtype)
-            g_w = None if g_w is None else g_w * grad_out
-            g_b = None if g_b is None else g_b * grad_out
+            s = grad_out.to(ctx.acc)  # grad_output / N in the compute dtype, on the device
+            s = s if ctx.denom is None else s / ctx.denom
+            g_h, g_w, g_b = (None if g is None else scaled(g, s) for g in (g_h, g_w, g_b))
         dt_h, dt_w, dt_b = ctx.dtypes
         return (
             None if g_h is None else g_h.to(dt_h),
@@ -274,13 +281,19 @@ def norm(
     eps: float = 1e-5,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """F.layer_norm / F.rms_norm; with `residual`, (norm(x + residual), x + residual)."""
+    """F.layer_norm / F.rms_norm; with `residual`, (norm(x + residual), x + residual).
+
+    The output dtype follows the contract of `craft.ops.eager` (autocast's own rule would return
+    layer_norm in float32).
+    """
     check_norm(kind, bias)
+    _, out_dtype = norm_dtypes(x, residual)
     s = x if residual is None else x + residual
     if kind == "layernorm":
         y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
     else:
         y = _rms_norm(s, weight, eps)
+    y = y.to(out_dtype)
     return y if residual is None else (y, s)
 
 

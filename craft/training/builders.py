@@ -20,10 +20,15 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def build_model(cfg: Any, vocab_size: int, *, fused_loss: bool = False) -> torch.nn.Module:
+def build_model(
+    cfg: Any, vocab_size: int, *, fused_loss: bool = False, kernels: Any = None
+) -> torch.nn.Module:
     """The model of `cfg.model` for `vocab_size` tokens (`cfg.model.vocab_size` wins when set).
 
     `fused_loss` is passed to builders that take it; asking a builder that does not is an error.
+    `kernels` (the `kernels` section) gives the model its own backend table when its builder
+    takes one; a builder that does not gets the selection as the process default instead (its
+    model calls the module-level `craft.ops` functions). None keeps every op on `auto`.
     """
     declared = getattr(cfg.model, "vocab_size", None)
     if isinstance(declared, int) and declared < vocab_size:
@@ -33,21 +38,35 @@ def build_model(cfg: Any, vocab_size: int, *, fused_loss: bool = False) -> torch
             f"least {vocab_size}"
         )
     fn = registry.get("model", cfg.model.type).build_fn()
+    kw: dict[str, Any] = {}
     if _accepts(fn, "fused_loss"):
-        return fn(cfg.model, vocab_size, fused_loss=fused_loss)
-    if fused_loss:
+        kw["fused_loss"] = fused_loss
+    elif fused_loss:
         raise ConfigError(
             f"kernels.fused_loss = true: model type {cfg.model.type!r} does not support a fused loss"
         )
-    return fn(cfg.model, vocab_size)
+    if kernels is not None:
+        if _accepts(fn, "kernels"):
+            kw["kernels"] = kernels
+        else:
+            from craft import ops
+
+            ops.configure(kernels)
+    return fn(cfg.model, vocab_size, **kw)
 
 
 def build_start_model(
-    cfg: Any, vocab_size: int, tokenizer: Any, *, fused_loss: bool, pretrained: bool
+    cfg: Any,
+    vocab_size: int,
+    tokenizer: Any,
+    *,
+    fused_loss: bool,
+    pretrained: bool,
+    kernels: Any = None,
 ) -> torch.nn.Module:
     """The model a run starts from: `build_model`, then with `pretrained` (a new run, not a
     resume) the weights of `model.init_from` when the config names one."""
-    model = build_model(cfg, vocab_size, fused_loss=fused_loss)
+    model = build_model(cfg, vocab_size, fused_loss=fused_loss, kernels=kernels)
     if pretrained and getattr(cfg.model, "init_from", None):
         from craft.training.pretrained import load_init_weights
 

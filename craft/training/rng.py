@@ -41,8 +41,9 @@ def check_rng(states: dict[str, torch.Tensor]) -> None:
         if t.numel() != n:
             raise ValueError(f"RNG state {key!r} holds {t.numel()} values, expected {n}")
     cuda = [k for k in states if k.startswith("torch.cuda.")]
-    if cuda and torch.cuda.is_available():
-        n = torch.cuda.get_rng_state().numel()
+    present = torch.cuda.get_rng_state_all() if cuda and torch.cuda.is_available() else []
+    if present:
+        n = present[0].numel()
         for key in cuda:
             if states[key].numel() != n:
                 raise ValueError(

@@ -75,9 +75,22 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """safetensors file, fsynced. Tensors must not share memory (see `dedupe_shared`)."""
-    save_file(tensors, str(path), metadata=metadata)
+    """safetensors file, fsynced. A tensor whose memory an earlier one already uses (a view, or
+    the same tensor referenced twice in a state) is stored as a copy; see `dedupe_shared` to
+    store tied weights once instead."""
+    save_file(_unshared(tensors), str(path), metadata=metadata)
     fsync_file(path)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with every tensor that shares memory with an earlier one cloned
+    (safetensors refuses to write tensors that share memory)."""
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr and ptr in seen else t
+        seen.add(ptr)
+    return out
 
 
 def save_state(directory: Path, stem: str, state: Any, meta: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """One optimizer step: forward and backward over the micro-batches, clip, guard, optimizer, schedule.
 
-Each micro-batch loss is the mean over its B*T tokens and is divided by `grad_accum_steps` before
-backward, so the accumulated gradient is that of the mean loss over the whole step (all
-micro-batches hold the same number of tokens). DDP syncs gradients on the last micro-batch only.
+Each micro-batch loss (the mean over its valid target tokens) is weighted by its share of the
+valid target tokens of the whole step on all processes (`craft.training.accumulation`) before
+backward, so the accumulated gradient is that of the mean over every valid token of the step,
+however many tokens each micro-batch ignores. DDP syncs gradients on the last micro-batch only.
 
 The step waits for the device exactly once: the optimizer must not step on a non-finite loss or
 gradient norm, and only the host can decide to skip the call, so the decision waits for the
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from craft.errors import TrainingError
+from craft.training.accumulation import token_weights
 
 
 @dataclass
@@ -73,25 +75,39 @@ class TrainStep:
         self.multi = accelerator.num_processes > 1
         self.direct = direct
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, *, last: bool) -> torch.Tensor:
-        """Loss of one micro-batch (B, T), its gradient accumulated; DDP syncs on the `last`."""
+    def forward_backward(
+        self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, *, last: bool
+    ) -> torch.Tensor:
+        """Weighted loss of one micro-batch (B, T), its gradient accumulated; DDP syncs on the
+        `last`. `weight`: the micro-batch's share of the step's valid tokens (None: 1)."""
         sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
         with sync:
             _, loss = self.model(x, y)
-            scaled = loss / self.accum if self.accum > 1 else loss
+            scaled = loss if weight is None else loss * weight
             scaled.backward() if self.direct else self.acc.backward(scaled)
-        return loss.detach()
+        return scaled.detach()
 
     def __call__(
         self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, stop: bool = False
     ) -> StepOutput:
         device = self.acc.device
-        losses = []
-        for micro in range(self.accum):
+        micro_batches = []
+        for _ in range(self.accum):
             x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T)
-            losses.append(self.forward_backward(x, y, last=micro == self.accum - 1))
-        loss = losses[0] if self.accum == 1 else torch.stack(losses).mean()
+            micro_batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+        weights = (  # (accum,) on the device: no host sync
+            token_weights([y for _, y in micro_batches], self.acc.num_processes)
+            if self.accum > 1 or self.multi
+            else None
+        )
+        losses = [
+            self.forward_backward(
+                x, y, None if weights is None else weights[i], last=i == self.accum - 1
+            )
+            for i, (x, y) in enumerate(micro_batches)  # (B, T) each
+        ]
+        # this process's share of the step's token mean (the mean itself on one process)
+        loss = losses[0] if self.accum == 1 else torch.stack(losses).sum()
         grad_norm = self._clip()
         lr = float(self.raw_optimizer.param_groups[0]["lr"])
 

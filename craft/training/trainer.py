@@ -143,14 +143,17 @@ class Trainer:
         self.tokenizer = self.data.tokenizer
         from craft import ops
 
-        ops.configure(cfg.kernels, self.device.type)  # logs the backend chosen for each op
         model = self.raw_model = build_start_model(
             cfg,
             self.data.vocab_size,
             self.tokenizer,
             fused_loss=cfg.kernels.fused_loss,
             pretrained=resume_from is None,  # model.init_from: the weights of a new run
+            kernels=cfg.kernels,
         )
+        table = getattr(model, "kernels", None)
+        plan = (table if isinstance(table, ops.Kernels) else ops.DEFAULT).plan(self.device.type)
+        ops.log_plan(plan, self.device.type)  # `auto` resolves per input signature on first use
         log.info("model: %s", describe_model(cfg, model, self.data.vocab_size))
         saved: dict[str, Any] | None = None
         if resume_from is not None:

@@ -18,6 +18,7 @@ from craft.config.components import (
 from craft.config.registry import build
 from craft.data.datasets import (
     DataModule,
+    EvalBatches,
     PreparedDataset,
     TokenSource,
     TrainBatches,
@@ -319,3 +320,94 @@ def test_training_windows_reach_both_ends_of_the_split() -> None:
     it = _over(tokens, block).train_batches(batch_size=64, seed=0)
     seen = {int(x[0]) for _ in range(4) for x in next(it)[0]}
     assert seen == {0, 1, 2}
+
+
+def test_eval_batches_ask_for_whole_batches_then_the_rest() -> None:
+    asked: list[tuple[int, int]] = []
+
+    def make(first: int, n: int) -> np.ndarray:
+        asked.append((first, n))
+        return np.arange(first, first + n)[:, None] + np.arange(3)  # (n, T + 1 = 3)
+
+    ev = EvalBatches(make, num_windows=10, batch_size=4)
+    assert len(ev) == 3 and [x.shape[0] for x, _ in ev] == [4, 4, 2]
+    assert asked == [(0, 4), (4, 4), (8, 2)]
+    assert torch.equal(ev[-1][0], ev[2][0])
+    for i in (3, -4):
+        with pytest.raises(IndexError):
+            ev[i]
+    dm = _over(np.arange(20, dtype=np.uint16), 4)
+    assert dm.num_tokens("val") == 20 and (dm.rank, dm.world_size) == (0, 1)  # one process
+    for bs, mb in [(0, None), (2, 0)]:
+        with pytest.raises(DataError, match="must be >= 1"):
+            dm.eval_batches("val", bs, mb)
+
+
+def test_sampler_state_at_the_start_and_seed_zero_loads() -> None:
+    dm = _over(np.arange(20, dtype=np.uint16), 4)
+    fresh = dm.train_batches(2, seed=0)
+    other = dm.train_batches(2, seed=5)
+    other.load_state_dict(fresh.state_dict())  # {seed 0, step 0}: a valid state
+    assert _equal([next(other)], [next(dm.train_batches(2, seed=0))])
+
+
+def test_random_dataset_draws_every_id_and_defaults_to_rank_zero() -> None:
+    cfg = RandomDataConfig(vocab_size=5, seed=3)
+    single = build("data", cfg, None, block_size=BLOCK)
+    ranked = build("data", cfg, None, block_size=BLOCK, rank=1, world_size=2)
+    assert (single.rank, single.world_size) == (0, 1) and (ranked.rank, ranked.world_size) == (1, 2)
+    assert single.num_tokens("train") is None  # no token files behind random data
+    x, y = next(single.train_batches(64, seed=0))
+    assert sorted(set(x.flatten().tolist()) | set(y.flatten().tolist())) == [0, 1, 2, 3, 4]
+    rank0 = build("data", cfg, None, block_size=BLOCK, rank=0, world_size=2)
+    assert _equal(_take(single.train_batches(4, 1), 2), _take(rank0.train_batches(4, 1), 2))
+    assert not torch.equal(next(ranked.train_batches(4, 1))[0], next(rank0.train_batches(4, 1))[0])
+
+
+def _pcg(*words: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(words))))
+
+
+def test_batch_i_of_rank_r_comes_from_the_generator_seeded_by_seed_rank_i() -> None:
+    """The stream is a function of (seed, rank, step) alone, so a resumed run (also one started by
+    another Craft version) sees the batches an uninterrupted run would have."""
+    tokens = np.arange(50, dtype=np.uint16)
+    for rank in (0, 1):
+        dm = DataModule(
+            train=TokenSource(tokens, 4), val=TokenSource(tokens, 4), tokenizer=None,
+            vocab_size=50, block_size=4, rank=rank,
+        )  # fmt: skip
+        assert (dm.rank, dm.world_size, dm.block_size) == (rank, 1, 4)
+        it = dm.train_batches(batch_size=3, seed=7)
+        for step in range(3):
+            x, y = next(it)
+            starts = _pcg(7, rank, step, 0).integers(0, 50 - 4, size=3)
+            assert (
+                x[:, 0].tolist() == starts.tolist() and y[:, -1].tolist() == (starts + 4).tolist()
+            )
+    plain = TrainBatches(lambda rng, b: rng.integers(0, 9, size=(b, 3)), batch_size=1, seed=2)
+    assert next(plain)[0].tolist() == [_pcg(2, 0, 0, 0).integers(0, 9, size=(1, 3))[0, :2].tolist()]
+    assert not torch.equal(next(plain)[0], next(plain)[0])  # every step draws anew
+
+
+def test_random_eval_batches_cover_the_vocabulary_with_full_windows() -> None:
+    dm = build("data", RandomDataConfig(vocab_size=4, seed=0), None, block_size=BLOCK)
+    one = dm.eval_batches("val", batch_size=8)
+    assert len(one) == 1 and one[0][0].shape == (8, BLOCK)  # max_batches None: one batch
+    x, y = dm.eval_batches("val", batch_size=8, max_batches=1)[0]
+    assert x.shape == y.shape == (8, BLOCK) and torch.equal(x[:, 1:], y[:, :-1])
+    assert sorted(set(x.flatten().tolist())) == [0, 1, 2, 3]
+    train_x, _ = dm.eval_batches("train", batch_size=8, max_batches=1)[0]
+    assert not torch.equal(train_x, x)  # each split its own fixed windows
+
+
+def test_open_prepared_needs_one_full_window_per_split(prepared: Path) -> None:
+    ds = PreparedDataset(prepared)
+    n = min(ds.num_tokens("train"), ds.num_tokens("val"))
+    dm = open_prepared(ds, n - 1)  # exactly block_size + 1 tokens in the smaller split
+    assert (dm.block_size, dm.rank, dm.world_size) == (n - 1, 0, 1)
+    assert len(dm.eval_batches("val" if ds.num_tokens("val") == n else "train", 1)) == 1
+    with pytest.raises(DataError, match="fewer than block_size"):
+        open_prepared(ds, n)
+    ranked = open_prepared(ds, 8, rank=1, world_size=3)
+    assert (ranked.rank, ranked.world_size) == (1, 3)

@@ -141,3 +141,18 @@ def test_temperature_and_top_k_commute_and_keep_the_k_largest() -> None:
     p1 = 1 / (1 + math.exp((2.0 - 3.0) / 4.0))  # token 1 vs token 3 at temperature 4
     assert counts[0] == counts[2] == counts[4] == 0
     assert math.isclose(counts[1] / 3000, p1, abs_tol=0.03)
+
+
+def test_top_p_one_and_top_k_equal_to_the_vocabulary_keep_every_token() -> None:
+    # token 1's probability underflows: a cumulative sum would already read 1.0 before it
+    logits = torch.tensor([[0.0, -200.0, -1.0]])
+    assert _kept(filter_logits(logits, top_p=1.0)) == [0, 1, 2]
+    assert _kept(filter_logits(logits, top_k=3, top_p=1.0)) == [0, 1, 2]
+    assert SamplingParams(top_p=1.0).top_p == 1.0  # 1.0 is valid: no nucleus filtering
+
+
+def test_default_temperature_is_one() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0]]).expand(64, 3)
+    a = sample_next(logits, generator=torch.Generator().manual_seed(3))
+    b = sample_next(logits, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and SamplingParams().temperature == 1.0

@@ -21,8 +21,8 @@ import torch
 import craft.ops
 from craft.errors import KernelError
 from craft.ops import cuda as cuda_backend
-from craft.ops import torch_backend
-from craft.ops.registry import backends, set_backend
+from craft.ops import set_backend, torch_backend
+from craft.ops.registry import backends
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()
@@ -97,7 +97,7 @@ def test_supports_rejects_cpu_tensors() -> None:
         (torch.zeros(2, 8), None, torch.ones(8, 1), None, "bias has shape (8, 1)"),
         (torch.zeros(2, 8), torch.ones(8, dtype=torch.float64), None, None, "weight has dtype"),
         (torch.zeros(2, 8), None, None, torch.zeros(2, 9), "does not match"),
-        (torch.zeros(2, 8), None, None, torch.zeros(2, 8, dtype=torch.float16), "does not match"),
+        (torch.zeros(2, 8), None, None, torch.zeros(2, 8, dtype=torch.float64), "does not match"),
     ],
 )
 def test_input_problems_are_named(
@@ -287,6 +287,38 @@ def test_matches_float64_reference(
             continue
         assert g is not None and g.dtype == dtype, name
         assert _rel_err(g, leaf.grad) <= 2 * _rel_err(tg, leaf.grad) + slack, name
+
+
+@needs_cuda
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cols", [7, 64, 100, 768, 4096, 8193])
+@pytest.mark.parametrize(
+    ("kind", "fused"), [("layernorm", True), ("rmsnorm", True), ("layernorm", False)]
+)
+def test_autocast_mixed_dtypes_match_torch_backend(
+    half: torch.dtype, cols: int, kind: str, fused: bool
+) -> None:
+    """A GPT block under autocast: bf16/fp16 branch + fp32 residual (ln_2), fp32 input (ln_1)."""
+    torch.manual_seed(cols)
+    rows, dev = 37, "cuda"
+    x = (torch.randn(rows, cols, device=dev) * 2 + 0.5).to(half if fused else torch.float32)
+    res = torch.randn(rows, cols, device=dev) * 3 if fused else None  # the fp32 stream
+    w = torch.rand(cols, device=dev) + 0.5
+    b = torch.randn(cols, device=dev) * 0.1 if kind == "layernorm" else None
+    with torch.autocast("cuda", dtype=half):
+        y, s, grads = _run(cuda_backend.norm, x, w, b, kind, res)
+        ty, ts, tgrads = _run(torch_backend.norm, x, w, b, kind, res)
+    assert y.dtype == half == ty.dtype
+    if fused:
+        assert s is not None and s.dtype == torch.float32 and torch.equal(s, ts)
+    ref_y = _reference(x, w, b, kind, 1e-5, res)
+    slack = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[half]
+    assert _rel_err(y, ref_y) <= 2 * _rel_err(ty, ref_y) + slack
+    for name, g, tg in zip("xwbr", grads, tgrads, strict=True):
+        if tg is None:
+            continue
+        assert g is not None and g.dtype == tg.dtype, name  # each in its own input's dtype
+        torch.testing.assert_close(g.float(), tg.float(), atol=2 * slack, rtol=2 * slack, msg=name)
 
 
 @needs_cuda

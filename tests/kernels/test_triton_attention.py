@@ -170,12 +170,11 @@ def test_explicit_selection_raises_kernel_error_and_auto_falls_back() -> None:
     x48 = torch.randn(1, 2, 4, 48, device=DEVICE)
     with ops.use_backends(attention="triton"), pytest.raises(KernelError, match="head dim 48"):
         ops.attention(x48, x48, x48)
-    with ops.use_backends(attention="auto"):
-        assert resolve("attention", DEVICE, x48, x48, x48, True, None).name != "triton"
-        x16 = torch.randn(1, 2, 4, 16, device=DEVICE)
-        chosen = resolve("attention", DEVICE, x16, x16, x16, True, None).name
-        # auto takes Triton on CUDA, never the (slow) interpreter on CPU
-        assert chosen == ("triton" if DEVICE == "cuda" else "torch")
+    assert resolve("attention", "auto", DEVICE, x48, x48, x48, True, None).name != "triton"
+    x16 = torch.randn(1, 2, 4, 16, device=DEVICE)
+    chosen = resolve("attention", "auto", DEVICE, x16, x16, x16, True, None).name
+    # auto takes Triton on CUDA, never the (slow) interpreter on CPU
+    assert chosen == ("triton" if DEVICE == "cuda" else "torch")
 
 
 def test_dispatch_through_ops_matches_direct_call() -> None:

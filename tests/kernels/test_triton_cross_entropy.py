@@ -131,6 +131,17 @@ def test_gradient_overwrites_intermediate_logits_in_place() -> None:
     assert torch.equal(y.detach(), before) and y.grad is not None
 
 
+def test_forward_leaves_the_logits_intact_until_the_backward() -> None:
+    """The gradient is written by the backward (where grad_output is known), not the forward."""
+    logits, targets = make(6, 90, torch.float32, ignored=0.2)
+    x = logits.clone().requires_grad_() * 1
+    before = x.detach().clone()
+    loss = tri.cross_entropy(x, targets)
+    assert torch.equal(x.detach(), before)  # e.g. an argmax for accuracy is still right here
+    loss.backward()
+    assert not torch.equal(x.detach(), before)
+
+
 def test_view_of_a_leaf_is_never_overwritten() -> None:
     """`leaf.view(-1, V)` is not a leaf but shares the leaf's memory: it must stay intact."""
     logits, targets = make(6, 90, torch.float32, ignored=0.2)

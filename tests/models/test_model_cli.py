@@ -39,6 +39,8 @@ def test_model_info_reports_counts_flops_memory_and_kernels():
     assert f"{6 * 10_672_512 + 12 * 6 * 6 * 64 * 256:,}" in out
     assert "optimizer state" in out and "activations" in out
     assert "attention" in out and "torch: ok" in out and "eager: ok" in out
+    # `auto` is described as what it is: an order of preference, not a measured "fastest"
+    assert "order of preference" in out and "fastest" not in out
 
 
 def test_model_info_states_an_assumed_vocab_size_and_takes_the_option(tmp_path, monkeypatch):

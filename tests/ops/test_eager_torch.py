@@ -336,7 +336,7 @@ def test_use_backends_selects_and_restores():
 def test_auto_prefers_torch_over_eager_on_cpu():
     assert ops.availability("attention")["eager"] is None
     assert ops.availability("attention")["torch"] is None
-    assert ops.registry.resolve("attention", "cpu", *_qkv(1, 2, 2, 3, 3, 4)).priority >= 10
+    assert ops.registry.resolve("attention", "auto", "cpu", *_qkv(1, 2, 2, 3, 3, 4)).priority >= 10
 
 
 # ------------------------------------------------------------------------------------------ CUDA

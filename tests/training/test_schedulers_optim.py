@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -121,3 +122,32 @@ def test_recipes_validate() -> None:
     for recipe in sorted((REPO / "recipes").glob("*.toml")):
         cfg = load_config(recipe)
         assert cfg.training.max_steps >= 1, recipe
+
+
+def test_schedule_edges_min_lr_above_the_peak_and_decay_of_one_step() -> None:
+    # min_lr above the peak: the floor is the peak (never an lr above the configured one)
+    lrs = _lrs(build_cosine(CosineSchedulerConfig(min_lr=2.0), _opt(1.0), 5), 5)
+    assert lrs == [1.0] * 5
+    # warmup leaves one step: it runs at the peak (no division by an empty decay)
+    lrs = _lrs(build_linear(LinearSchedulerConfig(warmup_steps=3, min_lr=0.1), _opt(1.0), 4), 5)
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and lrs[4] == pytest.approx(0.1)
+    # WSD whose warmup reaches into the decay window: the plateau starts after the warmup
+    cfg = WSDSchedulerConfig(warmup_steps=8, decay_fraction=0.5, min_lr=0.2)
+    lrs = _lrs(build_wsd(cfg, _opt(1.0), 10), 10)
+    assert lrs[7] == pytest.approx(8 / 9) and lrs[8] == 1.0 and lrs[9] == pytest.approx(0.2)
+
+
+def test_restore_gives_other_schedulers_their_saved_state() -> None:
+    def step_lr(lr: float) -> torch.optim.lr_scheduler.StepLR:
+        return torch.optim.lr_scheduler.StepLR(_opt(lr), step_size=2, gamma=0.5)
+
+    s1 = step_lr(1.0)
+    _lrs(s1, 5)
+    state = json.loads(json.dumps(scheduler_state(s1)))  # what a checkpoint stores: JSON only
+    s2 = step_lr(2.0)  # the config's peak lr changed in between: the new one is kept
+    restore_scheduler(s2, state, 5)
+    assert s2.last_epoch == 5 and s2.optimizer.param_groups[0]["lr"] == pytest.approx(0.25)
+    assert s2.get_last_lr() == pytest.approx([0.25]) and s2.base_lrs == [2.0]
+    assert _lrs(s2, 2) == _lrs(s1, 2)  # and it continues like the original
+    cosine = build_cosine(CosineSchedulerConfig(), _opt(1.0), 10)
+    assert "lr_lambdas" not in scheduler_state(cosine) and json.dumps(scheduler_state(cosine))

@@ -3,7 +3,8 @@
 It runs on CUDA (priority 30, so `auto` prefers it there). Under the Triton interpreter
 (TRITON_INTERPRET=1) it also runs on CPU tensors, which is how the test suite checks the kernels
 without a GPU; interpreted kernels are slow, so on CPU it is used only when selected explicitly
-(`kernels.attention = "triton"`), never by `auto`.
+(`kernels.attention = "triton"`), never by `auto`. Interpreted ops are not traced by
+torch.compile (they run between compiled graphs); compiled Triton kernels on CUDA are.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ else:
         op: (_unavailable(op), None)
         for op in ("attention", "cross_entropy", "linear_cross_entropy")
     }
+
+if INTERPRET:
+    # torch.compile cannot trace the interpreter's numpy code as it traces a compiled Triton
+    # kernel: interpreted ops run eagerly between compiled graphs (a graph break).
+    _FNS = {op: (torch.compiler.disable(fn), sup) for op, (fn, sup) in _FNS.items()}
 
 for _op, (_fn, _supports) in _FNS.items():
     register_backend(

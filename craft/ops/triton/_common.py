@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # CRAFT_TRITON_AUTOTUNE=0 keeps only the first (default) config of every autotuned kernel: the
@@ -42,6 +43,7 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
+@torch.compiler.assume_constant_result  # read while tracing: torch.compile cannot trace it
 def tf32_matmuls_allowed() -> bool:
     """Whether torch lets fp32 CUDA matmuls use TF32, through either of its two settings APIs.
 
@@ -62,3 +64,28 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not tf32_matmuls_allowed():
         return "ieee"
     return "tf32"
+
+
+@triton.jit
+def _scale_kernel(T, S, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    s = tl.load(S).to(tl.float32)
+    t = tl.load(T + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(T + offs, (t * s).to(T.dtype.element_ty), mask=ok)
+
+
+def scale_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """t *= s in place for a contiguous t, computed in fp32 and rounded once; s is a 0-d tensor.
+
+    (Converting s to half first would make a GradScaler scale of 65536 inf in fp16.)
+    """
+    if not t.is_contiguous() or t.dtype == torch.float64:
+        from craft.ops.lowp import scale_ as torch_scale_
+
+        return torch_scale_(t, s)
+    n = t.numel()
+    if n:
+        block = 1024 if not INTERPRET else 4096
+        _scale_kernel[(triton.cdiv(n, block),)](t, s.reshape(()), n, BLOCK=block)
+    return t

@@ -15,10 +15,14 @@ a K/V tile without atomics; MHA (Hkv == H) is unaffected.
 
 Each key loop runs in two phases: tiles that need no mask (fully visible, fully in bounds) and
 the few tiles on the causal diagonal or the ragged end, which are masked.
+
+The kernels have no dropout: a call with dropout_p > 0 (training with `model.attn_dropout`) runs
+on the torch backend (SDPA, which has it), and says so once in the log.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -30,6 +34,8 @@ from craft.errors import KernelError
 from craft.ops.triton._common import FLOAT_DTYPES, configs, dot_precision, upcast_dots
 
 HEAD_DIMS = (16, 32, 64, 128)
+log = logging.getLogger("craft.ops")
+_dropout_noted = False
 LOG2E = 1.4426950408889634
 
 # (meta, num_warps, num_stages); sized for H100 (228 KB smem) and A100 (164 KB): configs that do
@@ -757,10 +763,36 @@ def attention(
     v: torch.Tensor,
     causal: bool = True,
     scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """The `triton` backend of craft.ops.attention. q (B, H, Tq, D), k/v (B, Hkv, Tk, D)."""
+    if dropout_p > 0.0:
+        return _with_dropout(q, k, v, causal, scale, dropout_p)
     reason = check_inputs(q, k, v, causal)
     if reason:
         raise KernelError(f"triton attention: {reason}")
     sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale)
+
+
+def _with_dropout(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    """Attention with dropout, which these kernels lack: the torch backend's SDPA runs it."""
+    global _dropout_noted
+    from craft.ops import torch_backend
+
+    if not _dropout_noted and not torch.compiler.is_compiling():
+        _dropout_noted = True
+        log.warning(
+            "triton attention has no dropout: calls with dropout_p > 0 (training with "
+            "model.attn_dropout = %g) run on the torch backend (SDPA); evaluation and "
+            "generation (dropout_p = 0) use the Triton kernels",
+            dropout_p,
+        )
+    return torch_backend.attention(q, k, v, causal, scale, dropout_p)

@@ -1,10 +1,15 @@
-"""Fused cross-entropy in Triton: loss and gradient in one pass over each row of logits.
+"""Fused cross-entropy in Triton: the loss in one pass over each row of logits, the gradient in one.
 
-One program per row streams the vocabulary in chunks: pass 1 keeps an online max / sum-exp (and
-the row sum for label smoothing), pass 2 writes d loss / d logits. The gradient is written during
-the forward, in place over the logits when they are an intermediate result of the graph
-(Liger-Kernel's approach), so the backward is only a scale and no (N, V) softmax is ever stored.
-Math is fp32 whatever the logits dtype; the loss is returned in fp32.
+One program per row streams the vocabulary in chunks. The forward keeps an online max / sum-exp
+(and the row sum for label smoothing) and stores the loss and the log-sum-exp of the row; the
+backward reads the row once more and writes d loss / d logits, in place over the logits when they
+are an intermediate result of the graph, so no (N, V) softmax or gradient buffer ever exists
+besides the logits themselves. Math is fp32 whatever the logits dtype; the loss is fp32.
+
+The incoming gradient (grad_output: a GradScaler scale of 65536, a 1/k accumulation weight, per-row
+weights for `none`) and 1/N of the mean are applied in fp32 inside the backward kernel, before the
+one rounding to the logits' dtype: nothing overflows or underflows that the exact gradient would
+not. The backward needs no host sync (N is read from device memory).
 
 Per valid row (target != ignore_index), with eps = label_smoothing and lse = logsumexp(x):
     loss = lse - (1 - eps) * x_t - eps / V * sum_j x_j + z_loss * lse^2
@@ -13,8 +18,9 @@ Ignored rows give 0 loss and 0 gradient; `mean` divides by the number of valid r
 whose targets are all ignored has loss 0 and zero gradients, not NaN).
 
 In-place caveat: when the logits require grad and are not a leaf, their storage holds the
-gradient after this op and their autograd version is bumped, so any other op that saved them for
-its backward fails loudly instead of silently using overwritten values.
+gradient once the backward has run and their autograd version is bumped, so any other op that
+saved them for its backward fails loudly instead of silently using overwritten values. The
+forward leaves them intact.
 """
 
 from __future__ import annotations
@@ -42,24 +48,33 @@ def _ce_kernel(
     TGT,
     stride_t,
     LOSS,
+    LSE,
+    SCALE,
+    stride_s,
     N_VALID,
     V,
     ignore_index,
     label_smoothing,
     z_loss,
+    FORWARD: tl.constexpr,
     HAS_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     MEAN: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    """FORWARD: loss and lse of the row (pass 1), else lse is read. HAS_GRAD: write the gradient
+    (pass 2) times SCALE[row * stride_s] (HAS_SCALE) and / max(N_VALID, 1) (MEAN), in fp32."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xn
     g_row = G + row * stride_gn
     t = tl.load(TGT + row * stride_t).to(tl.int64)
     offs0 = tl.arange(0, BLOCK_V)
     if t == ignore_index:
-        tl.store(LOSS + row, 0.0)
+        if FORWARD:
+            tl.store(LOSS + row, 0.0)
+            tl.store(LSE + row, 0.0)
         if HAS_GRAD:
             for start in range(0, V, BLOCK_V):
                 offs = start + offs0
@@ -68,35 +83,40 @@ def _ce_kernel(
         return
     tl.device_assert((t >= 0) & (t < V), "cross_entropy: target out of range")
 
-    # pass 1: online logsumexp over vocabulary chunks
-    m = float("-inf")
-    s = 0.0
-    sum_x = 0.0
-    for start in range(0, V, BLOCK_V):
-        offs = start + offs0
-        ok = offs < V
-        x = tl.load(x_row + offs * stride_xv, mask=ok, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+    if FORWARD:
+        # pass 1: online logsumexp over vocabulary chunks
+        m = float("-inf")
+        s = 0.0
+        sum_x = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + offs0
+            ok = offs < V
+            x = tl.load(x_row + offs * stride_xv, mask=ok, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            if HAS_SMOOTHING:
+                sum_x += tl.sum(tl.where(ok, x, 0.0), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        x_t = tl.load(x_row + t * stride_xv).to(tl.float32)
         if HAS_SMOOTHING:
-            sum_x += tl.sum(tl.where(ok, x, 0.0), 0)
-        m = m_new
-    lse = m + tl.log(s)
-    x_t = tl.load(x_row + t * stride_xv).to(tl.float32)
-    if HAS_SMOOTHING:
-        loss = lse - (1.0 - label_smoothing) * x_t - label_smoothing / V * sum_x
-    else:
-        loss = lse - x_t
-    if HAS_Z:
-        loss += z_loss * lse * lse
-    tl.store(LOSS + row, loss)
-
-    # pass 2: the gradient, scaled for `mean` by 1 / (number of valid rows)
-    if HAS_GRAD:
-        if MEAN:
-            scale = 1.0 / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0)
+            loss = lse - (1.0 - label_smoothing) * x_t - label_smoothing / V * sum_x
         else:
-            scale = 1.0
+            loss = lse - x_t
+        if HAS_Z:
+            loss += z_loss * lse * lse
+        tl.store(LOSS + row, loss)
+        tl.store(LSE + row, lse)
+    else:
+        lse = tl.load(LSE + row)
+
+    # pass 2: the gradient, scaled in fp32 and rounded once to G's dtype
+    if HAS_GRAD:
+        scale = 1.0
+        if HAS_SCALE:
+            scale = tl.load(SCALE + row * stride_s).to(tl.float32)
+        if MEAN:
+            scale = scale / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0)
         p_scale = scale
         if HAS_Z:
             p_scale = scale * (1.0 + 2.0 * z_loss * lse)
@@ -127,31 +147,39 @@ def cross_entropy_rows(
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
-    grad: torch.Tensor | None,
-    n_valid: torch.Tensor | None,
-) -> torch.Tensor:
-    """Per-row losses (N,) fp32; when `grad` (N, V) is given, also write d(reduced loss)/d logits.
+    *,
+    lse: torch.Tensor,
+    loss: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    n_valid: torch.Tensor | None = None,
+) -> None:
+    """Launch the row kernel over logits (N, V).
 
-    `n_valid` (a 0-d device tensor) selects `mean` scaling of the gradient (no host sync); None
-    means unscaled (`sum` / per-row). `grad` may be `logits` itself for the in-place update.
+    With `loss` (N,) fp32: compute per-row losses and write them and the row log-sum-exp into
+    `lse` (N,) fp32; without it, read `lse` from an earlier call. With `grad` (N, V) (it may be
+    `logits` itself, for the in-place update): write d loss / d logits times `scale` (a 0-d
+    tensor, or (N,) per row) and divided by max(`n_valid`, 1) when given, all in fp32 and
+    device-side (no host sync).
     """
     N, V = logits.shape
-    loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     if N == 0:
-        return loss
+        return
     block, warps = _launch_params(V)
     g = grad if grad is not None else logits  # never written when HAS_GRAD is False
+    sc = scale if scale is not None else lse  # never read when HAS_SCALE is False
+    stride_s = 0 if scale is None or scale.dim() == 0 else scale.stride(0)
     _ce_kernel[(N,)](
         logits, logits.stride(0), logits.stride(1),
         g, g.stride(0), g.stride(1),
         targets, targets.stride(0),
-        loss, n_valid if n_valid is not None else loss,
+        loss if loss is not None else lse, lse, sc, stride_s,
+        n_valid if n_valid is not None else lse,
         V, ignore_index, float(label_smoothing), float(z_loss),
-        HAS_GRAD=grad is not None, MEAN=n_valid is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0, HAS_Z=z_loss != 0.0,
+        FORWARD=loss is not None, HAS_GRAD=grad is not None, HAS_SCALE=scale is not None,
+        MEAN=n_valid is not None, HAS_SMOOTHING=label_smoothing > 0.0, HAS_Z=z_loss != 0.0,
         BLOCK_V=block, num_warps=warps,
     )  # fmt: skip
-    return loss
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str, n_valid: torch.Tensor) -> torch.Tensor:
@@ -161,15 +189,6 @@ def reduce_loss(loss: torch.Tensor, reduction: str, n_valid: torch.Tensor) -> to
     if reduction == "sum":
         return loss.sum()
     return loss
-
-
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Apply the incoming gradient to a precomputed d loss / d x, skipping the common 1.0 case."""
-    if reduction == "none":
-        return grad.mul_(grad_output.unsqueeze(1).to(grad.dtype))
-    if not torch.equal(grad_output, torch.ones_like(grad_output)):
-        grad.mul_(grad_output.to(grad.dtype))
-    return grad
 
 
 def _is_intermediate(t: torch.Tensor) -> bool:
@@ -183,7 +202,7 @@ def _is_intermediate(t: torch.Tensor) -> bool:
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy whose gradient is produced by the forward kernel."""
+    """Cross-entropy: the forward kernel computes the loss, the backward kernel the gradient."""
 
     @staticmethod
     def forward(
@@ -196,37 +215,37 @@ class CrossEntropyFunction(torch.autograd.Function):
         z_loss: float,
         grad_enabled: bool,
     ) -> torch.Tensor:
-        # needs_input_grad alone is True under torch.no_grad() too; never write a gradient then
-        needs_grad = grad_enabled and ctx.needs_input_grad[0]
+        N = logits.shape[0]
         n_valid = (targets != ignore_index).sum()
-        grad = None
-        if needs_grad:
-            # an intermediate result is overwritten; a leaf (a user's tensor) is left intact
-            grad = logits if _is_intermediate(logits) else torch.empty_like(logits)
-        loss = cross_entropy_rows(
-            logits,
-            targets,
-            ignore_index,
-            label_smoothing,
-            z_loss,
-            grad,
-            n_valid if reduction == "mean" else None,
+        loss = torch.empty(N, device=logits.device, dtype=torch.float32)
+        lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+        cross_entropy_rows(
+            logits, targets, ignore_index, label_smoothing, z_loss, lse=lse, loss=loss
         )
-        if grad is not None:
-            if grad is logits:
-                torch.autograd.graph.increment_version(logits)
-            ctx.save_for_backward(grad)
-        ctx.reduction = reduction
+        # needs_input_grad alone is True under torch.no_grad() too; keep nothing then
+        if grad_enabled and ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, targets, lse, n_valid)
+            # an intermediate result takes its gradient in place; a leaf (a user's tensor) never
+            ctx.in_place = _is_intermediate(logits)
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
         ctx.done = False
         return reduce_loss(loss, reduction, n_valid)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
-        if ctx.done:  # the saved gradient has been scaled in place already
+        if ctx.done:  # the logits were overwritten by the gradient already
             raise RuntimeError("triton cross_entropy supports a single backward pass per forward")
         ctx.done = True
-        (grad,) = ctx.saved_tensors
-        return scale_grad_(grad, grad_output, ctx.reduction), None, None, None, None, None, None
+        logits, targets, lse, n_valid = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, z_loss = ctx.options
+        grad = logits if ctx.in_place else torch.empty_like(logits)
+        cross_entropy_rows(
+            logits, targets, ignore_index, label_smoothing, z_loss, lse=lse, grad=grad,
+            scale=grad_output, n_valid=n_valid if reduction == "mean" else None,
+        )  # fmt: skip
+        if grad is logits:
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None, None, None
 
 
 def check_inputs(logits: torch.Tensor, targets: torch.Tensor) -> str | None:

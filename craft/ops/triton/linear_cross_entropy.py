@@ -7,9 +7,12 @@ extra memory is O(chunk x V) plus the weight gradient, instead of O(N x V) logit
 and their gradient. For `mean`/`sum` the gradients are ready after the forward and the backward is
 a scale; for `none` the backward recomputes chunk by chunk with the per-row incoming gradients.
 
-Under autocast the matmuls run in the autocast dtype (as nn.Linear would); gradients come back in
-the dtype of each input, and the weight gradient accumulates over chunks in the weight's dtype
-(fp32 master weights under AMP accumulate in fp32).
+Mixed precision: under autocast the matmuls run in the autocast dtype (as nn.Linear would). The
+forward keeps the gradients unscaled (d loss_i / d logits = softmax - onehot, in [-1, 1]): the
+GEMMs see values that neither overflow nor underflow in fp16, the d weight GEMM reads the
+low-precision operands and accumulates in fp32 (`craft.ops.lowp.addmm_fp32_`), and the backward
+applies grad_output / N in fp32 before the one rounding to each input's dtype. A GradScaler scale
+of 2**16 or more in fp16 is therefore safe.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import triton
 
 from craft.errors import KernelError
 from craft.ops.eager import matmul_dtype
-from craft.ops.triton._common import FLOAT_DTYPES
+from craft.ops.lowp import addmm_fp32_
+from craft.ops.triton._common import FLOAT_DTYPES, scale_
 from craft.ops.triton.cross_entropy import (
     check_options,
     cross_entropy_rows,
@@ -44,58 +48,50 @@ def _chunks(
     label_smoothing: float,
     z_loss: float,
     dtype: torch.dtype,
-    n_valid: torch.Tensor | None,
     want: tuple[bool, bool, bool],
     row_scale: torch.Tensor | None,
-    loss_out: torch.Tensor | None,
+    loss_out: torch.Tensor,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Run all chunks. Writes per-row losses into `loss_out` when given; returns the gradients
-    (hidden, weight, bias) asked for by `want`, each scaled for `mean` when `n_valid` is given and
-    per row by `row_scale` (N,) when given."""
+    """Run all chunks, writing per-row losses into `loss_out` (N,) fp32.
+
+    Returns the gradients asked for by `want` (hidden, weight, bias) of sum_i r_i * loss_i, with
+    r_i = `row_scale` (N,) applied in fp32 inside the loss kernel, or r_i = 1 when it is None.
+    d hidden has hidden's dtype; d weight and d bias are fp32 accumulators.
+    """
     N, C = hidden.shape
     V = weight.shape[0]
     w = weight.to(dtype)  # (V, C); no copy unless autocast or mixed dtypes demand one
     b = bias.to(dtype) if bias is not None else None
     want_h, want_w, want_b = want
     any_grad = want_h or want_w or want_b
-    grad_h = torch.empty_like(hidden) if want_h else None
-    grad_w = torch.zeros_like(weight) if want_w else None  # (V, C), accumulated over chunks
+    grad_h = torch.empty_like(hidden) if want_h else None  # (N, C)
+    grad_w = torch.zeros(V, C, device=weight.device, dtype=torch.float32) if want_w else None
     grad_b = torch.zeros(V, device=weight.device, dtype=torch.float32) if want_b else None
+    lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
     step = chunk_size(N, C, V)
     with torch.autocast(hidden.device.type, enabled=False):
         for s in range(0, N, step):
             e = min(s + step, N)
             h = hidden[s:e].to(dtype)  # (n, C)
             logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()  # (n, V)
-            rows = cross_entropy_rows(
-                logits,
-                targets[s:e],
-                ignore_index,
-                label_smoothing,
-                z_loss,
-                logits if any_grad else None,  # the gradient replaces the logits in place
-                n_valid,
-            )
-            if loss_out is not None:
-                loss_out[s:e] = rows
+            cross_entropy_rows(
+                logits, targets[s:e], ignore_index, label_smoothing, z_loss,
+                lse=lse[s:e], loss=loss_out[s:e],
+                grad=logits if any_grad else None,  # the gradient replaces the logits in place
+                scale=None if row_scale is None else row_scale[s:e],
+            )  # fmt: skip
             if not any_grad:
                 continue
-            if row_scale is not None:
-                logits.mul_(row_scale[s:e, None].to(logits.dtype))
             if grad_h is not None:
                 if grad_h.dtype == dtype:
                     torch.mm(logits, w, out=grad_h[s:e])  # (n, C)
                 else:
                     grad_h[s:e] = logits @ w
             if grad_w is not None:
-                grad_w.addmm_(logits.t().to(grad_w.dtype), h.to(grad_w.dtype))  # (V, C)
+                addmm_fp32_(grad_w, logits.t(), h)  # (V, C), fp32 accumulation
             if grad_b is not None:
                 grad_b += logits.sum(0, dtype=torch.float32)
-    return (
-        grad_h,
-        grad_w,
-        (grad_b.to(bias.dtype) if grad_b is not None and bias is not None else None),
-    )
+    return grad_h, grad_w, grad_b
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -123,18 +119,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         )
         n_valid = (targets != ignore_index).sum()
         rows = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-        eager = reduction != "none"  # gradients now, the backward only scales them
+        eager = reduction != "none"  # unscaled gradients now, the backward only scales them
         grads = _chunks(
             hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, dtype,
-            n_valid if reduction == "mean" else None,
             want if eager else (False, False, False), None, rows,
         )  # fmt: skip
         ctx.reduction = reduction
         ctx.options = (ignore_index, label_smoothing, z_loss, dtype)
         ctx.want = want
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.done = False
         if eager:
-            ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+            saved = [g if g is not None else torch.empty(0) for g in grads]
+            ctx.save_for_backward(*saved, n_valid)
         else:
             ctx.save_for_backward(hidden, weight, bias, targets)
         return reduce_loss(rows, reduction, n_valid)
@@ -149,17 +146,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.reduction == "none":
             hidden, weight, bias, targets = ctx.saved_tensors
             ignore_index, label_smoothing, z_loss, dtype = ctx.options
+            rows = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
             grads = _chunks(
                 hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, dtype,
-                None, ctx.want, grad_output, None,
+                ctx.want, grad_output, rows,
             )  # fmt: skip
         else:
-            scale_needed = not torch.equal(grad_output, torch.ones_like(grad_output))
-            grads = tuple(
-                (g.mul_(grad_output.to(g.dtype)) if scale_needed else g) if w else None
-                for g, w in zip(ctx.saved_tensors, ctx.want, strict=True)
-            )
-        return (*grads, None, None, None, None, None, None, None)
+            *grads, n_valid = ctx.saved_tensors
+            # grad_output (a GradScaler scale, an accumulation weight) and 1/N, in fp32
+            s = grad_output.float()
+            if ctx.reduction == "mean":
+                s = s / n_valid.clamp(min=1).float()
+            grads = [scale_(g, s) if w else None for g, w in zip(grads, ctx.want, strict=True)]
+        out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)]
+        return (*out, None, None, None, None, None, None, None)
 
 
 def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> str | None:

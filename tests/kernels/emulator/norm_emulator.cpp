@@ -21,6 +21,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace emu {
@@ -228,26 +229,39 @@ void expect(bool ok, const std::string& what) {
 }
 
 template <typename T>
+const char* dtname() {
+  if constexpr (std::is_same_v<T, float>) return "f32";
+  else if constexpr (std::is_same_v<T, __half>) return "f16";
+  else return "bf16";
+}
+
+// One case: x in TX, residual and sum in TS, y (and dy) in TY. Without a residual TS == TX.
+template <typename TX, typename TS, typename TY>
 void check_case(int64_t rows, int64_t cols, bool rms, bool residual, bool weight, bool bias,
                 bool misalign, std::mt19937& rng) {
-  const std::string name = std::string(sizeof(T) == 4 ? "f32" : (dt<T>() == NormDType::kFloat16 ? "f16" : "bf16")) +
-                           " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
-                           (rms ? " rms" : " ln") + (residual ? " +res" : "") +
-                           (weight ? " w" : "") + (bias ? " b" : "") + (misalign ? " misaligned" : "");
+  constexpr bool kBranch = !std::is_same_v<TX, TS>;  // dx_branch is written
+  using TN = TS;                                     // the normalised input: the sum (or x)
+  const std::string name = std::string("x=") + dtname<TX>() + " sum=" + dtname<TS>() +
+                           " y=" + dtname<TY>() + " rows=" + std::to_string(rows) +
+                           " cols=" + std::to_string(cols) + (rms ? " rms" : " ln") +
+                           (residual ? " +res" : "") + (weight ? " w" : "") + (bias ? " b" : "") +
+                           (misalign ? " misaligned" : "");
   std::normal_distribution<float> nd(0.f, 1.f);
   const size_t n = size_t(rows * cols);
   const int shift = misalign ? 1 : 0;
-  Buf<T> x(n, shift), r(n, shift), y(n), s(n), dy(n), ds(n), dx(n);
+  Buf<TX> x(n, shift), dxb(n);
+  Buf<TS> r(n, shift), s(n), ds(n), dx(n);
+  Buf<TY> y(n), dy(n);
   Buf<float> w(cols), b(cols), mean(rows), rstd(rows), dw(cols), db(cols);
   for (size_t i = 0; i < n; ++i) {
-    x.p[i] = ft<T>(nd(rng) * 2.f + 0.5f);
-    r.p[i] = ft<T>(nd(rng));
-    dy.p[i] = ft<T>(nd(rng));
-    ds.p[i] = ft<T>(nd(rng));
+    x.p[i] = ft<TX>(nd(rng) * 2.f + 0.5f);
+    r.p[i] = ft<TS>(nd(rng));
+    dy.p[i] = ft<TY>(nd(rng));
+    ds.p[i] = ft<TS>(nd(rng));
   }
   for (int64_t c = 0; c < cols; ++c) {
-    w.p[c] = tf(ft<T>(0.5f + std::fabs(nd(rng))));
-    b.p[c] = tf(ft<T>(0.1f * nd(rng)));
+    w.p[c] = tf(ft<TX>(0.5f + std::fabs(nd(rng))));
+    b.p[c] = tf(ft<TX>(0.1f * nd(rng)));
   }
   const float eps = 1e-5f;
 
@@ -264,23 +278,28 @@ void check_case(int64_t rows, int64_t cols, bool rms, bool residual, bool weight
   fa.cols = cols;
   fa.eps = eps;
   fa.rms = rms;
-  fa.dtype = dt<T>();
+  fa.dtype = dt<TX>();
+  fa.sum_dtype = dt<TS>();
+  fa.y_dtype = dt<TY>();
   expect(craft::norm_fwd(fa, nullptr) == cudaSuccess, name + ": forward launch");
 
   craft::NormBwdArgs ba;
   ba.dy = dy.p;
   ba.dsum = residual ? ds.p : nullptr;
-  ba.x = residual ? s.p : x.p;
+  ba.x = residual ? static_cast<const void*>(s.p) : static_cast<const void*>(x.p);
   ba.mean = rms ? nullptr : mean.p;
   ba.rstd = rstd.p;
   ba.weight = weight ? w.p : nullptr;
   ba.dx = dx.p;
+  ba.dx_branch = kBranch ? dxb.p : nullptr;
   ba.dweight = weight ? dw.p : nullptr;
   ba.dbias = bias ? db.p : nullptr;
   ba.rows = rows;
   ba.cols = cols;
   ba.rms = rms;
-  ba.dtype = dt<T>();
+  ba.dtype = dt<TN>();
+  ba.dy_dtype = dt<TY>();
+  ba.branch_dtype = dt<TX>();
   craft::NormBwdPlan plan;
   expect(craft::norm_bwd_plan(ba, &plan) == cudaSuccess, name + ": backward plan");
   Buf<float> ws(plan.workspace_floats + 1);
@@ -289,14 +308,14 @@ void check_case(int64_t rows, int64_t cols, bool rms, bool residual, bool weight
 
   // float64 reference on the same (rounded) inputs
   std::vector<double> ry(n), gy(n), rdx(n), gdx(n), rdw(cols, 0), rdb(cols, 0), gdw(cols), gdb(cols);
-  bool sum_exact = true;
+  bool sum_exact = true, branch_exact = true;
   for (int64_t i = 0; i < rows; ++i) {
     std::vector<double> sv(cols);
     for (int64_t c = 0; c < cols; ++c) {
       const size_t k = size_t(i * cols + c);
       if (residual) {
-        const T sr = ft<T>(tf(x.p[k]) + tf(r.p[k]));
-        sum_exact = sum_exact && std::memcmp(&sr, &s.p[k], sizeof(T)) == 0;
+        const TS sr = ft<TS>(tf(x.p[k]) + tf(r.p[k]));
+        sum_exact = sum_exact && std::memcmp(&sr, &s.p[k], sizeof(TS)) == 0;
         sv[c] = tf(sr);
       } else {
         sv[c] = tf(x.p[k]);
@@ -331,18 +350,22 @@ void check_case(int64_t rows, int64_t cols, bool rms, bool residual, bool weight
       const size_t k = size_t(i * cols + c);
       rdx[k] = rs * (g[c] - m1 - xh[c] * m2) + (residual ? tf(ds.p[k]) : 0.0);
       gdx[k] = tf(dx.p[k]);
+      if constexpr (kBranch) {
+        const TX want = ft<TX>(tf(dx.p[k]));  // the same gradient, rounded to the branch dtype
+        branch_exact = branch_exact && std::memcmp(&want, &dxb.p[k], sizeof(TX)) == 0;
+      }
     }
   }
   for (int64_t c = 0; c < cols; ++c) {
     gdw[c] = dw.p[c];
     gdb[c] = db.p[c];
   }
-  const double t = tol<T>();
   char msg[160];
   const double ey = rel_err(gy, ry), ex = rel_err(gdx, rdx);
   std::snprintf(msg, sizeof msg, ": y rel err %.3g, dx rel err %.3g", ey, ex);
-  expect(ey <= t && ex <= 4 * t, name + msg);
+  expect(ey <= tol<TY>() && ex <= 4 * tol<TS>(), name + msg);
   if (residual) expect(sum_exact, name + ": returned sum differs from round(x + residual)");
+  if (kBranch) expect(branch_exact, name + ": dx_branch is not dx rounded to the branch dtype");
   if (weight) {
     const double e = rel_err(gdw, rdw);
     std::snprintf(msg, sizeof msg, ": dweight rel err %.3g", e);
@@ -366,15 +389,69 @@ void run_all(std::mt19937& rng, int* cases) {
       const bool residual = variant >= 2;
       const bool weight = variant != 1;
       const bool bias = !rms && variant != 2;
-      check_case<T>(rows, cols, rms, residual, weight, bias, false, rng);
+      check_case<T, T, T>(rows, cols, rms, residual, weight, bias, false, rng);
       ++*cases;
     }
     if (cols % 8 == 0) {  // a fast-path size with a misaligned input falls back to scalar loads
-      check_case<T>(rows, cols, false, true, true, true, true, rng);
+      check_case<T, T, T>(rows, cols, false, true, true, true, true, rng);
       ++*cases;
     }
   }
-  check_case<T>(0, 64, false, false, true, true, false, rng);  // no rows: nothing launched
+  check_case<T, T, T>(0, 64, false, false, true, true, false, rng);  // no rows: nothing launched
+  ++*cases;
+}
+
+// Mixed precision (autocast): a low-precision branch H on an fp32 residual stream, or an fp32
+// input normalised into H. Vector paths (cached and streamed) and the scalar fallback.
+template <typename H>
+void run_mixed(std::mt19937& rng, int* cases) {
+  const int64_t col_list[] = {7, 64, 100, 768, 4096, 9000};
+  for (int64_t cols : col_list) {
+    const int64_t rows = cols >= 4096 ? 5 : 19;
+    for (int variant = 0; variant < 2; ++variant) {
+      const bool rms = variant == 1;
+      check_case<H, float, H>(rows, cols, rms, true, true, !rms, false, rng);  // ln_2 under autocast
+      check_case<H, float, float>(rows, cols, rms, true, true, !rms, false, rng);  // no autocast
+      check_case<float, float, H>(rows, cols, rms, false, true, !rms, false, rng);  // ln_1, ln_f
+      check_case<float, float, H>(rows, cols, rms, true, !rms, false, false, rng);
+      *cases += 4;
+    }
+    if (cols % 8 == 0) {
+      check_case<H, float, H>(rows, cols, false, true, true, true, true, rng);
+      ++*cases;
+    }
+  }
+}
+
+// Dtype triples the kernels do not take are refused, never run with the wrong element size.
+void check_refusals(int* cases) {
+  using D = NormDType;
+  Buf<float> x(64), y(64), s(64), rstd(1), mean(1);
+  craft::NormFwdArgs fa;
+  fa.x = x.p;
+  fa.residual = s.p;
+  fa.sum = s.p;
+  fa.y = y.p;
+  fa.rstd = rstd.p;
+  fa.mean = mean.p;
+  fa.rows = 1;
+  fa.cols = 64;
+  const D bad[][3] = {{D::kBFloat16, D::kFloat32, D::kFloat16},
+                      {D::kBFloat16, D::kBFloat16, D::kFloat32},
+                      {D::kFloat16, D::kBFloat16, D::kFloat16}};
+  for (const auto& t : bad) {
+    fa.dtype = t[0];
+    fa.sum_dtype = t[1];
+    fa.y_dtype = t[2];
+    expect(craft::norm_fwd(fa, nullptr) == cudaErrorNotSupported, "unsupported triple refused");
+    expect(!craft::norm_dtypes_supported(t[0], t[1], t[2]), "norm_dtypes_supported agrees");
+    ++*cases;
+  }
+  fa.residual = fa.sum = nullptr;  // without a residual the sum dtype must be x's
+  fa.dtype = D::kBFloat16;
+  fa.sum_dtype = D::kFloat32;
+  fa.y_dtype = D::kBFloat16;
+  expect(craft::norm_fwd(fa, nullptr) == cudaErrorNotSupported, "no residual, sum dtype != x");
   ++*cases;
 }
 
@@ -386,6 +463,9 @@ int main() {
   run_all<float>(rng, &cases);
   run_all<__half>(rng, &cases);
   run_all<__nv_bfloat16>(rng, &cases);
+  run_mixed<__nv_bfloat16>(rng, &cases);
+  run_mixed<__half>(rng, &cases);
+  check_refusals(&cases);
   std::printf("%d cases, %d failures\n", cases, failures);
   return failures == 0 && !emu::divergence ? 0 : 1;
 }
