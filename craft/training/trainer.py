@@ -13,6 +13,7 @@ in `craft.training.runtime`, and what callbacks see in `craft.training.callbacks
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from craft.training.rundir import (
     create_run_dir,
     new_run_dir,
     open_run_dir,
+    own_run_dir,
     remove_made_dirs,
     resolve_resume,
 )
@@ -107,6 +109,7 @@ class Trainer:
         self._deterministic_before = torch.are_deterministic_algorithms_enabled()
         self._closed = False
         self._made_dirs: list[Path] = []  # a new run's directory and the parents made for it
+        self._owned = contextlib.ExitStack()  # the run directory's lock (main process)
         try:
             self._setup(resume, callbacks or [])
         except BaseException:
@@ -129,7 +132,11 @@ class Trainer:
             None, is_main=self.is_main, rank=self.rank, mode=cfg.logging.progress
         )
         agreed = {"is_main": self.is_main, "world_size": self.world_size}
-        run_dir, resume_from = decided_on_main(lambda: resolve_resume(cfg, resume), **agreed)
+        # The run directory continued in is owned from here: a second process on it is refused
+        # before anything is written (config.toml, train.log, metrics, checkpoints).
+        run_dir, resume_from = decided_on_main(
+            lambda: resolve_resume(cfg, resume, self._owned), **agreed
+        )
 
         # Same initial weights on every process; per-process streams are re-seeded below.
         seed_everything(cfg.run.seed)
@@ -161,8 +168,14 @@ class Trainer:
             ckpt.load_weights_into(model, resume_from / "model.safetensors")
 
         if run_dir is None:
-            run_dir, made = decided_on_main(lambda: create_run_dir(cfg), **agreed)
-            self._made_dirs = made if self.is_main else []
+
+            def create() -> tuple[Path, list[Path]]:
+                path, made = create_run_dir(cfg)
+                self._made_dirs = made
+                own_run_dir(path, self._owned)
+                return path, made
+
+            run_dir, _ = decided_on_main(create, **agreed)
         self.run_dir = run_dir
         if self.is_main:
             assert log_file is not None
@@ -274,6 +287,7 @@ class Trainer:
         if self._closed:
             return
         self._closed = True
+        self._owned.close()  # the run directory is free for the next process
         if self._teardown_logging is not None:
             self._teardown_logging()
         torch.use_deterministic_algorithms(self._deterministic_before)
