@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from craft.fileio import atomic_write_bytes, atomic_write_text
+from craft.fileio import atomic_write_bytes, atomic_write_text, storage_error
 from craft.progress import Progress
 from craft.training.callbacks import Callback, RunContext
 from craft.training.logs import resolve_progress_mode
@@ -122,8 +122,14 @@ class MetricsFileCallback(Callback):
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed in on_train_end)
 
     def _write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: one line, exit 2 (a torn last line is skipped on read)
+            err = storage_error(e, f"writing {self._file.name}", name_file=False)
+            if err is None:
+                raise
+            raise err from None
 
     def on_log(self, run: RunContext, metrics: dict[str, Any]) -> None:
         self._write({"split": "train", "time": time.time(), **metrics})

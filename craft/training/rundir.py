@@ -21,7 +21,7 @@ import torch
 
 from craft.config import to_toml
 from craft.errors import BusyError, CheckpointError, ConfigError
-from craft.fileio import atomic_write_text, exclusive_lock
+from craft.fileio import atomic_write_text, exclusive_lock, storage_error
 from craft.training import checkpoint as ckpt
 
 log = logging.getLogger("craft.training")
@@ -74,11 +74,19 @@ def remove_made_dirs(made: list[Path]) -> None:
 
 def open_run_dir(run_dir: Path, cfg: Any, log_file: Any) -> None:
     """Start using `run_dir` (main process): `train.log` (`log_file.open`), `config.toml`, and
-    no leftovers of an interrupted checkpoint write."""
-    log_file.open(run_dir / "train.log")
-    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    for p in ckpt.clean_stale(run_dir / ckpt.CHECKPOINTS):
-        log.info("removed leftover of an interrupted checkpoint write: %s", p.name)
+    no leftovers of an interrupted checkpoint write. A directory the machine does not let us
+    write (full disk, permission denied, read-only) is a one-line `StorageError`."""
+    try:
+        log_file.open(run_dir / "train.log")
+        log_file.check()
+        atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+        for p in ckpt.clean_stale(run_dir / ckpt.CHECKPOINTS):
+            log.info("removed leftover of an interrupted checkpoint write: %s", p.name)
+    except Exception as e:
+        err = storage_error(e, f"starting the run in {run_dir}")
+        if err is None:
+            raise
+        raise err from None
 
 
 LOCK = ".lock"  # in the run directory, while a process owns it (removed when it is done)

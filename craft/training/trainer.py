@@ -105,6 +105,7 @@ class Trainer:
         self._stop_reason: str | None = None
         self._signals = StopSignals()
         self._teardown_logging: Any = None
+        self._log_file: Any = None
         self._export_dir: Path | None = None
         self._deterministic_before = torch.are_deterministic_algorithms_enabled()
         self._closed = False
@@ -131,6 +132,7 @@ class Trainer:
         self.console, _, self._teardown_logging, log_file = setup_logging(
             None, is_main=self.is_main, rank=self.rank, mode=cfg.logging.progress
         )
+        self._log_file = log_file  # train.log (main process): a failed write stops the run
         agreed = {"is_main": self.is_main, "world_size": self.world_size}
         # The run directory continued in is owned from here: a second process on it is refused
         # before anything is written (config.toml, train.log, metrics, checkpoints).
@@ -356,6 +358,8 @@ class Trainer:
                     if state.saved_step != state.step:
                         self.save_checkpoint(elapsed=elapsed())
                     stopping = True
+            if self._log_file is not None:
+                self._log_file.check()  # e.g. a full disk: stop now, one line, exit 2
             if stopping:
                 if self._stop_reason:
                     log.info("%s; stopping at step %d", self._stop_reason, state.step)
