@@ -92,10 +92,9 @@ class DeferredFileHandler(logging.Handler):
 
     def close(self) -> None:
         if self._file is not None:
-            try:
+            # The last buffered write may fail again here: check() has reported it already.
+            with contextlib.suppress(OSError):
                 self._file.close()
-            except OSError:  # the last buffered write failed too: already reported by check()
-                pass
             self._file = None
         self._pending = []
         super().close()
