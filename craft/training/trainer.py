@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from craft.config import registry
+from craft.errors import ConfigError
 from craft.training import checkpoint as ckpt
 from craft.training.builders import build_data, build_start_model, describe_model
 from craft.training.callbacks import Callback, RunContext, build_callbacks
@@ -41,7 +42,10 @@ from craft.training.rundir import (
 )
 from craft.training.runtime import (
     decided_on_main,
+    describe_distributed,
+    fsdp_requested,
     is_fsdp,
+    is_sharded,
     make_accelerator,
     runs_plain,
     set_determinism,
@@ -188,7 +192,14 @@ class Trainer:
         optimizer = registry.build("optimizer", cfg.optimizer, model)
         self.scheduler = registry.build("scheduler", cfg.scheduler, optimizer, self.max_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self._fsdp = is_fsdp(acc)
+        # What was obtained, not what was asked for: Accelerate may set up less than requested.
+        self._fsdp = is_fsdp(acc) or is_sharded(self.model)
+        if fsdp_requested() and not self._fsdp:
+            raise ConfigError(
+                "FSDP was requested (ACCELERATE_USE_FSDP) but the model was not sharded "
+                f"({describe_distributed(acc, self.model)}); Craft does not fall back silently"
+            )
+        log.info("distributed: %s", describe_distributed(acc, self.model))
         direct = runs_plain(acc)
         self.train_step = TrainStep(
             self.model, self.optimizer, self.scheduler, acc, cfg.training, direct=direct
