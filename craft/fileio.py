@@ -59,24 +59,35 @@ def exclusive_temp_file(path: Path, tag: str = "tmp") -> tuple[int, Path]:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file, fsync and rename: never a half-written file."""
     path = Path(path)
-    fd, tmp = exclusive_temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        fd, tmp = exclusive_temp_file(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:  # name the file being written, not the temporary one (or none)
+        raise _naming(e, path) from None
     fsync_dir(path.parent)
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """`e` as raised for `path` (a write error carries no file name, a temporary file's is gone)."""
+    return OSError(e.errno, e.strerror, str(path)) if e.errno is not None else e
 
 
 def write_text_durable(path: Path, text: str) -> None:
     """Write a file inside a directory that is not yet visible (no rename needed), then fsync it."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _naming(e, Path(path)) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -324,3 +324,48 @@ def test_tokenizer_files_refused_keep_the_previous_tokenizer(
     assert line == f"{STORAGE_ERRNOS[code]} while writing the tokenizer to {out}"
     assert _snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "tok"]
+
+
+# ------------------------------------------------------------------------------ the helpers
+
+
+def test_storage_errors_are_recognised_and_nothing_else() -> None:
+    from craft.fileio import storage_error
+
+    err = storage_error(_refusal(errno.ENOSPC, filename="/d/f"), "writing f")
+    assert err is not None and err.message == "no space left on device while writing f (/d/f)"
+    err = storage_error(_refusal(errno.EDQUOT, rust=True), "writing w", name_file=False)
+    assert err is not None and err.message == "disk quota exceeded while writing w"
+    assert storage_error(_refusal(errno.EROFS)).message == "read-only file system (x)"
+    assert storage_error(FileNotFoundError(errno.ENOENT, "gone", "f")) is None  # not the machine
+    assert storage_error(SafetensorError("invalid header")) is None
+    assert storage_error(ValueError("No space left on device (os error 28)")) is None
+
+
+def test_atomic_write_refused_names_the_target_and_keeps_the_old_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from craft import fileio
+
+    target = tmp_path / "f.json"
+    target.write_text("old")
+    monkeypatch.setattr(fileio.os, "fsync", _fail_on_call(1, None, OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OSError) as exc:
+        fileio.atomic_write_text(target, "new")
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(target)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_a_refused_write_anywhere_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from craft.cli.errors import run_guarded
+
+    monkeypatch.delenv("CRAFT_DEBUG", raising=False)
+
+    def deep() -> None:
+        raise _refusal(errno.EACCES, filename="/somewhere/file")
+
+    with pytest.raises(SystemExit) as exc:
+        run_guarded(deep)
+    assert _one_line_error(capsys, exc) == "permission denied (/somewhere/file)"
