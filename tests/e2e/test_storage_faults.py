@@ -167,6 +167,29 @@ def test_a_run_that_cannot_write_its_directory_leaves_nothing(
     assert not (tmp_path / "outputs").exists()  # the failed start left nothing behind
 
 
+def test_resume_in_a_run_directory_that_is_not_writable_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from craft import fileio
+
+    run_dir = train(tiny_config(tmp_path, "training.max_steps=2", "checkpoint.interval=2")).run_dir
+    before = _snapshot(run_dir)
+    real_open = fileio.os.open
+
+    def denied(path: Any, *args: Any, **kwargs: Any) -> int:
+        if Path(path).parent == run_dir:  # the directory (not what is already in it) is read-only
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(fileio.os, "open", denied)
+    with pytest.raises(SystemExit) as exc:
+        _train_cli(monkeypatch, tmp_path, "training.max_steps=4", "--resume", "auto")
+    line = _one_line_error(capsys, exc)
+    assert line.startswith(f"run directory {run_dir}: cannot create the lock file"), line
+    assert line.endswith("(Permission denied)")
+    assert _snapshot(run_dir) == before
+
+
 # ------------------------------------------------------------------------------ during training
 
 
