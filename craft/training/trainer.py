@@ -89,6 +89,8 @@ class Trainer:
     `resume`: None (new run), "auto" (the newest complete checkpoint of the newest run with one
     under `<output_dir>/<run.name>/`, or a new run when there is none) or a path to a run or
     checkpoint directory. `callbacks` are added to the built-in and configured ones.
+    The main process owns the run directory (a lock another process is refused) from here until
+    `fit()` returns or `close()` is called.
     """
 
     step = _on_state("step")

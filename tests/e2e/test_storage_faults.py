@@ -193,9 +193,14 @@ def test_resume_in_a_run_directory_that_is_not_writable_is_one_line(
 # ------------------------------------------------------------------------------ during training
 
 
+@pytest.mark.parametrize("code", CODES, ids=errno.errorcode.get)
 @pytest.mark.parametrize("site", ["metrics.jsonl", "train.log"])
 def test_a_log_or_metrics_write_refused_during_training_stops_with_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], site: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    site: str,
+    code: int,
 ) -> None:
     from craft.training import builtin_callbacks, logs
 
@@ -208,7 +213,7 @@ def test_a_log_or_metrics_write_refused_during_training_stops_with_one_line(
 
             def write(self, text: str) -> int:
                 if '"step": 3,' in text:
-                    raise _refusal(errno.ENOSPC)
+                    raise _refusal(code)
                 return self.f.write(text)
 
             def __getattr__(self, name: str) -> Any:
@@ -229,7 +234,7 @@ def test_a_log_or_metrics_write_refused_during_training_stops_with_one_line(
 
         def flush(self: Any) -> None:
             if failing[0]:
-                raise _refusal(errno.ENOSPC)
+                raise _refusal(code)
             real_flush(self)
 
         monkeypatch.setattr(logs._FileHandler, "emit", emit)
@@ -238,7 +243,7 @@ def test_a_log_or_metrics_write_refused_during_training_stops_with_one_line(
         _train_cli(monkeypatch, tmp_path, *STEPS)
     line = _one_line_error(capsys, exc)
     run_dir = _run_dir(tmp_path)
-    assert line == f"no space left on device while writing {run_dir / site}"
+    assert line == f"{STORAGE_ERRNOS[code]} while writing {run_dir / site}"
     root = run_dir / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
     assert ckpt.checkpoint_problem(root / "step_00000002") is None
