@@ -303,55 +303,36 @@ def _craft_ok(monkeypatch: pytest.MonkeyPatch, *args: Any) -> None:
 
 
 @pytest.mark.parametrize("code", CODES, ids=errno.errorcode.get)
-def test_prepare_refused_keeps_the_previous_dataset(
+@pytest.mark.parametrize("command", ["data prepare", "tokenizer train"])
+def test_dataset_and_tokenizer_writes_refused_keep_the_previous_output(
     shakespeare: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    command: str,
     code: int,
 ) -> None:
     import craft.data.prepare as prepare
-
-    text = tmp_path / "in" / "text.txt"
-    text.parent.mkdir()
-    text.write_bytes(shakespeare.read_bytes()[:20_000])
-    out = tmp_path / "ds"
-    args = ["data", "prepare", "-i", text, "-o", out, "-t", "char", "--workers", "1", "-q"]
-    _craft_ok(monkeypatch, *args)
-    before = _snapshot(out)
-    monkeypatch.setattr(prepare, "_split_file", _fail_on_call(1, None, _refusal(code)))
-    with pytest.raises(SystemExit) as exc:
-        _craft(monkeypatch, *args, "--force")
-    line = _one_line_error(capsys, exc)
-    assert line == f"{STORAGE_ERRNOS[code]} while preparing {out}"
-    assert _snapshot(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "in"]  # no temp dir, no lock
-
-
-@pytest.mark.parametrize("code", CODES, ids=errno.errorcode.get)
-def test_tokenizer_files_refused_keep_the_previous_tokenizer(
-    shakespeare: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    code: int,
-) -> None:
     from craft.data.tokenizers import base
 
     text = tmp_path / "in" / "text.txt"
     text.parent.mkdir()
     text.write_bytes(shakespeare.read_bytes()[:50_000])
-    out = tmp_path / "tok"
-    args = ["tokenizer", "train", "-i", text, "-o", out, "--vocab-size", "400", "-q"]
+    out = tmp_path / "out"
+    if command == "data prepare":  # the token files are split last, after the tokenizer's
+        args = ["data", "prepare", "-i", text, "-o", out, "-t", "char", "--workers", "1", "-q"]
+        module, name, doing = prepare, "_split_file", f"preparing {out}"
+    else:  # the tokenizer's own files
+        args = ["tokenizer", "train", "-i", text, "-o", out, "--vocab-size", "400", "-q"]
+        module, name, doing = base, "atomic_write_json", f"writing the tokenizer to {out}"
     _craft_ok(monkeypatch, *args)
     before = _snapshot(out)
-    monkeypatch.setattr(base, "atomic_write_json", _fail_on_call(1, None, _refusal(code)))
+    monkeypatch.setattr(module, name, _fail_on_call(1, None, _refusal(code)))
     with pytest.raises(SystemExit) as exc:
         _craft(monkeypatch, *args, "--force")
-    line = _one_line_error(capsys, exc)
-    assert line == f"{STORAGE_ERRNOS[code]} while writing the tokenizer to {out}"
+    assert _one_line_error(capsys, exc) == f"{STORAGE_ERRNOS[code]} while {doing}"
     assert _snapshot(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "tok"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temp dir, no lock
 
 
 # ------------------------------------------------------------------------------ the helpers
