@@ -6,6 +6,7 @@ registered under its name by `craft.training.callbacks`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -113,6 +114,7 @@ class MetricsFileCallback(Callback):
 
     def __init__(self) -> None:
         self._file: Any = None
+        self._failed = False
 
     def on_train_start(self, run: RunContext) -> None:
         path = run.run_dir / self.FILENAME
@@ -126,6 +128,7 @@ class MetricsFileCallback(Callback):
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
         except OSError as e:  # a full disk: one line, exit 2 (a torn last line is skipped on read)
+            self._failed = True
             err = storage_error(e, f"writing {self._file.name}", name_file=False)
             if err is None:
                 raise
@@ -139,7 +142,9 @@ class MetricsFileCallback(Callback):
 
     def on_train_end(self, run: RunContext, status: str) -> None:
         if self._file is not None:
-            self._file.close()
+            # After a failed write the buffer still holds the record: closing fails again.
+            with contextlib.suppress(OSError) if self._failed else contextlib.nullcontext():
+                self._file.close()
             self._file = None
 
 

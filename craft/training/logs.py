@@ -32,14 +32,17 @@ def resolve_progress_mode(mode: str, console: Console) -> str:
 
 
 class _FileHandler(logging.FileHandler):
-    """A FileHandler that keeps the first failed write (`error`) instead of printing a traceback
-    for every record (a full disk would print one per log line)."""
+    """A FileHandler that keeps the first failed write (`error`: an OSError) instead of printing a
+    traceback for every record (a full disk would print one per log line)."""
 
     error: BaseException | None = None
 
     def handleError(self, record: logging.LogRecord) -> None:
-        if self.error is None:
-            self.error = sys.exc_info()[1]
+        e = sys.exc_info()[1]
+        if not isinstance(e, OSError):  # e.g. a record whose arguments do not format
+            super().handleError(record)
+        elif self.error is None:
+            self.error = e
 
 
 class DeferredFileHandler(logging.Handler):

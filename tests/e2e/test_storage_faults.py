@@ -208,16 +208,24 @@ def test_a_log_or_metrics_write_refused_during_training_stops_with_one_line(
     if site == "metrics.jsonl":
 
         class Full:
+            """A file on a disk that fills up at step 3: the record stays in the buffer, and
+            every flush from then on fails (closing too)."""
+
             def __init__(self, f: Any) -> None:
-                self.f, self.name = f, f.name
+                self.f, self.name, self.full = f, f.name, False
 
             def write(self, text: str) -> int:
-                if '"step": 3,' in text:
-                    raise _refusal(code)
-                return self.f.write(text)
+                self.full = self.full or '"step": 3,' in text
+                return 0 if self.full else self.f.write(text)
 
-            def __getattr__(self, name: str) -> Any:
-                return getattr(self.f, name)
+            def flush(self) -> None:
+                if self.full:
+                    raise _refusal(code)
+                self.f.flush()
+
+            def close(self) -> None:
+                self.f.close()
+                self.flush()
 
         monkeypatch.setattr(
             builtin_callbacks,
