@@ -293,9 +293,20 @@ class Trainer:
         finally:
             self._signals.restore()
             try:
-                self._call("on_train_end", status)
+                self._end_callbacks(status)
             finally:
                 self.close()
+
+    def _end_callbacks(self, status: str) -> None:
+        """`on_train_end`; after a failure, one that fails too (a full disk fails the loss curve
+        as well) is logged and the run's own error is the one reported."""
+        if status != "failed":
+            self._call("on_train_end", status)
+            return
+        try:
+            self._call("on_train_end", status)
+        except Exception as e:
+            log.warning("on_train_end failed too, after an error: %s: %s", type(e).__name__, e)
 
     def close(self) -> None:
         """Release logging handlers and global switches (safe to call twice)."""

@@ -108,8 +108,15 @@ def test_checkpoint_write_refused_names_the_newest_complete_checkpoint(
         target, rust = "save_tensors", False
     real = getattr(ckpt, target)
     monkeypatch.setattr(ckpt, target, _fail_on_call(2, real, _refusal(code, rust=rust)))
+    # The loss curve, drawn as the run stops, fails on the same full disk: the checkpoint's error
+    # is still the one reported.
+    from craft.training import builtin_callbacks
+
+    monkeypatch.setattr(
+        builtin_callbacks, "atomic_write_bytes", _fail_on_call(1, None, _refusal(code))
+    )
     with pytest.raises(SystemExit) as exc:
-        _train_cli(monkeypatch, tmp_path, *STEPS)
+        _train_cli(monkeypatch, tmp_path, *STEPS, "logging.plot=true")
     line = _one_line_error(capsys, exc)
     run_dir = _run_dir(tmp_path)
     root = run_dir / "checkpoints"
