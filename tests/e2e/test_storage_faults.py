@@ -1,7 +1,7 @@
 """Writes the machine refuses, at every place Craft writes: checkpoints, exports (Craft and Hugging
 Face), metrics.jsonl, train.log, the start of a run, dataset preparation and tokenizer files.
 
-Each fault is injected where the bytes are written (the write helper or the library call raises
+Each fault is injected where the bytes are written (the write function or the library call raises
 the OSError or safetensors error a full disk / a permission gives), in the real command run
 in-process. Every case ends with one `error:` line naming the errno's meaning and what was being
 written, exit code 2, no traceback, no temporary leftovers, and the previous good state intact.
@@ -350,7 +350,7 @@ def test_dataset_and_tokenizer_writes_refused_keep_the_previous_output(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temp dir, no lock
 
 
-# ------------------------------------------------------------------------------ the helpers
+# ------------------------------------------------------------------------------ error reporting
 
 
 def test_storage_errors_are_recognised_and_nothing_else() -> None:
