@@ -51,3 +51,7 @@ class GenerationError(CraftError):
 
 class TrainingError(CraftError):
     """The run cannot continue (non-finite loss, diverged gradients)."""
+
+
+class StorageError(CraftError):
+    """The machine refused a write: no space left, quota, permission denied, read-only file system."""

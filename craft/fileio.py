@@ -4,9 +4,11 @@ and the lock that gives a directory one owner at a time."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from craft.errors import BusyError, CraftError
+from craft.errors import BusyError, CraftError, StorageError
 
 HASH_BLOCK = 1 << 20
 
@@ -57,24 +59,35 @@ def exclusive_temp_file(path: Path, tag: str = "tmp") -> tuple[int, Path]:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file, fsync and rename: never a half-written file."""
     path = Path(path)
-    fd, tmp = exclusive_temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        fd, tmp = exclusive_temp_file(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:  # name the file being written, not the temporary one (or none)
+        raise _naming(e, path) from None
     fsync_dir(path.parent)
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """`e` as raised for `path` (a write error carries no file name, a temporary file's is gone)."""
+    return OSError(e.errno, e.strerror, str(path)) if e.errno is not None else e
 
 
 def write_text_durable(path: Path, text: str) -> None:
     """Write a file inside a directory that is not yet visible (no rename needed), then fsync it."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _naming(e, Path(path)) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -86,6 +99,44 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     """JSON (sorted keys, indented, UTF-8) written atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# Errors of the machine rather than of Craft or its input: reported in one line, never a traceback.
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.EFBIG: "file too large",
+}
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) report errno
+
+
+def storage_errno(e: BaseException) -> int | None:
+    """The errno of a write the machine refused (`STORAGE_ERRNOS`), for an OSError or a
+    safetensors error that wraps one; None for anything else."""
+    if isinstance(e, OSError):
+        return e.errno if e.errno in STORAGE_ERRNOS else None
+    if type(e).__name__ == "SafetensorError":
+        m = _OS_ERROR_RE.search(str(e))
+        if m and int(m.group(1)) in STORAGE_ERRNOS:
+            return int(m.group(1))
+    return None
+
+
+def storage_error(
+    e: BaseException, doing: str | None = None, *, name_file: bool = True
+) -> StorageError | None:
+    """`StorageError("no space left on device while <doing> (<file>)")` for a write the machine
+    refused (see `storage_errno`), None for any other error (which stays what it is).
+    `name_file=False` leaves out the file (e.g. a temporary one that is gone)."""
+    code = storage_errno(e)
+    if code is None:
+        return None
+    where = getattr(e, "filename", None) if name_file else None
+    message = STORAGE_ERRNOS[code] + (f" while {doing}" if doing else "")
+    return StorageError(message + (f" ({where})" if where else ""))
 
 
 def pid_alive(pid: int) -> bool:

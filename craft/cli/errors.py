@@ -58,8 +58,12 @@ def _exit_cleanly_on_signals() -> Iterator[None]:
 def run_guarded(fn: Callable[[], Any]) -> Any:
     """Call `fn`, reporting CraftError (and Ctrl-C) without a traceback unless CRAFT_DEBUG is set.
 
-    SIGTERM and SIGHUP end the command like Ctrl-C does: cleanly, exit code 128 + signal.
+    SIGTERM and SIGHUP end the command like Ctrl-C does: cleanly, exit code 128 + signal. A write
+    the machine refused (disk full, permission denied, read-only: `craft.fileio.storage_error`)
+    is one line too, wherever it happened.
     """
+    from craft.fileio import storage_error
+
     try:
         with _exit_cleanly_on_signals():
             return fn()
@@ -67,6 +71,11 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         if debug():
             raise
         fail(e.message, e.exit_code)
+    except Exception as e:
+        err = storage_error(e)
+        if err is None or debug():
+            raise
+        fail(err.message, err.exit_code)
     except KeyboardInterrupt:
         if debug():
             raise

@@ -60,6 +60,7 @@ def _run_train(
     from craft.data.tokenizers import TOKENIZER_FILE, SentencePieceTokenizer
     from craft.data.tokenizers.sentencepiece import MAX_VOCAB_SIZE
     from craft.errors import ConfigError
+    from craft.fileio import storage_error
     from craft.safety import check_output_location, remove_owned, staging_dir, unique_sibling
 
     if model_type not in ("bpe", "unigram"):
@@ -120,6 +121,11 @@ def _run_train(
             remove_owned(old, owned)
         else:
             os.replace(staging, output)
+    except OSError as e:  # a full disk, permission denied: the staging copy is removed
+        err = storage_error(e, f"writing the tokenizer to {output}", name_file=False)
+        if err is None:
+            raise
+        raise err from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -37,7 +37,14 @@ from craft.data.readers import TEXT_SEPARATOR, RecordReader, encode_chunk, recor
 from craft.data.sources import is_source, resolve_source
 from craft.data.tokenizers import Tokenizer, load_tokenizer
 from craft.errors import DataError, TokenizerError
-from craft.fileio import atomic_write_json, exclusive_lock, fsync_dir, pid_alive, sha256_file
+from craft.fileio import (
+    atomic_write_json,
+    exclusive_lock,
+    fsync_dir,
+    pid_alive,
+    sha256_file,
+    storage_error,
+)
 from craft.safety import (
     check_output_location,
     owned_entries,
@@ -629,6 +636,11 @@ def _prepare_locked(
         atomic_write_json(tmp / META_FILE, meta)
         fsync_dir(tmp)
         _commit(tmp, out, force)
+    except OSError as e:  # a full disk, permission denied: the partial output is removed
+        err = storage_error(e, f"preparing {out}", name_file=False)
+        if err is None:
+            raise
+        raise err from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,6 +6,7 @@ registered under its name by `craft.training.callbacks`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from craft.fileio import atomic_write_bytes, atomic_write_text
+from craft.fileio import atomic_write_bytes, atomic_write_text, storage_error
 from craft.progress import Progress
 from craft.training.callbacks import Callback, RunContext
 from craft.training.logs import resolve_progress_mode
@@ -113,6 +114,7 @@ class MetricsFileCallback(Callback):
 
     def __init__(self) -> None:
         self._file: Any = None
+        self._failed = False
 
     def on_train_start(self, run: RunContext) -> None:
         path = run.run_dir / self.FILENAME
@@ -122,8 +124,15 @@ class MetricsFileCallback(Callback):
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed in on_train_end)
 
     def _write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: one line, exit 2 (a torn last line is skipped on read)
+            self._failed = True
+            err = storage_error(e, f"writing {self._file.name}", name_file=False)
+            if err is None:
+                raise
+            raise err from None
 
     def on_log(self, run: RunContext, metrics: dict[str, Any]) -> None:
         self._write({"split": "train", "time": time.time(), **metrics})
@@ -133,7 +142,9 @@ class MetricsFileCallback(Callback):
 
     def on_train_end(self, run: RunContext, status: str) -> None:
         if self._file is not None:
-            self._file.close()
+            # After a failed write the buffer still holds the record: closing fails again.
+            with contextlib.suppress(OSError) if self._failed else contextlib.nullcontext():
+                self._file.close()
             self._file = None
 
 

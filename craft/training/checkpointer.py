@@ -20,10 +20,10 @@ import torch
 
 from craft.config import to_toml
 from craft.errors import CheckpointError
-from craft.fileio import atomic_write_text
+from craft.fileio import atomic_write_text, storage_error
 from craft.training import checkpoint as ckpt
 from craft.training.rng import capture_rng, restore_rng, seed_everything
-from craft.training.runtime import versions
+from craft.training.runtime import decided_on_main, versions
 from craft.training.schedulers import restore_scheduler, scheduler_state
 from craft.training.state import TrainState
 from craft.training.state_io import flatten_state, load_state, unflatten_state
@@ -147,27 +147,49 @@ class Checkpointer:
         )
         rng_states = gather_object([capture_rng()])
         data_states = gather_object([self.train_iter().state_dict()])
-        path: Path | None = None
-        if self.is_main:
+
+        def write() -> Path:
             tensors: dict[str, torch.Tensor] = {}
             doc = self.trainer_state(data_states, tensors)
             best = self._best_name() if self.cfg.checkpoint.keep_best else None
-            path = ckpt.save_checkpoint(
-                self.root,
-                self.state.step,
-                model_state=model_state,
-                optimizer_state=optim_state,
-                rng_states=rng_states,
-                trainer_state=doc,
-                config_toml=to_toml(self.cfg),
-                tokenizer=self.tokenizer,
-                keep_last=self.cfg.checkpoint.keep_last,
-                protect={best} if best else set(),
-                trainer_tensors=tensors,
-            )
-            if best == path.name:
-                atomic_write_text(self.root / ckpt.BEST, path.name + "\n")
+            try:
+                path = ckpt.save_checkpoint(
+                    self.root,
+                    self.state.step,
+                    model_state=model_state,
+                    optimizer_state=optim_state,
+                    rng_states=rng_states,
+                    trainer_state=doc,
+                    config_toml=to_toml(self.cfg),
+                    tokenizer=self.tokenizer,
+                    keep_last=self.cfg.checkpoint.keep_last,
+                    protect={best} if best else set(),
+                    trainer_tensors=tensors,
+                )
+                if best == path.name:
+                    atomic_write_text(self.root / ckpt.BEST, path.name + "\n")
+            except Exception as e:  # a full disk, a directory made read-only: one line, exit 2
+                err = storage_error(
+                    e, f"writing checkpoint {self.state.step} in {self.root}", name_file=False
+                )
+                if err is None:
+                    raise
+                newest = ckpt.latest_checkpoint(self.root)
+                raise type(err)(
+                    f"{err.message}; "
+                    + (
+                        f"{newest.name} is the newest complete checkpoint"
+                        if newest is not None
+                        else "the run has no complete checkpoint"
+                    )
+                ) from None
             log.info("checkpoint: %s (%.2fs)", path, time.perf_counter() - t0)
+            return path
+
+        # Every process learns the outcome (a failed write is every process's error).
+        path = decided_on_main(write, is_main=self.is_main, world_size=self.world_size)
+        if not self.is_main:
+            path = None
         self.acc.wait_for_everyone()
         self.state.saved_step = self.state.step
         if path is not None:
@@ -201,18 +223,28 @@ class Checkpointer:
     def export(self) -> Path | None:
         """`<run_dir>/model/`: weights, config and tokenizer (collective; path on the main)."""
         state = self.model_state()
-        out = None
-        if self.is_main:
-            out = ckpt.write_export(
-                self.run_dir / ckpt.EXPORT,
-                model_state=state,
-                config_toml=to_toml(self.cfg),
-                tokenizer=self.tokenizer,
-                step=self.state.step,
-            )
+
+        def write() -> Path:
+            target = self.run_dir / ckpt.EXPORT
+            try:
+                out = ckpt.write_export(
+                    target,
+                    model_state=state,
+                    config_toml=to_toml(self.cfg),
+                    tokenizer=self.tokenizer,
+                    step=self.state.step,
+                )
+            except Exception as e:
+                err = storage_error(e, f"exporting the model to {target}", name_file=False)
+                if err is None:
+                    raise
+                raise type(err)(f"{err.message}; the checkpoints are intact") from None
             log.info("exported model: %s", out)
+            return out
+
+        out = decided_on_main(write, is_main=self.is_main, world_size=self.world_size)
         self.acc.wait_for_everyone()
-        return out
+        return out if self.is_main else None
 
     # ------------------------------------------------------------------------------ restoring
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from craft.errors import CheckpointError, ConfigError
+from craft.fileio import storage_error
 from craft.interop.hf import HF_EXPORT_KIND
 
 FORMATS = ("hf", "craft")
@@ -55,13 +56,21 @@ def export(
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(output).expanduser()
     _check_output(out, source, force)
-    if fmt == "craft":
-        return export_model(source, out)
-    model, tokenizer, cfg = load_model(source)
-    export_family(cfg.model)  # a clear error before anything is written
-    state = model.state_dict()
+    try:
+        if fmt == "craft":
+            return export_model(source, out)
+        model, tokenizer, cfg = load_model(source)
+        export_family(cfg.model)  # a clear error before anything is written
+        state = model.state_dict()
 
-    def write(tmp: Path) -> None:
-        write_hf_model(tmp, cfg.model, state, tokenizer, vocab_size=model.vocab_size, dtype=dtype)
+        def write(tmp: Path) -> None:
+            write_hf_model(
+                tmp, cfg.model, state, tokenizer, vocab_size=model.vocab_size, dtype=dtype
+            )
 
-    return commit_directory(out, write, kind=HF_EXPORT_KIND, step=None)
+        return commit_directory(out, write, kind=HF_EXPORT_KIND, step=None)
+    except Exception as e:  # a full disk, permission denied: the partial export is removed
+        err = storage_error(e, f"exporting to {out}", name_file=False)
+        if err is None:
+            raise
+        raise err from None

@@ -31,22 +31,54 @@ def resolve_progress_mode(mode: str, console: Console) -> str:
     return mode
 
 
+class _FileHandler(logging.FileHandler):
+    """A FileHandler that keeps the first failed write (`error`: an OSError) instead of printing a
+    traceback for every record (a full disk would print one per log line)."""
+
+    error: BaseException | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        e = sys.exc_info()[1]
+        if not isinstance(e, OSError):  # e.g. a record whose arguments do not format
+            super().handleError(record)
+        elif self.error is None:
+            self.error = e
+
+
 class DeferredFileHandler(logging.Handler):
     """Keeps records in memory until `open(path)`, then writes them and every later one there.
 
     A new run's directory is created only once its data and model are built (a run that fails
     before leaves nothing behind), yet its train.log still starts with everything it printed.
+    A write that fails is kept as `error` (the trainer checks it: `check()`), not printed.
     """
 
     def __init__(self, formatter: logging.Formatter, level: int) -> None:
         super().__init__(level)
         self.setFormatter(formatter)
         self._pending: list[logging.LogRecord] = []
-        self._file: logging.FileHandler | None = None
+        self._file: _FileHandler | None = None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._file.error if self._file is not None else None
+
+    def check(self) -> None:
+        """Raise the first failed write to the file as a one-line error (a full disk, a file
+        made read-only), so that a run never goes on without its log."""
+        from craft.errors import CraftError
+        from craft.fileio import storage_error
+
+        e = self.error
+        if e is None:
+            return
+        assert self._file is not None
+        err = storage_error(e, f"writing {self._file.baseFilename}", name_file=False)
+        raise err or CraftError(f"cannot write {self._file.baseFilename}: {e}")
 
     def open(self, path: Path) -> None:
         """Start writing to `path` (appending), buffered records first."""
-        fh = logging.FileHandler(path, encoding="utf-8")
+        fh = _FileHandler(path, encoding="utf-8")
         fh.setFormatter(self.formatter)
         fh.setLevel(self.level)
         with self.lock:  # type: ignore[union-attr]  (created by Handler.__init__)
@@ -63,7 +95,9 @@ class DeferredFileHandler(logging.Handler):
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            # The last buffered write may fail again here: check() has reported it already.
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
         self._pending = []
         super().close()

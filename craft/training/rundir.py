@@ -4,11 +4,13 @@ A new run gets `<output_dir>/<run.name>/<YYYYmmdd-HHMMSS>[-N]/` (removed again, 
 made for it, when the run fails to start). `--resume auto` continues the newest complete
 checkpoint of the newest run with one; `--resume PATH` continues a run or checkpoint directory,
 in its own run directory when it is that run's newest checkpoint and nothing later would be
-overwritten, else in a new run.
+overwritten, else in a new run. One process owns a run directory while it trains (`own_run_dir`):
+a second one is refused before it writes anything there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import shutil
@@ -18,8 +20,8 @@ from typing import Any
 import torch
 
 from craft.config import to_toml
-from craft.errors import CheckpointError, ConfigError
-from craft.fileio import atomic_write_text
+from craft.errors import BusyError, CheckpointError, ConfigError
+from craft.fileio import atomic_write_text, exclusive_lock, storage_error
 from craft.training import checkpoint as ckpt
 
 log = logging.getLogger("craft.training")
@@ -72,19 +74,52 @@ def remove_made_dirs(made: list[Path]) -> None:
 
 def open_run_dir(run_dir: Path, cfg: Any, log_file: Any) -> None:
     """Start using `run_dir` (main process): `train.log` (`log_file.open`), `config.toml`, and
-    no leftovers of an interrupted checkpoint write."""
-    log_file.open(run_dir / "train.log")
-    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
-    for p in ckpt.clean_stale(run_dir / ckpt.CHECKPOINTS):
-        log.info("removed leftover of an interrupted checkpoint write: %s", p.name)
+    no leftovers of an interrupted checkpoint write. A directory the machine does not let us
+    write (full disk, permission denied, read-only) is a one-line `StorageError`."""
+    try:
+        log_file.open(run_dir / "train.log")
+        log_file.check()
+        atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+        for p in ckpt.clean_stale(run_dir / ckpt.CHECKPOINTS):
+            log.info("removed leftover of an interrupted checkpoint write: %s", p.name)
+    except Exception as e:
+        err = storage_error(e, f"starting the run in {run_dir}")
+        if err is None:
+            raise
+        raise err from None
 
 
-def resolve_resume(cfg: Any, resume: str | None) -> tuple[Path | None, Path | None]:
+LOCK = ".lock"  # in the run directory, while a process owns it (removed when it is done)
+
+
+def own_run_dir(run_dir: Path, stack: contextlib.ExitStack) -> None:
+    """Make this process the one owner of `run_dir` until `stack` closes: an exclusive lock on
+    `<run_dir>/.lock` (`craft.fileio.exclusive_lock`; a crashed owner leaves nothing stuck).
+    Another owner is a `BusyError` naming its pid."""
+    stack.enter_context(exclusive_lock(run_dir / LOCK, f"run directory {run_dir}", remove=True))
+
+
+def resolve_resume(
+    cfg: Any, resume: str | None, stack: contextlib.ExitStack | None = None
+) -> tuple[Path | None, Path | None]:
     """(run directory, checkpoint to resume from); the run directory is None for a new run
-    (`craft.training.checkpoint.choose_resume`)."""
+    (`craft.training.checkpoint.choose_resume`).
+
+    With `stack`, the run directory continued in is owned (`own_run_dir`) until `stack` closes,
+    and the choice is checked again once owned: a previous owner may have moved the run on.
+    """
     if resume is None:
         return None, None
-    return ckpt.choose_resume(runs_root(cfg), resume)
+    run_dir, ck = ckpt.choose_resume(runs_root(cfg), resume)
+    if run_dir is None or ck is None or stack is None:
+        return run_dir, ck
+    own_run_dir(run_dir, stack)
+    if ckpt.latest_checkpoint(run_dir / ckpt.CHECKPOINTS) != ck or ckpt.later_state(run_dir, ck):
+        raise BusyError(
+            f"run directory {run_dir}: another process continued it while this one started "
+            "(its newest checkpoint changed); run the command again"
+        )
+    return run_dir, ck
 
 
 def check_resume(path: Path, cfg: Any, model: torch.nn.Module, *, own_run: bool) -> dict[str, Any]:

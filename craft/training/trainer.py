@@ -13,6 +13,7 @@ in `craft.training.runtime`, and what callbacks see in `craft.training.callbacks
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from craft.config import registry
+from craft.errors import ConfigError
 from craft.training import checkpoint as ckpt
 from craft.training.builders import build_data, build_start_model, describe_model
 from craft.training.callbacks import Callback, RunContext, build_callbacks
@@ -34,12 +36,16 @@ from craft.training.rundir import (
     create_run_dir,
     new_run_dir,
     open_run_dir,
+    own_run_dir,
     remove_made_dirs,
     resolve_resume,
 )
 from craft.training.runtime import (
     decided_on_main,
+    describe_distributed,
+    fsdp_requested,
     is_fsdp,
+    is_sharded,
     make_accelerator,
     runs_plain,
     set_determinism,
@@ -83,6 +89,8 @@ class Trainer:
     `resume`: None (new run), "auto" (the newest complete checkpoint of the newest run with one
     under `<output_dir>/<run.name>/`, or a new run when there is none) or a path to a run or
     checkpoint directory. `callbacks` are added to the built-in and configured ones.
+    The main process owns the run directory (a lock another process is refused) from here until
+    `fit()` returns or `close()` is called.
     """
 
     step = _on_state("step")
@@ -103,10 +111,12 @@ class Trainer:
         self._stop_reason: str | None = None
         self._signals = StopSignals()
         self._teardown_logging: Any = None
+        self._log_file: Any = None
         self._export_dir: Path | None = None
         self._deterministic_before = torch.are_deterministic_algorithms_enabled()
         self._closed = False
         self._made_dirs: list[Path] = []  # a new run's directory and the parents made for it
+        self._owned = contextlib.ExitStack()  # the run directory's lock (main process)
         try:
             self._setup(resume, callbacks or [])
         except BaseException:
@@ -128,8 +138,13 @@ class Trainer:
         self.console, _, self._teardown_logging, log_file = setup_logging(
             None, is_main=self.is_main, rank=self.rank, mode=cfg.logging.progress
         )
+        self._log_file = log_file  # train.log (main process): a failed write stops the run
         agreed = {"is_main": self.is_main, "world_size": self.world_size}
-        run_dir, resume_from = decided_on_main(lambda: resolve_resume(cfg, resume), **agreed)
+        # The run directory continued in is owned from here: a second process on it is refused
+        # before anything is written (config.toml, train.log, metrics, checkpoints).
+        run_dir, resume_from = decided_on_main(
+            lambda: resolve_resume(cfg, resume, self._owned), **agreed
+        )
 
         # Same initial weights on every process; per-process streams are re-seeded below.
         seed_everything(cfg.run.seed)
@@ -161,8 +176,14 @@ class Trainer:
             ckpt.load_weights_into(model, resume_from / "model.safetensors")
 
         if run_dir is None:
-            run_dir, made = decided_on_main(lambda: create_run_dir(cfg), **agreed)
-            self._made_dirs = made if self.is_main else []
+
+            def create() -> tuple[Path, list[Path]]:
+                path, made = create_run_dir(cfg)
+                self._made_dirs = made
+                own_run_dir(path, self._owned)
+                return path, made
+
+            run_dir, _ = decided_on_main(create, **agreed)
         self.run_dir = run_dir
         if self.is_main:
             assert log_file is not None
@@ -173,7 +194,14 @@ class Trainer:
         optimizer = registry.build("optimizer", cfg.optimizer, model)
         self.scheduler = registry.build("scheduler", cfg.scheduler, optimizer, self.max_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self._fsdp = is_fsdp(acc)
+        # What was obtained, not what was asked for: Accelerate may set up less than requested.
+        self._fsdp = is_fsdp(acc) or is_sharded(self.model)
+        if fsdp_requested() and not self._fsdp:
+            raise ConfigError(
+                "FSDP was requested (ACCELERATE_USE_FSDP) but the model was not sharded "
+                f"({describe_distributed(acc, self.model)}); Craft does not fall back silently"
+            )
+        log.info("distributed: %s", describe_distributed(acc, self.model))
         direct = runs_plain(acc)
         self.train_step = TrainStep(
             self.model, self.optimizer, self.scheduler, acc, cfg.training, direct=direct
@@ -265,15 +293,27 @@ class Trainer:
         finally:
             self._signals.restore()
             try:
-                self._call("on_train_end", status)
+                self._end_callbacks(status)
             finally:
                 self.close()
+
+    def _end_callbacks(self, status: str) -> None:
+        """`on_train_end`; after a failure, one that fails too (a full disk fails the loss curve
+        as well) is logged and the run's own error is the one reported."""
+        if status != "failed":
+            self._call("on_train_end", status)
+            return
+        try:
+            self._call("on_train_end", status)
+        except Exception as e:
+            log.warning("on_train_end failed too, after an error: %s: %s", type(e).__name__, e)
 
     def close(self) -> None:
         """Release logging handlers and global switches (safe to call twice)."""
         if self._closed:
             return
         self._closed = True
+        self._owned.close()  # the run directory is free for the next process
         if self._teardown_logging is not None:
             self._teardown_logging()
         torch.use_deterministic_algorithms(self._deterministic_before)
@@ -342,6 +382,8 @@ class Trainer:
                     if state.saved_step != state.step:
                         self.save_checkpoint(elapsed=elapsed())
                     stopping = True
+            if self._log_file is not None:
+                self._log_file.check()  # e.g. a full disk: stop now, one line, exit 2
             if stopping:
                 if self._stop_reason:
                     log.info("%s; stopping at step %d", self._stop_reason, state.step)
