@@ -110,6 +110,8 @@ def _row(r: Result, metric: str, peak_bw: float | None) -> list[str | Text]:
     if r.iqr_ms is not None and r.median_ms:
         ms += f" ±{100 * r.iqr_ms / 2 / r.median_ms:.0f}%"
     speed = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
+    if r.same_kernel:
+        speed = "same kernel"
     err = f"rms {r.rms_err:.1e}" if r.rms_err is not None else ""
     if r.reference != "float64":
         err += f" (vs {r.reference})"
@@ -123,7 +125,8 @@ def print_report(
     fam = report.family
     console.print(
         f"[dim]{fam.metric}: {fam.work_note}. vs base: speed-up over the first of "
-        f"{', '.join(fam.baselines)} that ran. peak mem: most bytes allocated during one call "
+        f"{', '.join(fam.baselines)} that ran ('same kernel': it calls the baseline's own "
+        f"function, so no speed-up is claimed). peak mem: most bytes allocated during one call "
         f"above its inputs.[/dim]"
     )
     hidden = _uniform_skips(report)
