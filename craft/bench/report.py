@@ -153,6 +153,38 @@ def write_file(path: Path, data: bytes | str) -> None:
     atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
+def conditions(machine: dict[str, Any], load_after: list[float] | None = None) -> list[str]:
+    """Markdown lines saying where and when a result was measured, and how busy the machine was.
+
+    `machine` is `craft.bench.hardware.machine_info`'s record (its load average is the one at the
+    start); `load_after` the load average at the end, when the script took it.
+    """
+    m = machine
+    cores = f"{m.get('cpu_count')} CPU cores, {m.get('torch_threads')} torch threads"
+    versions = ", ".join(
+        f"{k} {m[k]}" for k in ("python", "torch", "triton", "cuda", "craft") if m.get(k)
+    )
+    load = m.get("load_avg")
+    load_text = "not available" if not load else f"{load[0]:.2f} (1 min) at the start"
+    if load_after:
+        load_text += f", {load_after[0]:.2f} at the end"
+    return [
+        f"- machine: {m.get('device_name')} ({m.get('device')}), {cores}; {m.get('platform')}",
+        f"- versions: {versions}",
+        f"- date: {m.get('date')}",
+        f"- load average: {load_text}",
+    ]
+
+
+def write_results(out_dir: Path, stem: str, doc: dict[str, Any], markdown: str) -> list[Path]:
+    """`<stem>.json` and `<stem>.md` in `out_dir`, each written atomically; their paths."""
+    out_dir = Path(out_dir)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    write_json(paths[0], doc)
+    write_file(paths[1], markdown if markdown.endswith("\n") else markdown + "\n")
+    return paths
+
+
 def document(
     machine: dict[str, Any],
     settings: dict[str, Any],

@@ -1,0 +1,89 @@
+"""`training.precision = "auto"`: bf16 autocast where the hardware runs it faster, fp32 otherwise.
+
+The rule (`resolve_precision`), measured in `bench/precision_auto.py` (results in
+`bench/results/precision_auto.md`):
+- CUDA with bf16 support (Ampere and newer): bf16. Tensor cores run bf16 at several times the
+  fp32 rate and autocast keeps the weights and the optimizer in fp32.
+- A CPU with native bf16 arithmetic (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo) and a model at
+  least `CPU_BF16_MIN_WIDTH` wide: bf16. Narrower models spend their step in per-op overhead and
+  casts, where bf16 only adds work.
+- Anything else (a CPU that emulates bf16 through fp32 conversions, MPS, narrow models): fp32.
+  On such CPUs every bf16 matmul converts its inputs to fp32 and back, so autocast is slower at
+  every width the benchmark tried.
+
+Explicit values never change: `fp32` (or `no`), `bf16` and `fp16` mean exactly what they say.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+# CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# The narrowest model (n_embd) for which bf16 autocast pays on a CPU with native bf16.
+CPU_BF16_MIN_WIDTH = 256
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_bf16_features(flags: frozenset[str] | None = None) -> list[str]:
+    """The native-bf16 features of this CPU (e.g. ["amx_bf16"]), empty when it has none."""
+    have = cpu_flags() if flags is None else flags
+    return [f for f in CPU_BF16_FLAGS if f in have]
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What `auto` resolved to, and why (logged once and written into the resolved config)."""
+
+    precision: str  # "no" (fp32) or "bf16"
+    reason: str
+
+
+def resolve_precision(
+    device_type: str,
+    width: int | None,
+    *,
+    cuda_bf16: bool = False,
+    flags: frozenset[str] | None = None,
+) -> PrecisionChoice:
+    """The precision `auto` means for a model `width` wide (n_embd; None: unknown) on a device.
+
+    `cuda_bf16`: whether the CUDA device supports bf16 (`torch.cuda.is_bf16_supported()`);
+    `flags`: the CPU's flags (default: read from /proc/cpuinfo).
+    """
+    if device_type == "cuda":
+        if cuda_bf16:
+            return PrecisionChoice("bf16", "CUDA device with bf16 support")
+        return PrecisionChoice("no", "CUDA device without bf16 support (fp16 is opt-in)")
+    if device_type != "cpu":
+        return PrecisionChoice("no", f"bf16 autocast is not measured on {device_type}")
+    native = cpu_bf16_features(flags)
+    cpu = platform.machine() or "this CPU"
+    if not native:
+        return PrecisionChoice(
+            "no",
+            f"{cpu} CPU without native bf16 (no {' / '.join(CPU_BF16_FLAGS)}): "
+            "bf16 autocast is slower than fp32 there",
+        )
+    if width is None or width < CPU_BF16_MIN_WIDTH:
+        return PrecisionChoice(
+            "no",
+            f"CPU with {', '.join(native)} but model width {width} < {CPU_BF16_MIN_WIDTH}: "
+            "too narrow for bf16 to pay",
+        )
+    return PrecisionChoice(
+        "bf16", f"CPU with {', '.join(native)} and model width {width} >= {CPU_BF16_MIN_WIDTH}"
+    )
