@@ -90,6 +90,23 @@ def load_avg() -> list[float] | None:
         return None
 
 
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver's version from nvidia-smi (None when it cannot be asked)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Device, versions and date: what a recorded result must say about where it came from."""
     from craft import __version__
@@ -118,6 +135,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         info["gpu_memory_bytes"] = int(props.total_memory)
         info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["cuda_driver"] = _nvidia_driver()
         peak = peak_for(info["device_name"])
         if peak:
             info["peak_bf16_tflops"] = peak.bf16_flops / 1e12
