@@ -125,8 +125,7 @@ def _kernel_rows(name: str, doc: dict[str, Any]) -> list[str]:
         same = {
             r["impl"]
             for r in craft
-            if r.get("same_kernel")
-            or same_kernel(fam, r["impl"], base_name, settings.get("dtype"))
+            if r.get("same_kernel") or same_kernel(fam, r["impl"], base_name, settings.get("dtype"))
         }
         differ = [r for r in craft if r["impl"] not in same]
         best = max(differ, key=lambda r: r["throughput"]) if differ else None

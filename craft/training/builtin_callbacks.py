@@ -304,7 +304,9 @@ class LossCurveCallback(Callback):
                 f"{run.run_name}: loss",
             )
         except ImportError as e:  # matplotlib is a dependency: only a broken install gets here
-            log.warning("logging.plot: no loss curve written: matplotlib cannot be imported (%s)", e)
+            log.warning(
+                "logging.plot: no loss curve written: matplotlib cannot be imported (%s)", e
+            )
             return
         if path is not None:
             log.info("loss curve: %s", path)
