@@ -19,6 +19,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -50,6 +51,10 @@ class PrecisionChoice:
 
     precision: str  # "no" (fp32) or "bf16"
     reason: str
+
+    @property
+    def label(self) -> str:
+        return "fp32" if self.precision == "no" else self.precision
 
 
 def resolve_precision(
@@ -87,3 +92,41 @@ def resolve_precision(
     return PrecisionChoice(
         "bf16", f"CPU with {', '.join(native)} and model width {width} >= {CPU_BF16_MIN_WIDTH}"
     )
+
+
+def accelerate_precision(precision: str) -> str:
+    """Accelerate's `mixed_precision` for an explicit `training.precision` ("fp32" is "no")."""
+    return "no" if precision in ("no", "fp32") else precision
+
+
+def _device_type(cfg: Any) -> str:
+    """The device type the run will train on (what Accelerate will pick)."""
+    import torch
+
+    from craft.training.runtime import has_accelerator
+
+    if cfg.run.cpu or not has_accelerator():
+        return "cpu"
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "current_accelerator"):
+        dev = acc.current_accelerator()
+        if dev is not None:
+            return dev.type
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def apply_auto_precision(cfg: Any) -> tuple[Any, PrecisionChoice | None]:
+    """`cfg` with `training.precision = "auto"` replaced by its choice and the reason recorded in
+    `training.precision_auto`; an explicit precision is returned unchanged (and None)."""
+    if cfg.training.precision != "auto":
+        return cfg, None
+    import torch
+
+    device_type = _device_type(cfg)
+    cuda_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    width = getattr(cfg.model, "d_model", None)
+    choice = resolve_precision(device_type, width, cuda_bf16=cuda_bf16)
+    training = cfg.training.model_copy(
+        update={"precision": choice.precision, "precision_auto": choice.reason}
+    )
+    return cfg.model_copy(update={"training": training}), choice

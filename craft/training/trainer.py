@@ -27,6 +27,7 @@ from craft.training.builders import build_data, build_start_model, describe_mode
 from craft.training.callbacks import Callback, RunContext, build_callbacks
 from craft.training.checkpointer import Checkpointer
 from craft.training.logs import ThroughputWindow, describe_run, setup_logging
+from craft.training.precision import apply_auto_precision
 from craft.training.pretrained import resolve_pretrained
 from craft.training.rng import seed_everything
 from craft.training.rundir import (
@@ -118,7 +119,8 @@ class Trainer:
     # ------------------------------------------------------------------------------- setup
 
     def _setup(self, resume: str | None, extra_callbacks: list[Callback]) -> None:
-        cfg = self.cfg
+        cfg, auto = apply_auto_precision(self.cfg)  # the run's config.toml records the choice
+        self.cfg = cfg
         set_determinism(cfg.run.deterministic)
         acc = self.accelerator = make_accelerator(cfg)
         self.rank, self.world_size = acc.process_index, acc.num_processes
@@ -128,6 +130,8 @@ class Trainer:
         self.console, _, self._teardown_logging, log_file = setup_logging(
             None, is_main=self.is_main, rank=self.rank, mode=cfg.logging.progress
         )
+        if auto is not None:
+            log.info("precision auto: %s (%s)", auto.label, auto.reason)
         agreed = {"is_main": self.is_main, "world_size": self.world_size}
         run_dir, resume_from = decided_on_main(lambda: resolve_resume(cfg, resume), **agreed)
 
