@@ -13,7 +13,6 @@ tokens/s: median (min–max) over the logged steps after the first `--skip` (war
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from craft.bench.report import conditions, write_file, write_results  # noqa: E402
+from craft.bench.report import conditions, write_figure, write_results  # noqa: E402
 from craft.bench.timing import fmt_spread, spread  # noqa: E402
 
 
@@ -140,11 +139,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.set_ylabel(f"train loss (mean of {r['window']} logged steps)")
     ax.set_title("char_gpt, bf16")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_file(path, buf.getvalue())
+    write_figure(path, fig, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

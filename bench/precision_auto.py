@@ -20,7 +20,6 @@ emulated through fp32 conversions and the expected answer is "never". Writes pre
 from __future__ import annotations
 
 import argparse
-import io
 import shlex
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 
 from craft.bench.config import load_bench_config  # noqa: E402
 from craft.bench.hardware import load_avg, machine_info  # noqa: E402
-from craft.bench.report import conditions, write_file, write_results  # noqa: E402
+from craft.bench.report import conditions, write_figure, write_results  # noqa: E402
 from craft.bench.timing import fmt_spread, spread  # noqa: E402
 from craft.bench.train import run_train_bench  # noqa: E402
 from craft.training.precision import CPU_BF16_MIN_WIDTH  # noqa: E402
@@ -133,11 +132,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax2.grid(alpha=0.3)
     native = ", ".join(doc["machine"].get("cpu_bf16") or []) or "no native bf16"
     fig.suptitle(f"{doc['machine'].get('device_name')} ({native})", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_file(path, buf.getvalue())
+    write_figure(path, fig)
 
 
 def main(argv: list[str] | None = None) -> None:

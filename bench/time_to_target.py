@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+
+from train_throughput import run_child  # noqa: E402
 
 NANOGPT_LOSS = 1.886  # nanoGPT's README: its CPU character model, val loss after 2000 steps
 
@@ -160,10 +161,7 @@ def _child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         *[f"--set={o}" for o in args.set],
         *(["--threads", str(args.threads)] if args.threads else []),
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if res.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_child(cmd, variant)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -224,14 +222,12 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from craft.bench.report import write_file
+    from craft.bench.report import write_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = {"craft": "tab:blue", "plain": "tab:orange"}
@@ -244,15 +240,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.axhline(doc["target"], color="gray", ls="--", lw=1, label=f"target {doc['target']}")
     ax.set_xlabel("seconds since launch (evaluation excluded)")
     ax.set_ylabel("validation loss")
-    ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+    ax.set_ylim(top=min(ax.get_ylim()[1], doc["target"] + 1.0))
     ax.set_title(f"{doc['recipe']}: time to validation loss {doc['target']}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_file(path, buf.getvalue())
+    write_figure(path, fig)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -121,9 +121,14 @@ def _child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         *[f"--set={o}" for o in args.set],
         *(["--threads", str(args.threads)] if args.threads else []),
     ]
+    return run_child(cmd, variant)
+
+
+def run_child(cmd: list[str], label: str) -> dict[str, Any]:
+    """Run one variant in a fresh process; its result is the JSON on its last line of output."""
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if res.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        raise SystemExit(f"{label} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

@@ -227,10 +227,17 @@ def write_plot(path: Path, reports: list[FamilyReport], subtitle: str) -> None:
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(subtitle, fontsize=10)
+    write_figure(path, fig)
+
+
+def write_figure(path: Path, fig: Any, dpi: int = 110) -> None:
+    """Save a matplotlib figure (format from the suffix, PNG by default) atomically; close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     suffix = Path(path).suffix.lstrip(".") or "png"
     buf = io.BytesIO()
-    fig.savefig(buf, format=suffix, dpi=110)
+    fig.savefig(buf, format=suffix, dpi=dpi)
     plt.close(fig)
     write_file(Path(path), buf.getvalue())
 
