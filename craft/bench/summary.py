@@ -164,6 +164,58 @@ def _train_row(name: str, t: dict[str, Any]) -> str:
     )
 
 
+def _med(s: Any) -> float | None:
+    return s.get("median") if isinstance(s, dict) else None
+
+
+def _headline(name: str, d: dict[str, Any]) -> str | None:
+    """One line of what a benchmark script's result says (None: not a format known here)."""
+    kind = d.get("benchmark")
+    if kind == "train_throughput":
+        t = d.get("throughput", {})
+        craft, plain = (
+            _med(t.get("craft", {}).get("ms_per_step")),
+            _med(t.get("plain", {}).get("ms_per_step")),
+        )
+        if craft is None or plain is None:
+            return None
+        line = (
+            f"Craft {craft:.1f} vs plain loop {plain:.1f} ms/step (medians of {d.get('repeats')} "
+            f"runs): Craft / plain tokens/s {t.get('craft_over_plain', 0):.3f}"
+        )
+        if d.get("overrides"):
+            line += f" (overrides: {' '.join(d['overrides'])})"
+        full = d.get("full")
+        if full:
+            line += (
+                f"; full run: val loss {full['val_loss']:.4f} at step {full['steps']} in "
+                f"{full['wall_s'] / 60:.1f} min"
+            )
+        return line
+    if kind == "time_to_target":
+        v = d.get("variants", {})
+        c, p = (
+            _med(v.get("craft", {}).get("time_to_target_s")),
+            _med(v.get("plain", {}).get("time_to_target_s")),
+        )
+        ratio = d.get("craft_over_plain")
+        if c is None or p is None or ratio is None:
+            return f"val loss {d.get('target')}: not reached by every run"
+        return (
+            f"to val loss {d.get('target')}: Craft {c:.1f} s vs plain loop {p:.1f} s "
+            f"(medians of {d.get('repeats')} runs): ratio {ratio:.2f}"
+        )
+    if kind == "precision_auto":
+        m = d.get("machine", {})
+        native = ", ".join(m.get("cpu_bf16") or []) or "no native bf16"
+        pays = d.get("bf16_pays_from_width")
+        rows = d.get("rows", [])
+        ratios = ", ".join(f"{r['width']}: {r['bf16_over_fp32']:.2f}" for r in rows)
+        where = f"from width {pays}" if pays is not None else "at no width swept"
+        return f"{native}: bf16 autocast pays {where} (bf16 / fp32 step time by width: {ratios})"
+    return None
+
+
 def render(results_dir: Path) -> str:
     """The generated Markdown: index, kernel summary, training summary."""
     files = sorted(p for p in results_dir.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -181,8 +233,16 @@ def render(results_dir: Path) -> str:
             f"| [{d['file']}](results/{d['file']}) | {d['what']} | {d['device']} | {d['date']} "
             f"| {d['load']} |"
         )
-    docs = {p.name: _load_json(p) for p in files if p.suffix == ".json"}
-    docs = {k: v for k, v in docs.items() if v and v.get("format") == BENCH_FORMAT}
+    all_docs = {p.name: _load_json(p) for p in files if p.suffix == ".json"}
+    headlines = [
+        f"| {name} | {line} |"
+        for name, d in all_docs.items()
+        if d and (line := _headline(name, d)) is not None
+    ]
+    if headlines:
+        out += ["", "### Headlines of the benchmark scripts", ""]
+        out += ["| file | result |", "|---|---|", *headlines]
+    docs = {k: v for k, v in all_docs.items() if v and v.get("format") == BENCH_FORMAT}
     kernel_rows = [row for name, doc in docs.items() for row in _kernel_rows(name, doc)]
     if kernel_rows:
         out += ["", "### Kernels (`craft bench`, largest swept size of each run)", ""]

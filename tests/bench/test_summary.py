@@ -94,3 +94,41 @@ def test_same_kernel_only_where_the_call_is_the_same(tmp_path: Path) -> None:
     (kernel,) = [ln for ln in text.splitlines() if ln.startswith("| bf16.json | Test CPU | cross")]
     assert "craft.torch 3.00" in kernel and "1.50x" in kernel and kernel.endswith("| - | bad |")
     assert "| 2026-01-02 | 0.42 |" in text
+
+
+def test_headlines_of_the_scripts_come_from_their_results(tmp_path: Path) -> None:
+    ms = {"craft": {"median": 40.0}, "plain": {"median": 50.0}}
+    (tmp_path / "tt.json").write_text(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "repeats": 5,
+                "throughput": {
+                    **{k: {"ms_per_step": v} for k, v in ms.items()},
+                    "craft_over_plain": 1.25,
+                },
+                "full": {"val_loss": 1.7012, "steps": 2000, "wall_s": 90.0},
+            }
+        )
+    )
+    (tmp_path / "ttt.json").write_text(
+        json.dumps(
+            {
+                "benchmark": "time_to_target",
+                "target": 1.886,
+                "repeats": 3,
+                "craft_over_plain": 0.45,
+                "variants": {
+                    "craft": {"time_to_target_s": {"median": 45.0}},
+                    "plain": {"time_to_target_s": {"median": 100.0}},
+                },
+            }
+        )
+    )
+    text = render(tmp_path)
+    assert (
+        "| tt.json | Craft 40.0 vs plain loop 50.0 ms/step (medians of 5 runs): Craft / plain "
+        "tokens/s 1.250; full run: val loss 1.7012 at step 2000 in 1.5 min |"
+    ) in text
+    assert "| ttt.json | to val loss 1.886: Craft 45.0 s vs plain loop 100.0 s" in text
+    assert "ratio 0.45 |" in text
