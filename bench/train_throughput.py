@@ -160,9 +160,9 @@ def _markdown(doc: dict[str, Any]) -> str:
         "",
         *([f"Overrides: `{' '.join(doc['overrides'])}`.", ""] if doc.get("overrides") else []),
         f"Median (min–max) over {doc['repeats']} alternating fresh-process runs per variant; "
-        f"each run's figure is the median of {doc['steps']} timed steps after {WARMUP} warm-up "
-        "steps. `plain` is nanoGPT's train.py loop over the same model, data, optimizer "
-        "settings, schedule and clipping.",
+        f"each run's figure is the {doc.get('run_figure', 'median')} of {doc['steps']} timed "
+        f"steps after {WARMUP} warm-up steps. `plain` is nanoGPT's train.py loop over the same "
+        "model, data, optimizer settings, schedule and clipping.",
         "",
         "| variant | ms/step | tokens/s | peak RSS (MB) |",
         "|---|---:|---:|---:|",
