@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -166,7 +165,9 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(out)
-    machine["load_avg_end"] = list(os.getloadavg())
+    from craft.bench.hardware import load_avg  # the children have run: torch may load now
+
+    machine["load_avg_end"] = load_avg()
     tokens = {r["tokens"] for rs in runs.values() for r in rs}
     if len(tokens) != 1:
         raise SystemExit(f"formats gave different token counts: {sorted(tokens)}")
