@@ -199,6 +199,12 @@ def _headline(name: str, d: dict[str, Any]) -> str | None:
             _med(v.get("plain", {}).get("time_to_target_s")),
         )
         ratio = d.get("craft_over_plain")
+        bound = d.get("craft_over_plain_at_most")
+        if c is not None and bound is not None:
+            return (
+                f"to val loss {d.get('target')}: Craft {c:.1f} s (median of {d.get('repeats')} "
+                f"runs); the plain loop did not reach it: ratio at most {bound:.2f}"
+            )
         if c is None or p is None or ratio is None:
             return f"val loss {d.get('target')}: not reached by every run"
         return (
