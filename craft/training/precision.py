@@ -11,8 +11,8 @@ and bf16 over a sweep of widths, into `bench/results/precision_auto.md`):
   instead of 5.8 s); `bench/precision_auto.py` on such a CPU prints the width from which bf16
   pays, to set it from a full sweep.
 - Anything else (a CPU that emulates bf16 through fp32 conversions, MPS, narrow models): fp32.
-  On such CPUs every bf16 matmul converts its inputs to fp32 and back, so autocast adds work
-  (on a 2-core AVX512 CPU without bf16: 2.6x slower at width 64 and 4x at 128, under load).
+  On such CPUs every bf16 matmul converts its inputs to fp32 and back, so autocast only adds
+  work.
 
 Explicit values never change: `fp32` (or `no`), `bf16` and `fp16` mean exactly what they say.
 """
