@@ -31,7 +31,6 @@ where the CPU multiplies bf16 natively (AMX-BF16 / AVX512-BF16: the report recor
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import sys
@@ -43,9 +42,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from craft.bench.hardware import machine_info  # noqa: E402
-from craft.bench.report import write_file, write_json  # noqa: E402
-from craft.bench.timing import now  # noqa: E402
+from craft.bench.hardware import load_avg, machine_info  # noqa: E402
+from craft.bench.report import conditions, write_results  # noqa: E402
+from craft.bench.timing import fmt_spread, now, spread  # noqa: E402
 from craft.generation import SamplingParams, generate, iter_tokens, sample_next  # noqa: E402
 
 SHAKESPEARE_CHAR_VOCAB = 65
@@ -129,18 +128,14 @@ def bench_model(
             if rep < (args.repeats if label == "kv_cache" else args.baseline_repeats):
                 times[label].append(time_once(fn, model, args.new_tokens, device))
     for label, ts in times.items():
-        row[f"{label}_seconds"] = ts
-        row[f"{label}_tokens_per_s"] = args.new_tokens / min(ts)
-        row[f"{label}_tokens_per_s_median"] = args.new_tokens / statistics.median(ts)
-        print(f"  {name} {label}: {row[f'{label}_tokens_per_s']:.1f} tokens/s (best)", flush=True)
-    row["speedup"] = row["kv_cache_tokens_per_s"] / row["recompute_tokens_per_s"]
-    row["speedup_median"] = (
-        row["kv_cache_tokens_per_s_median"] / row["recompute_tokens_per_s_median"]
-    )
+        row[label] = _stats(ts, args.new_tokens)
+        med = row[label]["tokens_per_s"]["median"]
+        print(f"  {name} {label}: {med:.1f} tokens/s (median)", flush=True)
+    row["speedup"] = statistics.median(times["recompute"]) / statistics.median(times["kv_cache"])
     expected = EXPECTED_SPEEDUP.get(name)
     if expected is not None:
         row["expected_speedup"] = expected
-        row["as_expected"] = row["speedup_median"] >= expected  # the median: the stricter here
+        row["as_expected"] = row["speedup"] >= expected
     return row
 
 
@@ -208,12 +203,8 @@ def way_floor(model: torch.nn.Module, tok: Any, batch: int, steps: int) -> float
 
 
 def _stats(ts: list[float], tokens: int) -> dict[str, Any]:
-    return {
-        "seconds": ts,
-        "tokens_per_s_median": tokens / statistics.median(ts),
-        "tokens_per_s_min": tokens / max(ts),
-        "tokens_per_s_max": tokens / min(ts),
-    }
+    """Every repeat's seconds, and tokens/s as median (min-max) over the repeats."""
+    return {"seconds": ts, "tokens_per_s": spread([tokens / t for t in ts])}
 
 
 def bench_floor(
@@ -250,13 +241,17 @@ def bench_floor(
             and row["generate_vs_floor"] <= expected["generate_vs_floor"]
         )
     print(
-        f"  {name} {dtype} batch {batch}: generate {row['generate']['tokens_per_s_median']:.0f}, "
-        f"bare {row['bare']['tokens_per_s_median']:.0f}, floor "
-        f"{row['floor']['tokens_per_s_median']:.0f} tokens/s (medians); generate/bare "
+        f"  {name} {dtype} batch {batch}: generate {_med(row, 'generate'):.0f}, "
+        f"bare {_med(row, 'bare'):.0f}, floor "
+        f"{_med(row, 'floor'):.0f} tokens/s (medians); generate/bare "
         f"{row['generate_vs_bare']:.2f}, generate time / floor {row['generate_vs_floor']:.2f}",
         flush=True,
     )
     return row
+
+
+def _med(row: dict[str, Any], way: str) -> float:
+    return float(row[way]["tokens_per_s"]["median"])
 
 
 def floor_markdown(rows: list[dict[str, Any]]) -> list[str]:
@@ -273,10 +268,7 @@ def floor_markdown(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
     def cell(s: dict[str, Any]) -> str:
-        return (
-            f"{s['tokens_per_s_median']:.0f} ({s['tokens_per_s_min']:.0f}–"
-            f"{s['tokens_per_s_max']:.0f})"
-        )
+        return fmt_spread(s["tokens_per_s"], ".0f")
 
     for r in rows:
         verdict = "-"
@@ -293,30 +285,14 @@ def floor_markdown(rows: list[dict[str, Any]]) -> list[str]:
 # ----------------------------------------------------------------------- part 2: recompute vs cache
 
 
-def cpu_flags() -> str:
-    """The CPU's bf16-relevant feature flags (Linux), e.g. 'avx512f amx_bf16'."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return "unknown"
-    flags = next(
-        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
-    )
-    keep = [f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2"))]
-    return " ".join(sorted(keep)) or "none of avx2/avx512/amx"
-
-
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         "# Decode speed",
         "",
-        f"- date: {m['date']}",
-        f"- machine: {m['device_name']} ({m['device']}), {m['cpu_count']} CPU cores, "
-        f"torch threads {m['torch_threads']}; CPU flags: {result['cpu_flags']}",
-        f"- load average (1 min) before / after: {result['load_before']:.2f} / "
-        f"{result['load_after']:.2f}",
-        f"- versions: python {m['python']}, torch {m['torch']}, craft {m['craft']}",
+        *conditions(m, result.get("load_avg_end")),
+        f"- CPU: torch capability {m.get('cpu_capability')}, native bf16: "
+        f"{', '.join(m.get('cpu_bf16') or []) or 'none (no AMX-BF16 / AVX512-BF16)'}",
         f"- command: `{result['command']}`",
         f"- note: {result['note']}",
         "",
@@ -328,23 +304,24 @@ def markdown(result: dict[str, Any]) -> str:
             "## Part 2: KV cache vs recomputing the context (nanoGPT's way)",
             "",
             "Batch 1, float32, prompt 1 token, temperature 1, seed 0; the two ways alternate; "
-            "tokens/s of the best and the median repeat (all times are in the JSON file).",
+            "tokens/s median (min–max) of the repeats (all times are in the JSON file); the "
+            "speed-up is the ratio of the median times.",
             "",
             "| model | weights | params | block | new tokens | KV cache tok/s | recompute tok/s "
-            "| speed-up (best) | speed-up (median) | expected |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| speed-up | expected |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
         ]
     for r in result.get("rows", []):
         verdict = (
-            f">= {r['expected_speedup']:.0f}x (median): {'yes' if r['as_expected'] else 'NO'}"
+            f">= {r['expected_speedup']:.0f}x: {'yes' if r['as_expected'] else 'NO'}"
             if "expected_speedup" in r
             else "-"
         )
         lines.append(
             f"| {r['model']} | {r['weights']} | {r['params'] / 1e6:.2f}M | {r['block_size']} "
-            f"| {r['new_tokens']} | {r['kv_cache_tokens_per_s']:.1f} "
-            f"| {r['recompute_tokens_per_s']:.1f} | {r['speedup']:.1f}x "
-            f"| {r['speedup_median']:.1f}x | {verdict} |"
+            f"| {r['new_tokens']} | {fmt_spread(r['kv_cache']['tokens_per_s'], '.1f')} "
+            f"| {fmt_spread(r['recompute']['tokens_per_s'], '.1f')} | {r['speedup']:.1f}x "
+            f"| {verdict} |"
         )
     return "\n".join([*lines, ""])
 
@@ -374,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     from craft.generation import resolve_device
 
     device = resolve_device(args.device)
-    load_before = os.getloadavg()[0]
+    machine = machine_info(device)
 
     models: list[tuple[str, torch.nn.Module, str, Any]] = []
     if args.checkpoint:
@@ -402,20 +379,16 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "decode_speed",
         "command": shlex.join(["python", "bench/decode_speed.py", *(argv or sys.argv[1:])]),
-        "machine": machine_info(device),
-        "cpu_flags": cpu_flags(),
-        "load_before": load_before,
-        "load_after": os.getloadavg()[0],
+        "machine": machine,
+        "load_avg_end": load_avg(),
         "floor_rows": floor_rows,
         "rows": rows,
         "note": args.note
         or "Timings on a shared machine are noisy; re-run on a quiet one for final numbers.",
     }
     out = Path(args.out)
-    md = out.with_suffix(".md")
-    write_json(out, result)
-    write_file(md, markdown(result))
-    print(f"wrote {out} and {md}")
+    paths = write_results(out.parent, out.stem, result, markdown(result))
+    print(f"wrote {paths[0]} and {paths[1]}")
 
 
 if __name__ == "__main__":

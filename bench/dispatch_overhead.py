@@ -14,21 +14,15 @@ once. Side by side, on the same tiny CPU tensors:
 - table: through a `craft.ops.Kernels` table (what models do now);
 - resolve per call: `registry.resolve(...)` then the function (what every op call did before).
 
-Minimum and median of 7 blocks of --calls calls, microseconds per call (the minimum is the
-better estimate on a busy machine). Writes dispatch_overhead.json and .md to --out, with the
-machine load.
+Microseconds per call: median with min-max of 7 blocks of --calls calls (`craft.bench.timing`'s
+timer). Writes dispatch_overhead.json and .md to --out (`craft.bench.report`'s writer) with the
+machine, versions, date and load (`craft.bench.hardware.machine_info`).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,20 +33,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from craft import ops  # noqa: E402
-from craft.bench.hardware import device_name  # noqa: E402
+from craft.bench.hardware import load_avg, machine_info  # noqa: E402
+from craft.bench.report import conditions, write_results  # noqa: E402
+from craft.bench.timing import fmt_spread, per_call_s, spread  # noqa: E402
 from craft.ops.registry import resolve  # noqa: E402
 
 
-def per_call_us(fn: Callable[[], Any], calls: int, blocks: int = 7) -> dict[str, float]:
-    for _ in range(min(calls, 1000)):
-        fn()
-    times = []
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return {"median_us": statistics.median(times), "min_us": min(times), "max_us": max(times)}
+def per_call_us(fn: Callable[[], Any], calls: int, blocks: int = 7) -> dict[str, Any]:
+    """Median, min and max over `blocks` blocks of `calls` calls, microseconds per call."""
+    return spread(per_call_s(fn, calls=calls, blocks=blocks, warmup=min(calls, 1000)), 1e6)
 
 
 def noop(*args: Any) -> None:
@@ -75,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=20000)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    machine = machine_info(torch.device("cpu"))
     q = torch.randn(1, 1, 1, 16)
     x, w = torch.randn(1, 16), torch.ones(16)
     logits, targets = torch.randn(1, 8), torch.zeros(1, dtype=torch.long)
@@ -104,19 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             b.fn = real
         for key in ("table", "resolve_per_call"):
-            r[f"{key}_overhead_us"] = r[key]["min_us"] - r["direct"]["min_us"]
+            r[f"{key}_overhead_us"] = r[key]["median"] - r["direct"]["median"]
         rows.append(r)
-    meta = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": device_name(torch.device("cpu")),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": 1,
-        "load_avg": os.getloadavg(),
-        "calls_per_block": args.calls,
-    }
+    load_end = load_avg()
     lines = ["# Dispatch overhead per op call (CPU, tiny tensors)", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    lines += conditions(machine, load_end)
+    lines += [f"- calls per block: {args.calls}, 7 blocks"]
     lines += [
         "",
         "| op | backend picked | direct us | table us | resolve per call us | table overhead us | "
@@ -124,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
 
-    def cell(d: dict[str, float]) -> str:
-        return f"{d['min_us']:.2f} / {d['median_us']:.2f}"
+    def cell(d: dict[str, Any]) -> str:
+        return fmt_spread(d)
 
     for r in rows:
         lines.append(
@@ -135,15 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines += [
         "",
-        "Microseconds per call, minimum / median of 7 blocks; overheads are minimum minus the",
-        "direct call's minimum. The backend function is a no-op here: the kernel's own time comes",
+        "Microseconds per call, median (min–max) of 7 blocks; overheads are the median minus the",
+        "direct call's median. The backend function is a no-op here: the kernel's own time comes",
         "on top of every column.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dispatch_overhead.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
-    )
-    (args.out / "dispatch_overhead.md").write_text("\n".join(lines) + "\n")
+    doc = {
+        "benchmark": "dispatch_overhead",
+        "machine": machine,
+        "load_avg_end": load_end,
+        "calls_per_block": args.calls,
+        "rows": rows,
+    }
+    write_results(args.out, "dispatch_overhead", doc, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -77,35 +77,18 @@ if ! "$PY" -c "import pydantic" >/dev/null 2>&1 && ls .whl/*.whl >/dev/null 2>&1
 fi
 
 # ---------------------------------------------------------------------------------- helpers
-env_json() {  # the machine this step ran on -> $OUT/<step>.env.json
+env_json() {  # the machine this step ran on (craft.bench.hardware.machine_info) -> $OUT/<step>.env.json
     "$PY" - "$1" "$DRY" <<'EOF' >"$OUT/$1.env.json" 2>/dev/null || echo "{}" >"$OUT/$1.env.json"
-import datetime, json, os, platform, subprocess, sys
+import json, subprocess, sys
 import torch
-info = {"step": sys.argv[1], "dry_run": sys.argv[2] == "1",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.version.cuda}
-try:
-    import triton
-    info["triton"] = triton.__version__
-except Exception as e:
-    info["triton"] = f"not importable ({type(e).__name__})"
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    info.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1))
-    try:
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True, timeout=20).stdout.strip()
-    except Exception:
-        pass
-else:
-    info["device"] = "cpu"
+from craft.bench.hardware import machine_info
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+info = {"step": sys.argv[1], "dry_run": sys.argv[2] == "1", **machine_info(device)}
 try:
     info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True, timeout=10).stdout.strip() or None
 except Exception:
     info["commit"] = None
-info["load"] = os.getloadavg()
 print(json.dumps(info, indent=1))
 EOF
 }
@@ -245,7 +228,7 @@ step_summary() {
         echo
         for f in "$OUT"/*.env.json; do
             [ -f "$f" ] || continue
-            "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print('- {step}: {device}, torch {torch}, CUDA {cuda}, triton {triton}, driver {drv}, {date}, commit {commit}, load {load}'.format(drv=d.get('driver', '-'), **{k: d.get(k) for k in ('step','device','torch','cuda','triton','date','commit','load')}))" "$f"
+            "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print('- {step}: {device_name}, torch {torch}, CUDA {cuda}, triton {triton}, driver {drv}, {date}, commit {commit}, load {load_avg}'.format(drv=d.get('cuda_driver') or '-', **{k: d.get(k) for k in ('step','device_name','torch','cuda','triton','date','commit','load_avg')}))" "$f"
         done
         echo
         echo "| step | status | seconds | note |"

@@ -19,10 +19,6 @@ printed last. Exit status 1 when a correctness check fails.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,21 +29,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from craft.bench.hardware import machine_info, peak_for  # noqa: E402
+from craft.bench.report import conditions, write_results  # noqa: E402
+from craft.bench.timing import measure  # noqa: E402
 from craft.ops import cuda as cuda_backend  # noqa: E402
 from craft.ops import torch_backend  # noqa: E402
 from craft.ops.registry import backends  # noqa: E402
 
-# Peak DRAM bandwidth (GB/s) by device name, from the vendors' data sheets.
-PEAK_GBPS = {
-    "H100 80GB HBM3": 3350.0,  # SXM5
-    "H100 PCIe": 2000.0,
-    "H100 NVL": 3900.0,
-    "H200": 4800.0,
-    "A100-SXM4-80GB": 2039.0,
-    "A100-SXM4-40GB": 1555.0,
-    "A100 80GB PCIe": 1935.0,
-    "A100-PCIE-40GB": 1555.0,
-}
 SIZES = (64, 100, 127, 768, 1000, 1024, 2048, 3000, 4096, 4097, 5120, 8191, 8192)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SLACK = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -64,10 +52,9 @@ NormFn = Callable[..., Any]
 
 
 def peak_bandwidth(name: str) -> float | None:
-    for key, gbps in PEAK_GBPS.items():
-        if key in name:
-            return gbps
-    return None
+    """The card's memory bandwidth in GB/s (`craft.bench.hardware`'s table; None if unknown)."""
+    peak = peak_for(name)
+    return None if peak is None else peak.bandwidth / 1e9
 
 
 def copy_bandwidth() -> float:
@@ -78,20 +65,9 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (ms * 1e-3) / 1e9
 
 
-def time_ms(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> float:
-    """Median milliseconds of fn() on the current stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def time_ms(fn: Callable[[], Any]) -> float:
+    """Median milliseconds of fn(): `craft.bench.timing.measure` (do_bench on CUDA)."""
+    return measure(fn, torch.device("cuda")).median_ms
 
 
 # ------------------------------------------------------------------------------ correctness
@@ -311,8 +287,9 @@ def speed(quick: bool, peak: float | None) -> list[dict[str, Any]]:
 def markdown(
     meta: dict[str, Any], checks: list[dict[str, Any]], timings: list[dict[str, Any]]
 ) -> str:
-    lines = [f"# CUDA norm kernels on {meta['device']}", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    lines = [f"# CUDA norm kernels on {meta['device_name']}", ""]
+    lines += conditions(meta)
+    lines += [f"- {k}: {meta.get(k)}" for k in ("sms", "peak_gbps", "copy_gbps", "target")]
     bad = [c for c in checks if not c["ok"]]
     lines += ["", f"## Correctness: {len(checks) - len(bad)}/{len(checks)} cases pass", ""]
     lines += ["Worst relative error (cuda vs torch, both against float64) per dtype:", ""]
@@ -327,7 +304,7 @@ def markdown(
         lines.append(
             f"- FAIL {c['dtype']} {c['cols']} {c['kind']} residual={c['residual']}: {c['errors']}"
         )
-    lines += ["", "## Speed (median ms; GB/s = minimal bytes / time)", ""]
+    lines += ["", "## Speed (median ms of do_bench; GB/s = minimal bytes / time)", ""]
     names = [n for n in ("torch", "cuda", "triton") if any(n in t for t in timings)]
     head = (
         "| shape | dtype | op | "
@@ -391,30 +368,17 @@ def main(argv: list[str] | None = None) -> int:
     props = torch.cuda.get_device_properties(0)
     peak = peak_bandwidth(props.name)
     meta = {
-        "device": props.name,
+        **machine_info(torch.device("cuda")),
         "sms": props.multi_processor_count,
         "peak_gbps": peak,
         "copy_gbps": round(copy_bandwidth()),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
     checks = correctness(args.quick)
     timings = speed(args.quick, peak)
     meta["target"] = target_result(timings)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "norm_check.json").write_text(
-        json.dumps({"meta": meta, "correctness": checks, "speed": timings}, indent=1)
-    )
     report = markdown(meta, checks, timings)
-    (args.out / "norm_check.md").write_text(report)
+    doc = {"benchmark": "gpu_check_norm", "meta": meta, "correctness": checks, "speed": timings}
+    write_results(args.out, "norm_check", doc, report)
     print(report)
     print(meta["target"])
     failed = sum(not c["ok"] for c in checks)

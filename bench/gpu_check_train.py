@@ -7,7 +7,7 @@ DIR/train_loss.png. "Same curve within noise" is judged by one stated rule: the 
 between the two runs' train losses smoothed over `--window` logged steps must not exceed the
 step-to-step batch noise of run B (the std of its loss around its own smoothed curve over the
 second half of training), and every validation loss must differ by less than that noise too.
-tokens/s is the median over the logged steps after the first `--skip` (warm-up, autotuning).
+tokens/s: median (min–max) over the logged steps after the first `--skip` (warm-up, autotuning).
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from craft.bench.report import conditions, write_figure, write_results  # noqa: E402
+from craft.bench.timing import fmt_spread, spread  # noqa: E402
 
 
 def _records(run_dir: Path) -> tuple[dict[int, dict[str, Any]], dict[int, float]]:
@@ -56,11 +62,13 @@ def compare(a: Path, b: Path, labels: tuple[str, str], window: int, skip: int) -
     val_steps = sorted(set(va) & set(vb))
     val_gap = max((abs(va[s] - vb[s]) for s in val_steps), default=None)
 
-    def tps(t: dict[int, dict[str, Any]]) -> float | None:
+    def tps(t: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
         vals = [t[s]["tokens_per_s"] for s in steps[skip:] if "tokens_per_s" in t[s]]
-        return statistics.median(vals) if vals else None
+        return spread(vals) if vals else None
 
-    tps_a, tps_b = tps(ta), tps(tb)
+    spread_a, spread_b = tps(ta), tps(tb)
+    tps_a = spread_a["median"] if spread_a else None
+    tps_b = spread_b["median"] if spread_b else None
     within = gap <= noise and (val_gap is None or val_gap <= noise)
     return {
         "labels": list(labels),
@@ -74,7 +82,7 @@ def compare(a: Path, b: Path, labels: tuple[str, str], window: int, skip: int) -
         "batch_noise_std": noise,
         "window": window,
         "same_curve_within_noise": within,
-        "tokens_per_s": [tps_a, tps_b],
+        "tokens_per_s": [spread_a, spread_b],  # median (min-max) over the logged steps
         "tokens_per_s_ratio": (tps_a / tps_b) if tps_a and tps_b else None,
         "curves": {"steps": steps, labels[0]: la, labels[1]: lb},
     }
@@ -83,7 +91,10 @@ def compare(a: Path, b: Path, labels: tuple[str, str], window: int, skip: int) -
 def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
     a, b = r["labels"]
     lines = [f"# char_gpt training: {a} kernels vs {b} kernels", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    if "device_name" in meta:  # a craft.bench.hardware.machine_info record
+        lines += conditions(meta)
+    else:
+        lines += [f"- {k}: {v}" for k, v in meta.items()]
     ratio = r["tokens_per_s_ratio"]
     lines += [
         "",
@@ -97,8 +108,8 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
     for step, (x, y) in r["val_losses"].items():
         lines.append(f"| val loss @ {step} | {x:.4f} | {y:.4f} |")
     lines.append(
-        "| tokens/s (median) | "
-        + " | ".join("n/a" if t is None else f"{t:,.0f}" for t in r["tokens_per_s"])
+        "| tokens/s, median (min–max) over logged steps | "
+        + " | ".join("n/a" if t is None else fmt_spread(t, ",.0f") for t in r["tokens_per_s"])
         + " |"
     )
     gap, noise, vgap = r["max_smoothed_train_gap"], r["batch_noise_std"], r["max_val_gap"]
@@ -128,9 +139,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.set_ylabel(f"train loss (mean of {r['window']} logged steps)")
     ax.set_title("char_gpt, bf16")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure(path, fig, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,10 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     meta = json.loads(args.meta.read_text()) if args.meta else {}
     r["meta"] = meta
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train.json").write_text(json.dumps(r, indent=1) + "\n")
     report = markdown(r, meta)
-    (args.out / "train.md").write_text(report)
+    write_results(args.out, "train", r, report)
     plot(r, args.out / "train_loss.png")
     print(report)
     return 0

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,9 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 CHILD = r"""
-import json, resource, sys, time
+import json, resource, sys
 import torch, safetensors, safetensors.torch
 import craft.interop.hf as hf
+from craft.bench.timing import now
 from craft.models.gpt import GPT
 from craft.config.components import GPTConfig
 method, path = sys.argv[1], sys.argv[2]
@@ -53,7 +53,7 @@ def rss_kb():
 # is counted before the load, not as part of it.
 hf.empty_gpt(GPTConfig(n_layer=1, n_head=1, d_model=8, block_size=8), 16)
 before = rss_kb()
-t0 = time.perf_counter()
+t0 = now(torch.device("cpu"))
 if method == "craft":
     model, tok, cfg = hf.load_pretrained(path)
 elif method == "safe_open":
@@ -76,7 +76,7 @@ elif method == "safe_open":
                 del src
 elif method == "transformers":
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
-elapsed = time.perf_counter() - t0
+elapsed = now(torch.device("cpu")) - t0
 n = sum(p.numel() for p in model.parameters())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"wall_s": elapsed, "rss_before_kb": before, "peak_rss_kb": peak, "params": n}))
@@ -125,7 +125,6 @@ def _machine() -> dict:
         **machine_info(torch.device("cpu")),
         "safetensors": safetensors.__version__,
         "transformers": _version("transformers"),
-        "loadavg_start": os.getloadavg(),
     }
 
 
@@ -143,8 +142,7 @@ def _summary(runs: list[dict], weights: int) -> dict:
     walls = [r["wall_s"] for r in runs]
     peaks = [r["peak_rss_kb"] * 1024 for r in runs]
 
-    def stat(xs: list[float]) -> dict:
-        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+    from craft.bench.timing import spread as stat
 
     return {
         "wall_s": stat(walls),
@@ -156,15 +154,16 @@ def _summary(runs: list[dict], weights: int) -> dict:
 
 
 def _markdown(doc: dict) -> str:
+    from craft.bench.report import conditions
+    from craft.bench.timing import fmt_spread
+
     m = doc["machine"]
     lines = [
         "# Import of a GPT-2-124M-shaped HF checkpoint (random weights, float32)",
         "",
-        f"Command: `python bench/hf_import.py --repeats {doc['repeats']}`. {m['date']}, "
-        f"{m['platform']}, {m['cpu_count']} cores, Python {m['python']}, torch {m['torch']}, "
-        f"safetensors {m['safetensors']}, transformers {m['transformers']}. Load average at "
-        f"start / end: {m['loadavg_start'][0]:.1f} / {doc['loadavg_end'][0]:.1f} "
-        f"(2-core machine{'; busy, other jobs running' if m['loadavg_start'][0] > 1.5 else ''}).",
+        *conditions(m, doc.get("load_avg_end")),
+        f"- also: safetensors {m['safetensors']}, transformers {m['transformers']}",
+        f"- command: `python bench/hf_import.py --repeats {doc['repeats']}`",
         "",
         "Each run is a fresh process; *added* = peak RSS minus RSS after the imports, before the "
         "load. Expected: added <= 1.3 x the weights' size. Medians of "
@@ -181,12 +180,12 @@ def _markdown(doc: dict) -> str:
                 s["added_over_weights"],
                 s["peak_rss_bytes"],
             )
+            mb = {k: v / 1e6 for k, v in a.items() if k != "n"}
             lines.append(
                 f"| {ck} ({info['files']} file{'s' if info['files'] > 1 else ''}, "
                 f"{info['weights_bytes'] / 1e6:.1f} MB) | {method} | "
-                f"{w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) | "
-                f"{a['median'] / 1e6:.0f} ({a['min'] / 1e6:.0f}-{a['max'] / 1e6:.0f}) | "
-                f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | {p['median'] / 1e6:.0f} |"
+                f"{fmt_spread(w)} | {fmt_spread(mb, '.0f')} | {fmt_spread(r)} | "
+                f"{p['median'] / 1e6:.0f} |"
             )
     lines += [
         "",
@@ -224,7 +223,12 @@ def main() -> None:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         dirs = _write_checkpoints(work)
-        doc: dict = {"machine": machine, "repeats": args.repeats, "checkpoints": {}}
+        doc: dict = {
+            "benchmark": "hf_import",
+            "machine": machine,
+            "repeats": args.repeats,
+            "checkpoints": {},
+        }
         for name, d in dirs.items():
             weights = _weights_bytes(d)
             info = {
@@ -232,9 +236,13 @@ def main() -> None:
                 "files": len(list(d.glob("*.safetensors"))),
                 "methods": {},
             }
-            for method in args.methods.split(","):
-                runs = [_run(method, d) for _ in range(args.repeats)]
-                info["methods"][method] = _summary(runs, weights)
+            methods = args.methods.split(",")
+            runs: dict[str, list[dict]] = {m: [] for m in methods}
+            for _ in range(args.repeats):  # methods alternate: load changes hit all alike
+                for method in methods:
+                    runs[method].append(_run(method, d))
+            for method in methods:
+                info["methods"][method] = _summary(runs[method], weights)
                 s = info["methods"][method]
                 print(
                     f"{name:10s} {method:12s} wall {s['wall_s']['median']:.2f}s  added RSS "
@@ -243,13 +251,12 @@ def main() -> None:
                     flush=True,
                 )
             doc["checkpoints"][name] = info
-    doc["loadavg_end"] = os.getloadavg()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    from craft.bench.report import write_file, write_json
+    from craft.bench.hardware import load_avg
+    from craft.bench.report import write_results
 
-    write_json(args.output.with_suffix(".json"), doc)
-    write_file(args.output.with_suffix(".md"), _markdown(doc))
-    print(f"wrote {args.output.with_suffix('.md')}")
+    doc["load_avg_end"] = load_avg()
+    paths = write_results(args.output.parent, args.output.name, doc, _markdown(doc))
+    print(f"wrote {paths[0]} and {paths[1]}")
 
 
 if __name__ == "__main__":

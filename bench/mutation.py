@@ -31,7 +31,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,16 +201,16 @@ def run_module(
         (work / "setup.cfg").write_text(setup_cfg(mod))
     elif not (work / "mutants").is_dir():
         raise SystemExit(f"--recheck {name}: no earlier run in {work}; run the module first")
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
+    load_before = load_avg()
+    t0 = clock()
     log = work / ("mutmut.log" if recheck is None else "mutmut-recheck.log")
     with open(log, "w") as out:
         proc = subprocess.run(
             [str(mutmut), "run", "--max-children", str(jobs), *(recheck or mutant_globs(name))],
             cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, check=False,
         )  # fmt: skip
-    wall = time.perf_counter() - t0
-    load_after = os.getloadavg()
+    wall = clock() - t0
+    load_after = load_avg()
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"mutmut failed on {name} (exit {proc.returncode}); {log}:\n{tail}")
@@ -241,8 +240,8 @@ def run_module(
         "statuses": statuses,
         "survivors": survivors,
         "wall_s": round(wall, 1),
-        "load_before": [round(x, 2) for x in load_before],
-        "load_after": [round(x, 2) for x in load_after],
+        "load_before": load_before,
+        "load_after": load_after,
     }
 
 
@@ -319,9 +318,31 @@ def classify(results: dict[str, Any], equivalents: list[dict[str, Any]]) -> None
 # ------------------------------------------------------------------------------ report
 
 
+def _bench() -> Any:
+    """craft.bench's shared clock, machine description and writer (craft from this checkout)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import craft.bench as bench
+    import craft.bench.hardware
+    import craft.bench.report
+    import craft.bench.timing  # noqa: F401
+
+    return bench
+
+
+def clock() -> float:
+    import torch
+
+    return _bench().timing.now(torch.device("cpu"))
+
+
+def load_avg() -> list[float]:
+    return _bench().hardware.load_avg() or [float("nan")] * 3
+
+
 def write_report(doc: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mutation.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    write_file = _bench().report.write_file
+    write_file(RESULTS / "mutation.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     lines = [
         "# Mutation testing",
         "",
@@ -353,7 +374,11 @@ def write_report(doc: dict[str, Any]) -> None:
                 f"- {name}: recheck of {c['mutants']} survivors on {c['date']}, "
                 f"{c['wall_s'] / 60:.1f} min, load {c['load_before'][0]} → {c['load_after'][0]}"
             )
-    lines += ["", f"Machine: {doc['machine']}. Versions: {doc['versions']}.", ""]
+    machine = doc.get("machine")
+    if isinstance(machine, dict):  # craft.bench.hardware.machine_info
+        lines += ["", *_bench().report.conditions(machine), f"- also: {doc['versions']}", ""]
+    else:
+        lines += ["", f"Machine: {machine}. Versions: {doc['versions']}.", ""]
     for name, r in doc["modules"].items():
         if not r["survivors"]:
             continue
@@ -363,7 +388,7 @@ def write_report(doc: dict[str, Any]) -> None:
             why = s["reason"] or "not yet killed"
             lines.append(f"- **{s['verdict']}** `{s['function']}` ({s['status']}): {change}. {why}")
         lines.append("")
-    (RESULTS / "mutation.md").write_text("\n".join(lines))
+    write_file(RESULTS / "mutation.md", "\n".join(lines))
 
 
 def _pairs(a: list[str], b: list[str]) -> list[tuple[str, str]]:
@@ -453,7 +478,9 @@ def main() -> None:
             else:
                 r["date"] = now
             doc["modules"][name] = r
-            doc["machine"] = f"{os.cpu_count()} CPUs, {platform.platform()}"
+            import torch
+
+            doc["machine"] = _bench().hardware.machine_info(torch.device("cpu"))
             doc["versions"] = _versions()
             done.add(name)
             _save(doc, done)  # after every module, so an interrupted run keeps what it finished

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,6 +88,8 @@ def child(args: argparse.Namespace) -> dict:
     from craft.config.components import CharTokenizerConfig
     from craft.data.prepare import prepare
 
+    # time.perf_counter, not craft.bench.timing.now: importing torch here would count in the
+    # child's peak RSS, and nothing runs on a device that `now` would wait for.
     start = time.perf_counter()
     meta = prepare([args.input], args.out, CharTokenizerConfig(), workers=1, progress=False)
     seconds = time.perf_counter() - start
@@ -165,20 +165,23 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(out)
-    machine["loadavg_end"] = os.getloadavg()[0]
+    from craft.bench.hardware import load_avg  # the children have run: torch may load now
+
+    machine["load_avg_end"] = load_avg()
     tokens = {r["tokens"] for rs in runs.values() for r in rs}
     if len(tokens) != 1:
         raise SystemExit(f"formats gave different token counts: {sorted(tokens)}")
     _write(args.results, machine, corpus, runs, args)
 
 
-def _summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def _write(
     results: Path, machine: dict, corpus: dict, runs: dict, args: argparse.Namespace
 ) -> None:
+    # Imported only now: torch (which craft.bench imports) in this process before the children
+    # ran would have counted in their peak RSS.
+    from craft.bench.report import write_results
+    from craft.bench.timing import spread as _summary
+
     text_mb = corpus["text_bytes"] / 1e6
     rows = {}
     for fmt, rs in runs.items():
@@ -194,26 +197,28 @@ def _write(
         }
     command = f"python bench/prepare_formats.py --size-mb {args.size_mb:g} --repeats {args.repeats}"
     payload = {
+        "benchmark": "prepare_formats",
         "command": command,
         "repeats": args.repeats,
         "machine": machine,
         "corpus": corpus,
         "formats": rows,
     }
-    from craft.bench.report import write_file, write_json
-
-    write_json(results / "prepare_formats.json", payload)
     text = render(payload)
-    write_file(results / "prepare_formats.md", text)
+    write_results(results, "prepare_formats", payload, text)
     print(text)
 
 
 def _cell(s: dict, digits: int = 1) -> str:
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+    from craft.bench.timing import fmt_spread
+
+    return fmt_spread(s, f".{digits}f")
 
 
 def render(payload: dict) -> str:
     """The Markdown report of a results JSON."""
+    from craft.bench.report import conditions
+
     machine, corpus, rows = payload["machine"], payload["corpus"], payload["formats"]
     text_mb = corpus["text_bytes"] / 1e6
     base = rows.get("txt")
@@ -225,13 +230,11 @@ def render(payload: dict) -> str:
         "text in every format, char tokenizer in-process, each run a fresh process; medians of "
         f"{payload['repeats']} interleaved runs with min–max.",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['platform']}; Python "
-        f"{machine['python']}, numpy {machine['numpy']}, pyarrow {machine['pyarrow']}, craft "
-        f"{machine['craft']}. Load average (1 min) {machine['loadavg_start']:.1f} at the start "
-        f"and {machine['loadavg_end']:.1f} at the end; {machine['cores']} busy processes ran "
-        f"{machine['available_speedup']:.2f}x faster than one ({machine['cores']}x on an idle "
-        "machine). On a loaded machine wall-clock seconds mostly measure the wait for a core; "
-        "compare the CPU columns.",
+        *conditions(machine, machine.get("load_avg_end")),
+        f"- also: numpy {machine['numpy']}, pyarrow {machine['pyarrow']}; "
+        f"{machine['cores']} busy processes ran {machine['available_speedup']:.2f}x faster than "
+        f"one ({machine['cores']}x on an idle machine). On a loaded machine wall-clock seconds "
+        "mostly measure the wait for a core; compare the CPU columns.",
         "",
         "| input | file MB | seconds | text MB/s | CPU s | text MB per CPU s | CPU vs .txt "
         "| peak RSS (MB) | tokens |",

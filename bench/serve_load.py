@@ -12,8 +12,10 @@ request) and records the time to the first text chunk (TTFT) and the tokens rece
 tokens/s = all completion tokens / wall time of the round. Every request is bounded and every
 round ends by itself; the server is stopped at the end. Nothing is sent anywhere but 127.0.0.1.
 
-Goal: 8 concurrent clients get >= 3x the aggregate tokens/s of one client, with p95 TTFT under
-2x the single-client p95.
+Every client count runs `--repeats` rounds (the counts alternate, so a change in machine load hits
+all alike); the tables give the median (min–max) over the rounds. Expected: 8 concurrent clients
+get >= 3x the aggregate tokens/s of one client, with p95 TTFT under 2x the single-client p95
+(medians). Clock, statistics, machine description and writer are `craft.bench`'s.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from craft.bench.hardware import load_avg, machine_info  # noqa: E402
+from craft.bench.report import conditions, write_results  # noqa: E402
+from craft.bench.timing import fmt_spread, now, spread  # noqa: E402
 
 # tinyshakespeare's 65 characters
 VOCAB = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -88,6 +93,13 @@ class Server:
             self.proc.kill()
 
 
+def clock() -> float:
+    """`craft.bench.timing.now` on the CPU: the server's work is timed from the client side."""
+    import torch
+
+    return now(torch.device("cpu"))
+
+
 def one_request(client: Any, port: int, prompt: str, max_tokens: int, seed: int) -> dict:
     body = {
         "model": "bench",
@@ -98,7 +110,7 @@ def one_request(client: Any, port: int, prompt: str, max_tokens: int, seed: int)
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    t0 = time.perf_counter()
+    t0 = clock()
     first = None
     tokens = 0
     with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
@@ -109,10 +121,10 @@ def one_request(client: Any, port: int, prompt: str, max_tokens: int, seed: int)
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("choices") and chunk["choices"][0]["text"] and first is None:
-                first = time.perf_counter() - t0
+                first = clock() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    total = time.perf_counter() - t0
+    total = clock() - t0
     return {"ttft": first if first is not None else total, "seconds": total, "tokens": tokens}
 
 
@@ -137,12 +149,12 @@ def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, An
                     results.append(res)
 
     threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
-    t0 = time.perf_counter()
+    t0 = clock()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall = clock() - t0
     ttfts = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
 
@@ -173,18 +185,31 @@ def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, An
     return row
 
 
+def summarize(clients: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median (min-max) over the rounds of one client count; the rounds themselves kept."""
+    keys = ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "per_request_tokens_per_s_median")
+    row: dict[str, Any] = {"clients": clients, "rounds": rounds}
+    row["requests"] = sum(r["requests"] for r in rounds)
+    row["errors"] = sum(len(r["errors"]) for r in rounds)
+    for k in keys:
+        vals = [r[k] for r in rounds if r[k] == r[k]]  # NaN: a round without results
+        row[k] = spread(vals) if vals else None
+    return row
+
+
+def _med(row: dict[str, Any], key: str) -> float:
+    return float(row[key]["median"]) if row.get(key) else float("nan")
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         "# Serving load: `craft serve` with 1, 8 and 32 concurrent clients",
         "",
-        f"- date: {m['date']}",
-        f"- machine: {m['device_name']} ({m['device']}), {m['cpu_count']} CPU cores; "
-        f"server torch threads: {result['server_threads'] or 'default'}",
-        f"- load average (1 min) before / after: {result['load_before']:.2f} / "
-        f"{result['load_after']:.2f}",
-        f"- versions: python {m['python']}, torch {m['torch']}, craft {m['craft']}",
+        *conditions(m, result.get("load_avg_end")),
+        f"- server torch threads: {result['server_threads'] or 'default'}",
         f"- command: `{result['command']}`",
+        f"- rounds per client count: {result['repeats']}; median (min–max) over the rounds",
         f"- each client: {result['requests']} streaming requests in a row, prompt "
         f"{result['prompt_chars']} characters, max_tokens {result['max_tokens']}, temperature 1; "
         f"server --max-batch-size {result['max_batch']}",
@@ -197,16 +222,23 @@ def markdown(result: dict[str, Any]) -> str:
     for model, rows in result["models"].items():
         base = rows[0]
         for r in rows:
-            speed = r["tokens_per_s"] / base["tokens_per_s"]
-            ttft = r["ttft_p95_s"] / base["ttft_p95_s"]
+            speed = _med(r, "tokens_per_s") / _med(base, "tokens_per_s")
+            ttft = _med(r, "ttft_p95_s") / _med(base, "ttft_p95_s")
             verdict = "-"
             if r["clients"] == 8:
                 ok = speed >= 3.0 and ttft < 2.0
                 verdict = f"x>=3 and p95<2x: {'yes' if ok else 'NO'}"
+
+            def ms(key: str, r: dict[str, Any] = r) -> str:
+                if not r.get(key):
+                    return "-"
+                return fmt_spread({k: v * 1e3 for k, v in r[key].items() if k != "n"}, ".0f")
+
+            tps = fmt_spread(r["tokens_per_s"], ".0f") if r.get("tokens_per_s") else "-"
             lines.append(
-                f"| {model} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.0f} "
-                f"| {speed:.2f} | {r['ttft_p50_s'] * 1e3:.0f} | {r['ttft_p95_s'] * 1e3:.0f} "
-                f"| {ttft:.2f} | {r['per_request_tokens_per_s_median']:.0f} | {verdict} |"
+                f"| {model} | {r['clients']} | {r['requests']} | {tps} "
+                f"| {speed:.2f} | {ms('ttft_p50_s')} | {ms('ttft_p95_s')} "
+                f"| {ttft:.2f} | {_med(r, 'per_request_tokens_per_s_median'):.0f} | {verdict} |"
             )
     return "\n".join([*lines, ""])
 
@@ -221,15 +253,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="Server --max-batch-size.")
     p.add_argument("--server-threads", type=int, default=None, help="Server OMP threads.")
     p.add_argument("--timeout", type=float, default=600.0, help="Seconds per request at most.")
+    p.add_argument("--repeats", type=int, default=3, help="Rounds per client count.")
     p.add_argument("--quick", action="store_true", help="char_small, 1 and 8 clients, short.")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_load.json"))
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
     if args.quick:
         args.recipes, args.clients, args.requests, args.max_tokens = "char_small", "1,8", 2, 16
-    from craft.bench.hardware import machine_info
+        args.repeats = 1
+    import torch
 
-    load_before = os.getloadavg()[0]
+    machine = machine_info(torch.device("cpu"))
     models: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="craft-serve-bench-") as tmp:
         for recipe in args.recipes.split(","):
@@ -238,19 +272,20 @@ def main(argv: list[str] | None = None) -> None:
             server = Server(export, args.max_batch, args.server_threads)
             try:
                 run_round(server.port, 1, argparse.Namespace(**{**vars(args), "requests": 1}))
-                models[recipe] = [
-                    run_round(server.port, int(c), args) for c in args.clients.split(",")
-                ]
+                counts = [int(c) for c in args.clients.split(",")]
+                rounds: dict[int, list[dict[str, Any]]] = {c: [] for c in counts}
+                for _ in range(args.repeats):
+                    for c in counts:
+                        rounds[c].append(run_round(server.port, c, args))
+                models[recipe] = [summarize(c, rs) for c, rs in rounds.items()]
             finally:
                 server.close()
-    import torch
-
     result = {
         "benchmark": "serve_load",
         "command": shlex.join(["python", "bench/serve_load.py", *(argv or sys.argv[1:])]),
-        "machine": machine_info(torch.device("cpu")),
-        "load_before": load_before,
-        "load_after": os.getloadavg()[0],
+        "machine": machine,
+        "load_avg_end": load_avg(),
+        "repeats": args.repeats,
         "server_threads": args.server_threads,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
@@ -260,12 +295,9 @@ def main(argv: list[str] | None = None) -> None:
         "note": args.note
         or "Timings on a shared machine are noisy; re-run on a quiet one for final numbers.",
     }
-    from craft.bench.report import write_file, write_json
-
     out = Path(args.out)
-    write_json(out, result)
-    write_file(out.with_suffix(".md"), markdown(result))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    paths = write_results(out.parent, out.stem, result, markdown(result))
+    print(f"wrote {paths[0]} and {paths[1]}")
 
 
 if __name__ == "__main__":

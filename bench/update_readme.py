@@ -8,11 +8,13 @@ Run it after adding or replacing a result file. It reads JSON and Markdown only 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from craft.bench.summary import update_readme
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from craft.bench.summary import update_readme  # noqa: E402
 
 
 def main() -> None:

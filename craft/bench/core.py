@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from craft.bench.same_kernel import same_kernel
 from craft.bench.timing import MemoryMeter, Timing, measure
 from craft.errors import ConfigError, KernelError
 
@@ -237,6 +238,7 @@ class Result:
     throughput: float | None = None  # TFLOP/s or GB/s
     speedup: float | None = None  # baseline time / this time, same case
     baseline: str | None = None  # the implementation `speedup` is measured against
+    same_kernel: bool = False  # runs the baseline's own kernel: no speed-up is claimed
     peak_mem_bytes: int | None = None
     mem_method: str | None = None
     reference: str = "float64"  # dtype of the reference the result was checked against
@@ -572,7 +574,7 @@ def run_family(
             case_results.append(res)
             _run_one(impl, case, inputs, ref, res, fam, meter, settings.quick, compile_on)
         del ref
-        _set_speedups(case_results, fam.baselines)
+        _set_speedups(case_results, fam.baselines, dtype_name(settings.dtype))
         report.results.extend(case_results)
     meter.flush()
     return report
@@ -642,11 +644,14 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _set_speedups(results: list[Result], baselines: Sequence[str]) -> None:
+def _set_speedups(results: list[Result], baselines: Sequence[str], dtype: str) -> None:
     by_name = {r.impl: r for r in results if r.status == OK}
     base = next((by_name[b] for b in baselines if b in by_name), None)
     if base is None or not base.median_ms:
         return
     for r in by_name.values():
-        r.speedup = base.median_ms / r.median_ms if r.median_ms else None
         r.baseline = base.impl
+        if same_kernel(r.family, r.impl, base.impl, dtype):
+            r.same_kernel = True  # a ratio of one kernel to itself is noise
+            continue
+        r.speedup = base.median_ms / r.median_ms if r.median_ms else None

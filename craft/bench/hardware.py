@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from craft.training.precision import cpu_bf16_features
+
 
 @dataclass(frozen=True)
 class Peak:
@@ -80,11 +82,29 @@ def _unloaded_backends() -> dict[str, str]:
     return dict(fn()) if fn is not None else {}
 
 
-def _load_avg() -> list[float] | None:
+def load_avg() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages now (None where the platform has none)."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:  # not available on this platform
         return None
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver's version from nvidia-smi (None when it cannot be asked)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -106,13 +126,16 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "craft": __version__,
         "cuda": torch.version.cuda,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") or None,
-        "load_avg": _load_avg(),  # 1, 5 and 15 min: other work on the machine skews timings
+        "load_avg": load_avg(),  # 1, 5 and 15 min: other work on the machine skews timings
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # torch's vector ISA
+        "cpu_bf16": cpu_bf16_features(),  # native bf16 arithmetic (AMX-BF16 / AVX512-BF16)
     }
     info["craft_backends_not_loaded"] = _unloaded_backends()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu_memory_bytes"] = int(props.total_memory)
         info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["cuda_driver"] = _nvidia_driver()
         peak = peak_for(info["device_name"])
         if peak:
             info["peak_bf16_tflops"] = peak.bf16_flops / 1e12

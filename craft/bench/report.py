@@ -110,6 +110,8 @@ def _row(r: Result, metric: str, peak_bw: float | None) -> list[str | Text]:
     if r.iqr_ms is not None and r.median_ms:
         ms += f" ±{100 * r.iqr_ms / 2 / r.median_ms:.0f}%"
     speed = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
+    if r.same_kernel:
+        speed = "same kernel"
     err = f"rms {r.rms_err:.1e}" if r.rms_err is not None else ""
     if r.reference != "float64":
         err += f" (vs {r.reference})"
@@ -123,7 +125,8 @@ def print_report(
     fam = report.family
     console.print(
         f"[dim]{fam.metric}: {fam.work_note}. vs base: speed-up over the first of "
-        f"{', '.join(fam.baselines)} that ran. peak mem: most bytes allocated during one call "
+        f"{', '.join(fam.baselines)} that ran ('same kernel': it calls the baseline's own "
+        f"function, so no speed-up is claimed). peak mem: most bytes allocated during one call "
         f"above its inputs.[/dim]"
     )
     hidden = _uniform_skips(report)
@@ -148,6 +151,38 @@ def write_file(path: Path, data: bytes | str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def conditions(machine: dict[str, Any], load_after: list[float] | None = None) -> list[str]:
+    """Markdown lines saying where and when a result was measured, and how busy the machine was.
+
+    `machine` is `craft.bench.hardware.machine_info`'s record (its load average is the one at the
+    start); `load_after` the load average at the end, when the script took it.
+    """
+    m = machine
+    cores = f"{m.get('cpu_count')} CPU cores, {m.get('torch_threads')} torch threads"
+    versions = ", ".join(
+        f"{k} {m[k]}" for k in ("python", "torch", "triton", "cuda", "craft") if m.get(k)
+    )
+    load = m.get("load_avg")
+    load_text = "not available" if not load else f"{load[0]:.2f} (1 min) at the start"
+    if load_after:
+        load_text += f", {load_after[0]:.2f} at the end"
+    return [
+        f"- machine: {m.get('device_name')} ({m.get('device')}), {cores}; {m.get('platform')}",
+        f"- versions: {versions}",
+        f"- date: {m.get('date')}",
+        f"- load average: {load_text}",
+    ]
+
+
+def write_results(out_dir: Path, stem: str, doc: dict[str, Any], markdown: str) -> list[Path]:
+    """`<stem>.json` and `<stem>.md` in `out_dir`, each written atomically; their paths."""
+    out_dir = Path(out_dir)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    write_json(paths[0], doc)
+    write_file(paths[1], markdown if markdown.endswith("\n") else markdown + "\n")
+    return paths
 
 
 def document(
@@ -192,10 +227,17 @@ def write_plot(path: Path, reports: list[FamilyReport], subtitle: str) -> None:
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(subtitle, fontsize=10)
+    write_figure(path, fig)
+
+
+def write_figure(path: Path, fig: Any, dpi: int = 110) -> None:
+    """Save a matplotlib figure (format from the suffix, PNG by default) atomically; close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     suffix = Path(path).suffix.lstrip(".") or "png"
     buf = io.BytesIO()
-    fig.savefig(buf, format=suffix, dpi=110)
+    fig.savefig(buf, format=suffix, dpi=dpi)
     plt.close(fig)
     write_file(Path(path), buf.getvalue())
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
+import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,48 @@ def _measure_timer(step: Callable[[], Any], quick: bool, sync_cuda: bool) -> Tim
     # A spread of fewer than 4 blocks means nothing (it reads 0): report none.
     iqr = m.iqr * 1e3 if len(m.times) >= 4 else None
     return Timing(m.median * 1e3, iqr, runs)
+
+
+def per_call_s(
+    fn: Callable[[], Any],
+    *,
+    calls: int = 1,
+    blocks: int = 7,
+    warmup: int = 1,
+    device: torch.device | None = None,
+) -> list[float]:
+    """Seconds per call of `fn`, one sample per block of `calls` calls, after `warmup` calls.
+
+    The timer for work that `measure`'s autorange does not fit (a whole decode, a fixed number of
+    repeats, microsecond calls counted in blocks); the clock is `now(device)`.
+    """
+    dev = device or torch.device("cpu")
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(blocks):
+        t0 = now(dev)
+        for _ in range(calls):
+            fn()
+        samples.append((now(dev) - t0) / calls)
+    return samples
+
+
+def spread(samples: Sequence[float], scale: float = 1.0) -> dict[str, float | int]:
+    """Median with min and max of repeated measurements (times `scale`): what results report.
+
+    The median is the figure quoted; min-max shows how far the repeats disagreed.
+    """
+    if not samples:
+        raise ValueError("spread of no samples")
+    xs = [x * scale for x in samples]
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def fmt_spread(s: dict[str, Any], fmt: str = ".2f", unit: str = "") -> str:
+    """`median (min–max)` of a `spread` dict, e.g. "45.3 (43.0–47.9) ms"."""
+    text = f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
+    return f"{text} {unit}" if unit else text
 
 
 # --------------------------------------------------------------------------------- memory

@@ -65,8 +65,15 @@ class TrainingConfig(Section):
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches accumulated per optimizer step."
     )
-    precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Mixed precision: no (fp32), bf16, or fp16 with a dynamic loss scaler."
+    precision: Literal["auto", "no", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Mixed precision: auto (bf16 where the hardware runs it faster, else fp32; "
+        "see craft/training/precision.py), fp32 (or no), bf16, or fp16 with a dynamic loss scaler.",
+    )
+    precision_auto: str | None = Field(
+        None,
+        description="Written by the run when precision was auto: why it chose the precision "
+        "recorded above (leave unset).",
     )
     grad_clip: float = Field(
         1.0, ge=0.0, description="Clip the global gradient norm to this; 0 disables."

@@ -314,8 +314,10 @@ class LossCurveCallback(Callback):
                 run.run_dir / self.FILENAME,
                 f"{run.run_name}: loss",
             )
-        except ImportError:
-            log.warning("logging.plot: matplotlib is not installed; no loss curve written")
+        except ImportError as e:  # matplotlib is a dependency: only a broken install gets here
+            log.warning(
+                "logging.plot: no loss curve written: matplotlib cannot be imported (%s)", e
+            )
             return
         if path is not None:
             log.info("loss curve: %s", path)

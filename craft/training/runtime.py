@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 
 from craft.errors import ConfigError, CraftError
+from craft.training.precision import accelerate_precision
 
 T = TypeVar("T")
 
@@ -55,7 +56,7 @@ def make_accelerator(cfg: Any) -> Any:
     try:
         acc = Accelerator(
             cpu=cpu,
-            mixed_precision=cfg.training.precision,
+            mixed_precision=accelerate_precision(cfg.training.precision),
             dynamo_backend="inductor" if cfg.training.compile else "no",
             step_scheduler_with_optimizer=False,
         )

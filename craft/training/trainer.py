@@ -29,6 +29,7 @@ from craft.training.builders import build_data, build_start_model, describe_mode
 from craft.training.callbacks import Callback, RunContext, build_callbacks
 from craft.training.checkpointer import Checkpointer
 from craft.training.logs import ThroughputWindow, describe_run, setup_logging
+from craft.training.precision import apply_auto_precision
 from craft.training.pretrained import resolve_pretrained
 from craft.training.rng import seed_everything
 from craft.training.rundir import (
@@ -128,7 +129,8 @@ class Trainer:
     # ------------------------------------------------------------------------------- setup
 
     def _setup(self, resume: str | None, extra_callbacks: list[Callback]) -> None:
-        cfg = self.cfg
+        cfg, auto = apply_auto_precision(self.cfg)  # the run's config.toml records the choice
+        self.cfg = cfg
         set_determinism(cfg.run.deterministic)
         acc = self.accelerator = make_accelerator(cfg)
         self.rank, self.world_size = acc.process_index, acc.num_processes
@@ -139,6 +141,8 @@ class Trainer:
             None, is_main=self.is_main, rank=self.rank, mode=cfg.logging.progress
         )
         self._log_file = log_file  # train.log (main process): a failed write stops the run
+        if auto is not None:
+            log.info("precision auto: %s (%s)", auto.label, auto.reason)
         agreed = {"is_main": self.is_main, "world_size": self.world_size}
         # The run directory continued in is owned from here: a second process on it is refused
         # before anything is written (config.toml, train.log, metrics, checkpoints).

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from craft.errors import CheckpointError, TrainingError
 from craft.training import checkpoint as ckpt
+from craft.training.precision import apply_auto_precision
 from craft.training.run import train
 from tests.training._helpers import PoisonAt, StopAt, tiny_config, train_losses
 
@@ -108,7 +109,13 @@ def test_outputs_export_and_load_model(tmp_path: Path) -> None:
     assert kept[-1] == 6 and len(kept) <= 2 and best in {"step_00000003", "step_00000006"}
     state = ckpt.read_trainer_state(res.last_checkpoint)
     assert state["tokens_seen"] == 6 * 2 * 4 * 16  # steps x accum x batch x block
-    assert state["config_hash"] == ckpt.config_hash(cfg)
+    resolved, _ = apply_auto_precision(cfg)  # the run records what `auto` chose, and why
+    assert state["config_hash"] == ckpt.config_hash(resolved)
+    assert (
+        f'precision_auto = "{resolved.training.precision_auto}"'
+        in (res.run_dir / "config.toml").read_text()
+    )
+    assert (res.run_dir / "train.log").read_text().count("precision auto:") == 1
     ref = _weights(res.last_checkpoint)
     for path in (res.run_dir, res.last_checkpoint, res.export_dir):
         model, tok, loaded_cfg = ckpt.load_model(path)
