@@ -15,7 +15,7 @@ from craft.config.components import GPTConfig
 from craft.models.gpt import GPT
 from craft.training.accumulation import token_weights
 from craft.training.trainer import Trainer
-from tests.training._helpers import tiny_config
+from tests.training._helpers import one_process_group, tiny_config
 
 VOCAB, T = 11, 8
 
@@ -70,6 +70,22 @@ def test_token_weights_edge_cases() -> None:
     none = torch.full((2, 4), -100)
     assert torch.equal(token_weights([none, none]), torch.zeros(2))  # no NaN: nothing to learn
     assert torch.equal(token_weights([full, none]), torch.tensor([1.0, 0.0]))
+
+
+def test_token_weights_count_valid_targets_of_every_process(tmp_path: Path) -> None:
+    one = torch.tensor([[5, -100, -100]])
+    assert torch.equal(token_weights([one]), torch.tensor([1.0]))  # a single valid token
+    assert token_weights([one]).dtype == torch.float32
+    two = torch.tensor([[5, 7, -100]])
+    assert torch.equal(token_weights([one, two]), torch.tensor([1 / 3, 2 / 3]))
+    # another ignore_index: -100 counts as a valid target, 0 does not
+    assert torch.equal(token_weights([one, two], ignore_index=5), torch.tensor([0.5, 0.5]))
+    ints = torch.tensor([[1, 2]], dtype=torch.int32)
+    assert torch.equal(token_weights([ints, ints[:, :1]]), torch.tensor([2 / 3, 1 / 3]))
+    # 2 processes: N is summed over them (one process here, so N is this one's count) and each
+    # weight is 2 n_i / N, so the average over processes of sum_i w_i mean_i is the token mean
+    with one_process_group(tmp_path):
+        assert torch.equal(token_weights([one, two], world_size=2), torch.tensor([2 / 3, 4 / 3]))
 
 
 class _Fixed:

@@ -22,7 +22,7 @@ from craft.training.builders import build_data
 from craft.training.callbacks import Callback
 from craft.training.step import TrainStep
 from craft.training.trainer import Trainer
-from tests.training._helpers import tiny_config
+from tests.training._helpers import one_process_group, tiny_config
 
 SGD = [
     "optimizer.type=sgd",
@@ -273,20 +273,10 @@ def test_a_non_finite_gradient_is_left_to_the_fp16_scaler(scaler: bool) -> None:
     assert model.table.weight.grad is None
 
 
-@pytest.fixture
-def one_process_group(tmp_path: Path) -> Any:
-    """A gloo group of one process: the collectives run (and return their input)."""
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
-    )
-    yield
-    torch.distributed.destroy_process_group()
-
-
 @pytest.mark.parametrize("poison", [False, True])
 @pytest.mark.parametrize("stop", [False, True])
 def test_with_several_processes_the_step_weights_by_world_tokens_and_agrees_flags(
-    one_process_group: Any, poison: bool, stop: bool
+    tmp_path: Path, poison: bool, stop: bool
 ) -> None:
     """Accelerate reports 2 processes while the (one-process) group sums to this one's counts:
     each micro-batch weight is then world_size * n_i / N, twice the one-process weight."""
@@ -297,7 +287,8 @@ def test_with_several_processes_the_step_weights_by_world_tokens_and_agrees_flag
     sched = torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 0.5**s)
     opt, acc = _Wrapped(sgd), _Accelerator(processes=2)
     training = type("T", (), {"grad_accum_steps": 1, "grad_clip": 0.0})()
-    out = TrainStep(model, opt, sched, acc, training, direct=True)(iter(_batches(1)), stop=stop)
+    with one_process_group(tmp_path):
+        out = TrainStep(model, opt, sched, acc, training, direct=True)(iter(_batches(1)), stop=stop)
     grad, loss = _big_batch_grad(1)
     assert out.loss == pytest.approx(2 * loss)
     assert out.stop is stop and out.finite is not poison
