@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from craft.errors import TrainingError
 from craft.training.builders import build_data
 from craft.training.callbacks import Callback
-from craft.training.step import TrainStep
+from craft.training.step import StepOutput, TrainStep
 from craft.training.trainer import Trainer
 from tests.training._helpers import one_process_group, tiny_config
 
@@ -295,3 +295,14 @@ def test_with_several_processes_the_step_weights_by_world_tokens_and_agrees_flag
     assert opt.optimizer.param_groups[0]["lr"] == (0.5 if poison else 0.25)
     if not poison:
         assert out.grad_norm == pytest.approx(2 * float(grad.norm()))
+
+
+def test_the_non_finite_error_says_what_is_safe_and_what_to_try(tmp_path: Path) -> None:
+    out = StepOutput(math.nan, 2.0, 0.1, finite=False, stop=False)
+    first = str(out.error(4, None))
+    assert first.startswith("non-finite training loss (nan) or gradient norm (2.0) at step 4;")
+    assert "checkpoints on disk are intact (newest: none written yet);" in first
+    assert first.endswith("try a lower optimizer.lr, training.grad_clip or training.precision")
+    assert f"(newest: {tmp_path / 'step_00000002'});" in str(
+        out.error(4, tmp_path / "step_00000002")
+    )
