@@ -225,12 +225,12 @@ def _big_batch_grad(accum: int) -> tuple[torch.Tensor, float]:
     return model.table.weight.grad, loss.item()
 
 
-@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize(("accum", "direct"), [(3, False), (3, True), (2, True)])
 def test_the_step_syncs_on_the_last_micro_batch_and_uses_accelerate_unless_direct(
-    direct: bool,
+    accum: int, direct: bool
 ) -> None:
-    model, opt, acc, out, before = _step(3, direct=direct)
-    grad, loss = _big_batch_grad(3)
+    model, opt, acc, out, before = _step(accum, direct=direct)
+    grad, loss = _big_batch_grad(accum)
     torch.testing.assert_close(model.table.weight.detach(), before - 0.5 * grad)
     assert out.loss == pytest.approx(loss) and out.grad_norm == pytest.approx(float(grad.norm()))
     assert out.lr == 0.5 and out.finite and not out.stop
@@ -238,7 +238,7 @@ def test_the_step_syncs_on_the_last_micro_batch_and_uses_accelerate_unless_direc
     assert model.table.weight.grad is None  # zeroed (set to None) after the step
     no_sync = [("no_sync", model)]
     if direct:  # backward, clipping and the optimizer step bypass the wrappers
-        assert acc.calls == no_sync * 2 and opt.steps == 0
+        assert acc.calls == no_sync * (accum - 1) and opt.steps == 0
     else:
         clip = ("clip", math.inf)
         assert acc.calls == [*no_sync, "backward", *no_sync, "backward", "backward", clip]
@@ -268,7 +268,7 @@ def test_a_non_finite_gradient_is_left_to_the_fp16_scaler(scaler: bool) -> None:
     training = type("T", (), {"grad_accum_steps": 1, "grad_clip": 0.0})()
     out = TrainStep(model, opt, sched, acc, training, direct=False)(iter(_batches(1)))
     assert math.isfinite(out.loss) and math.isnan(out.grad_norm)
-    assert out.finite is scaler and opt.steps == int(scaler)
+    assert out.finite is scaler and opt.steps == int(scaler) and out.lr == 0.5
     assert sgd.param_groups[0]["lr"] == (0.25 if scaler else 0.5)
     assert model.table.weight.grad is None
 
