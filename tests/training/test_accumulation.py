@@ -8,7 +8,9 @@ the concatenated batch's mean loss.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from craft.config.components import GPTConfig
@@ -72,7 +74,9 @@ def test_token_weights_edge_cases() -> None:
     assert torch.equal(token_weights([full, none]), torch.tensor([1.0, 0.0]))
 
 
-def test_token_weights_count_valid_targets_of_every_process(tmp_path: Path) -> None:
+def test_token_weights_count_valid_targets_of_every_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     one = torch.tensor([[5, -100, -100]])
     assert torch.equal(token_weights([one]), torch.tensor([1.0]))  # a single valid token
     assert token_weights([one]).dtype == torch.float32
@@ -82,10 +86,16 @@ def test_token_weights_count_valid_targets_of_every_process(tmp_path: Path) -> N
     assert torch.equal(token_weights([one, two], ignore_index=5), torch.tensor([0.5, 0.5]))
     ints = torch.tensor([[1, 2]], dtype=torch.int32)
     assert torch.equal(token_weights([ints, ints[:, :1]]), torch.tensor([2 / 3, 1 / 3]))
-    # 2 processes: N is summed over them (one process here, so N is this one's count) and each
-    # weight is 2 n_i / N, so the average over processes of sum_i w_i mean_i is the token mean
-    with one_process_group(tmp_path):
+    # 2 processes: N is summed over them and each weight is 2 n_i / N, so the average over the
+    # processes of sum_i w_i mean_i is the mean over every valid token of the step
+    with one_process_group(tmp_path):  # the sum over one process: N is this process's count
         assert torch.equal(token_weights([one, two], world_size=2), torch.tensor([2 / 3, 4 / 3]))
+
+    def other_process_has_5(t: torch.Tensor, op: Any = None) -> None:
+        t += 5  # what the all-reduce adds when the other process holds 5 valid targets
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", other_process_has_5)
+    assert torch.equal(token_weights([one, two], world_size=2), torch.tensor([0.25, 0.5]))
 
 
 class _Fixed:
