@@ -148,6 +148,17 @@ def test_the_same_type_or_a_first_type_keeps_the_table(
     assert "dropped" not in caplog.text
 
 
+def test_a_type_switch_drops_file_keys_of_nested_tables_and_keeps_command_line_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = write(tmp_path / "r.toml", '[model]\ntype = "gpt"\nn = 1\n[model.extra]\na = 1\nb = 2\n')
+    raw = load_raw(r, ["model.extra.b=3", "model.type=rnn"])
+    assert raw.data["model"] == {"type": "rnn", "extra": {"b": 3}}
+    assert raw.origin("model.extra.b") == raw.origin("model.type") == COMMAND_LINE
+    assert "model.n, model.extra.a (set in " in caplog.text
+    assert load_raw(r, ["model.type=rnn"]).data["model"] == {"type": "rnn"}  # no empty tables
+
+
 def test_a_file_that_changes_an_included_type_starts_the_table_afresh(tmp_path: Path) -> None:
     write(tmp_path / "frag.toml", SCHED)
     r = write(tmp_path / "r.toml", 'include = ["frag.toml"]\n[scheduler]\ntype = "cosine"\n')
