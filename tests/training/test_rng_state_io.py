@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from craft.errors import CheckpointError
 from craft.training import rng as rng_mod
@@ -114,6 +115,8 @@ def test_nested_state_round_trips_with_types_and_dtypes(tmp_path: Path) -> None:
     assert back["empty"] == {}
     doc = json.loads((tmp_path / "s.json").read_text())
     assert doc["format"] == "x" and "state" in doc  # readable structure, no pickle
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "craft-state"}
 
 
 def test_flatten_names_each_tensor_by_its_place_and_copies_it_to_the_cpu() -> None:
@@ -123,6 +126,9 @@ def test_flatten_names_each_tensor_by_its_place_and_copies_it_to_the_cpu() -> No
     assert set(tensors) == {"root/a/0", "root/a/1/b"}
     assert all(v.is_contiguous() and torch.equal(v, t) for v in tensors.values())
     assert out == {"a": [{"__tensor__": "root/a/0"}, {"b": {"__tensor__": "root/a/1/b"}}]}
+    tensors.clear()  # a dict with other keys than strings, tuples and lists: named by position
+    flatten_state({3: t, "t": (1, t), "l": [[t]]}, tensors)
+    assert set(tensors) == {"/0", "/1/1", "/2/0/0"}
     with pytest.raises(TypeError, match=r"cannot store a object in a checkpoint \(at root/x\)"):
         flatten_state({"x": object()}, {}, "root")
     with pytest.raises(TypeError, match=r"\(at /\)"):
