@@ -95,6 +95,7 @@ MODULES: dict[str, Module] = {
         [
             "tests/training/test_checkpoint_io.py",
             "tests/training/test_trainer_regressions.py",
+            "tests/training/test_run_safety.py",
             "tests/security/test_untrusted_checkpoints.py",
         ],
     ),
