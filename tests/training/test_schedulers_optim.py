@@ -177,3 +177,18 @@ def test_restoring_another_scheduler_checks_its_groups_and_takes_an_older_state(
     fresh = step_lr(1)
     restore_scheduler(fresh, state, 3)
     assert fresh.last_epoch == 3 and fresh.optimizer.param_groups[0]["lr"] == 1.0
+
+
+def test_a_warmup_of_one_step_and_a_group_at_lr_zero() -> None:
+    lrs = _lrs(build_constant(ConstantSchedulerConfig(warmup_steps=1), _opt(1.0), 3), 3)
+    assert lrs == [0.5, 1.0, 1.0]
+    # a group at lr 0 (frozen) stays at 0 under every schedule, without a division by zero
+    assert _lrs(build_cosine(CosineSchedulerConfig(min_lr=0.1), _opt(0.0), 3), 3) == [0.0] * 3
+
+
+def test_the_floor_is_relative_to_the_initial_lr_of_an_already_scheduled_group() -> None:
+    opt = _opt(1.0)
+    _lrs(torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5), 1)  # lr now 0.5
+    assert opt.param_groups[0]["initial_lr"] == 1.0 and opt.param_groups[0]["lr"] == 0.5
+    lrs = _lrs(build_cosine(CosineSchedulerConfig(min_lr=0.1), opt, 3), 3)
+    assert lrs[0] == 1.0 and lrs[-1] == pytest.approx(0.1)
