@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,101 @@ def test_replacing_a_directory_keeps_the_old_one_until_the_new_one_is_durable(
         ckpt.commit_directory(out, fail, kind="export", step=3)
     assert (out / "w").read_text() == "new" and ckpt.is_complete(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _marked(directory: Path, files: object) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "COMPLETE").write_text(json.dumps({"format": "craft-checkpoint", "files": files}))
+    return directory
+
+
+def test_a_marker_listing_a_file_outside_its_directory_is_named(tmp_path: Path) -> None:
+    for i, rel in enumerate(["../secret", "/etc/passwd", "a/../../x"]):
+        d = _marked(tmp_path / f"d{i}", {rel: 1})
+        why = ckpt.unsafe_marker_path(d)
+        assert why is not None and why.startswith(f"{d / 'COMPLETE'} lists a file that"), why
+        assert not ckpt.is_complete(d)
+    # what is not a doctored path: no marker, a marker that is not Craft's, a safe list
+    assert ckpt.unsafe_marker_path(tmp_path) is None
+    assert ckpt.unsafe_marker_path(_marked(tmp_path / "list", ["../x"])) is None
+    (tmp_path / "arr").mkdir()
+    (tmp_path / "arr" / "COMPLETE").write_text('["../x"]')
+    assert ckpt.unsafe_marker_path(tmp_path / "arr") is None
+    (tmp_path / "ok" / "sub").mkdir(parents=True)
+    (tmp_path / "ok" / "sub" / "w").write_text("x")
+    (tmp_path / "ok" / "COMPLETE").write_text(json.dumps({"files": {"sub/w": 1}}))
+    assert ckpt.unsafe_marker_path(tmp_path / "ok") is None and ckpt.is_complete(tmp_path / "ok")
+    assert not ckpt.is_complete(tmp_path / "arr") and not ckpt.is_complete(tmp_path / "d0" / "x")
+
+
+def test_only_a_directory_craft_wrote_and_nothing_else_is_replaced(tmp_path: Path) -> None:
+    def write(d: Path) -> None:
+        (d / "w").write_text("new")
+
+    outside = ckpt.commit_directory(tmp_path / "real", write, kind="export", step=1)
+    (tmp_path / "link").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    extra = ckpt.commit_directory(tmp_path / "extra", write, kind="export", step=1)
+    (extra / "notes.txt").write_text("mine")
+    cases = {
+        "link": "is not a directory Craft wrote",
+        "file": "is not a directory Craft wrote",
+        "foreign": "has no COMPLETE marker of Craft's",
+        "extra": r"holds files Craft did not write \(notes\.txt\)",
+    }
+    for name, why in cases.items():
+        with pytest.raises(CheckpointError, match=why):
+            ckpt.commit_directory(tmp_path / name, write, kind="export", step=2)
+    assert (tmp_path / "link").is_symlink() and ckpt.read_marker(outside)["step"] == 1
+    assert (tmp_path / "file").read_text() == "mine"
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+    assert (extra / "notes.txt").read_text() == "mine" and ckpt.read_marker(extra)["step"] == 1
+
+
+def test_prune_leaves_no_trace_and_an_interrupted_deletion_is_tidied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _save(root, step, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+
+    from craft.training import checkpoint_dirs
+
+    def crash(path: Path, marker: dict) -> None:
+        (path / "model.safetensors").unlink()
+        raise OSError("killed while deleting")
+
+    monkeypatch.setattr(checkpoint_dirs, "_delete_listed", crash)
+    with pytest.raises(OSError, match="killed"):
+        _save(root, 4, keep_last=2)
+    monkeypatch.undo()
+    # the half-deleted checkpoint was moved aside first: it never looks complete or damaged
+    left = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+    assert len(left) == 1 and left[0].startswith(".step_00000002.trash-"), left
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [3, 4]
+    assert ckpt.scan_checkpoints(root)[1] == []
+    assert [p.name for p in ckpt.clean_stale(root)] == left
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+
+
+def test_replacing_a_directory_never_deletes_through_a_symlink_out_of_it(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+
+    def write(d: Path) -> None:
+        (d / "a").mkdir()
+        (d / "a" / "x").write_text("1")
+        (d / "b").write_text("2")
+
+    out = ckpt.commit_directory(tmp_path / "model", write, kind="export", step=1)
+    shutil.rmtree(out / "a")
+    (out / "a").symlink_to(outside, target_is_directory=True)  # same name, now leads out
+    (outside / "x").write_text("keep")
+    ckpt.commit_directory(out, write, kind="export", step=2)
+    assert (outside / "x").read_text() == "keep"
+    assert ckpt.read_marker(out)["step"] == 2 and (out / "a" / "x").read_text() == "1"
+    old = [p for p in tmp_path.iterdir() if p.name.startswith(".model.replaced-")]
+    assert len(old) == 1 and sorted(p.name for p in old[0].iterdir()) == ["a"]  # b deleted
