@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -391,3 +392,49 @@ def test_replacing_a_directory_never_deletes_through_a_symlink_out_of_it(tmp_pat
     assert ckpt.read_marker(out)["step"] == 2 and (out / "a" / "x").read_text() == "1"
     old = [p for p in tmp_path.iterdir() if p.name.startswith(".model.replaced-")]
     assert len(old) == 1 and sorted(p.name for p in old[0].iterdir()) == ["a"]  # b deleted
+
+
+def test_clean_stale_tidies_each_kind_of_leftover_and_nothing_else(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    me = os.getpid()  # this process's own leftovers are stale (a predecessor's pid)
+
+    def write(d: Path) -> None:
+        (d / "w").write_text("x")
+        (d / "sub").mkdir()
+        (d / "sub" / "v").write_text("y")
+
+    def leftover(name: str) -> Path:
+        d = ckpt.commit_directory(root / "staging", write, kind="checkpoint", step=1)
+        return d.rename(root / name)
+
+    (root / "-notes").parent.mkdir(parents=True, exist_ok=True)
+    (root / "-notes").write_text("mine")  # sorts before every leftover: not Craft's name
+    (root / ".a.tmp-1").mkdir()  # a live writer's (pid 1 is alive), sorted first
+    half = root / f".step_00000009.tmp-{me}"  # a write killed half-way: no marker
+    half.mkdir()
+    (half / "model.safetensors").write_text("partial")
+    trash_done = leftover(f".step_00000001.trash-{me}-ab12")  # moved aside, then killed
+    trash_foreign = leftover(f".step_00000002.trash-{me}")
+    (trash_foreign / "notes.txt").write_text("mine")
+    kept = ckpt.commit_directory(root / "step_00000003", write, kind="checkpoint", step=3)
+    replaced = leftover(f".step_00000003.replaced-{me}")  # its replacement arrived
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "f").write_text("keep")
+    (root / f".step_00000004.tmp-{me}").symlink_to(elsewhere, target_is_directory=True)
+    (root / f".step_00000005.tmp-{me}").write_text("a file")
+
+    removed = {p.name for p in ckpt.clean_stale(root)}
+
+    assert removed == {
+        half.name, trash_done.name, replaced.name, f".step_00000004.tmp-{me}",
+        f".step_00000005.tmp-{me}",
+    }  # fmt: skip
+    assert sorted(p.name for p in root.iterdir()) == [
+        "-notes", ".a.tmp-1", trash_foreign.name, "step_00000003",
+    ]  # fmt: skip
+    assert (elsewhere / "f").read_text() == "keep"  # the symlink, never what it points to
+    assert sorted(str(p.relative_to(trash_foreign)) for p in trash_foreign.rglob("*")) == [
+        "notes.txt"
+    ]  # only what Craft listed was deleted
+    assert ckpt.read_marker(kept)["step"] == 3
