@@ -438,3 +438,39 @@ def test_clean_stale_tidies_each_kind_of_leftover_and_nothing_else(tmp_path: Pat
         "notes.txt"
     ]  # only what Craft listed was deleted
     assert ckpt.read_marker(kept)["step"] == 3
+
+
+def test_commit_marks_what_it_wrote_and_stages_under_a_name_clean_stale_knows(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "out"
+    target.mkdir()  # an empty directory is replaced
+    staged: list[Path] = []
+
+    def write(d: Path) -> None:
+        staged.append(d)
+        (d / "w").write_text("x")
+
+    ckpt.commit_directory(target, write, kind="export", step=7)
+    assert staged[0].parent == tmp_path
+    assert staged[0].name.startswith(f".out.tmp-{os.getpid()}-")
+    marker = json.loads((target / "COMPLETE").read_text())
+    assert marker == {
+        "format": "craft-checkpoint", "version": 1, "kind": "export", "step": 7,
+        "files": {"w": 1},
+    }  # fmt: skip
+    # a marker of another format is not Craft's: incomplete, and never replaced
+    other = _marked(tmp_path / "other", {"w": 1})
+    (other / "w").write_text("x")
+    assert ckpt.is_complete(other)
+    (other / "COMPLETE").write_text(json.dumps({"format": "zip", "files": {"w": 1}}))
+    assert ckpt.checkpoint_problem(other) == (
+        "its COMPLETE marker is not one Craft wrote (unreadable, not valid JSON, listing no "
+        "files or names outside the directory)"
+    )
+    (tmp_path / "a-file").write_text("x")
+    assert ckpt.checkpoint_problem(tmp_path / "a-file") == "not a directory"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="is not a directory Craft wrote"):
+        ckpt.commit_directory(tmp_path / "dangling", write, kind="export", step=8)
+    assert (tmp_path / "dangling").is_symlink()
