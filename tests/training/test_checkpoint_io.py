@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -474,3 +475,40 @@ def test_commit_marks_what_it_wrote_and_stages_under_a_name_clean_stale_knows(
     with pytest.raises(CheckpointError, match="is not a directory Craft wrote"):
         ckpt.commit_directory(tmp_path / "dangling", write, kind="export", step=8)
     assert (tmp_path / "dangling").is_symlink()
+
+
+def test_loading_weights_names_what_does_not_fit_and_refuses_non_finite_values(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "model.safetensors"
+    lin = torch.nn.Linear(3, 2)
+    ckpt.save_model_weights(path, {**lin.state_dict(), "extra": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"missing: \[\], unexpected: \['extra'\]"):
+        ckpt.load_weights_into(torch.nn.Linear(3, 2), path)
+    ckpt.save_model_weights(path, {"weight": lin.weight.detach()})
+    with pytest.raises(CheckpointError, match=r"missing: \['bias'\], unexpected: \[\]"):
+        ckpt.load_weights_into(torch.nn.Linear(3, 2), path)
+    bad = lin.weight.detach().clone()
+    bad[0, 0], bad[1, 2] = math.nan, -math.inf
+    ckpt.save_model_weights(path, {"weight": bad, "bias": lin.bias.detach()})
+    fresh = torch.nn.Linear(3, 2)
+    before = fresh.weight.detach().clone()
+    with pytest.raises(CheckpointError, match=r": weight holds 2 non-finite value\(s\)"):
+        ckpt.load_weights_into(fresh, path)
+    assert torch.equal(fresh.weight, before)  # nothing loaded
+    # integer buffers are not checked for finiteness; everything loads, values and dtypes
+    m = torch.nn.Module()
+    m.register_buffer("count", torch.tensor([3, -1]))
+    m.register_buffer("w", torch.tensor([0.5], dtype=torch.float64))
+    ckpt.save_model_weights(path, m.state_dict())
+    m2 = torch.nn.Module()
+    m2.register_buffer("count", torch.zeros(2, dtype=torch.int64))
+    m2.register_buffer("w", torch.zeros(1, dtype=torch.float64))
+    ckpt.load_weights_into(m2, path)
+    assert m2.count.tolist() == [3, -1] and m2.w.tolist() == [0.5]
+    assert ckpt.read_tensors(path, "weights")["w"].dtype == torch.float64
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read weights: "):
+        ckpt.read_tensors(path, "weights")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read model weights: "):
+        ckpt.stored_shapes(path)
