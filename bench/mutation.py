@@ -380,6 +380,8 @@ def write_report(doc: dict[str, Any]) -> None:
         "",
     ]
     for name, r in doc["modules"].items():
+        if r.get("note"):
+            lines.append(f"- {name}: {r['note']}")
         for c in r.get("rechecks", []):
             lines.append(
                 f"- {name}: recheck of {c['mutants']} survivors on {c['date']}, "
@@ -475,6 +477,8 @@ def main() -> None:
             now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
             if recheck is not None:  # the full run's time and load stay; the recheck is noted
                 full = doc["modules"][name]
+                if "note" in full:
+                    r["note"] = full["note"]
                 r["rechecks"] = [
                     *full.get("rechecks", []),
                     {"date": now, "mutants": len(recheck), "wall_s": r["wall_s"],
