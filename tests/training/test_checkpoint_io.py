@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -512,3 +513,17 @@ def test_loading_weights_names_what_does_not_fit_and_refuses_non_finite_values(
         ckpt.read_tensors(path, "weights")
     with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read model weights: "):
         ckpt.stored_shapes(path)
+
+
+def test_alias_metadata_must_name_stored_tensors_by_string(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    for aliases, why in [
+        ('{"head.weight": 5}', "is not a JSON object of tensor names"),
+        ("{not json", "is not a JSON object of tensor names"),
+        ('{"head.weight": "gone"}', "ties 'head.weight' to 'gone', which the file does not hold"),
+    ]:
+        save_file({"emb.weight": torch.zeros(2)}, str(path), {"craft.aliases": aliases})
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: metadata .*{why}"):
+            ckpt.load_model_weights(path)
