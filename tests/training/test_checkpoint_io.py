@@ -527,3 +527,20 @@ def test_alias_metadata_must_name_stored_tensors_by_string(tmp_path: Path) -> No
         save_file({"emb.weight": torch.zeros(2)}, str(path), {"craft.aliases": aliases})
         with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: metadata .*{why}"):
             ckpt.load_model_weights(path)
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: metadata .*{why}"):
+            ckpt.stored_shapes(path)
+
+
+def test_weights_files_say_they_hold_torch_tensors_and_retying_skips_absent_names(
+    tmp_path: Path,
+) -> None:
+    from safetensors import safe_open
+
+    path = tmp_path / "model.safetensors"
+    ckpt.save_model_weights(path, Tied().state_dict())
+    with safe_open(str(path), framework="pt") as f:  # transformers expects "pt" here
+        assert f.metadata()["format"] == "pt"
+    head = torch.zeros(7, 4)
+    state = {"head.weight": head}  # the first name of the tied pair is absent
+    assert ckpt.retie_state(state, Tied()) == {"head.weight": head}
+    assert state["head.weight"] is head
