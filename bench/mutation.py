@@ -51,6 +51,10 @@ NO_MUTATE = [
     r"^\s*(log|logger|logging\.getLogger\([^)]*\))\.(debug|info|warning|error|exception)\(",
     r"^\s*raise \w+\(",
 ]
+# Imported by the fork server's warm-up (`-p` loads them as plugins), so each mutant's forked
+# test run does not pay for them again: the kernel backends import torch._dynamo on the first
+# model call (seconds on a CPU).
+PRELOAD = ["-p", "craft.ops.triton"]
 DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
 UNDETECTED = {"survived", "no tests", "suspicious"}
 
@@ -67,6 +71,8 @@ class Module:
 
 MODULES: dict[str, Module] = {
     "fileio": Module("craft/fileio.py", ["tests/test_fileio.py"]),
+    # checkpoints: the public API and trainer-state files; the directory format (marker,
+    # commit, prune); the weights file (tied weights, shapes); finding checkpoints and runs
     "checkpoint": Module(
         "craft/training/checkpoint.py",
         [
@@ -75,6 +81,28 @@ MODULES: dict[str, Module] = {
             "tests/training/test_trainer.py",
         ],
     ),
+    "checkpoint_dirs": Module(
+        "craft/training/checkpoint_dirs.py",
+        [
+            "tests/training/test_checkpoint_io.py",
+            "tests/training/test_latest_pointer.py",
+            "tests/training/test_run_safety.py",
+        ],
+    ),
+    "weights": Module(
+        "craft/training/weights.py",
+        [
+            "tests/training/test_checkpoint_io.py",
+            "tests/training/test_trainer_regressions.py",
+            "tests/training/test_run_safety.py",
+            "tests/security/test_untrusted_checkpoints.py",
+        ],
+    ),
+    "checkpoint_search": Module(
+        "craft/training/checkpoint_search.py",
+        ["tests/training/test_checkpoint_io.py", "tests/training/test_latest_pointer.py"],
+    ),
+    "state": Module("craft/training/state.py", ["tests/training/test_checkpoint_io.py"]),
     "state_io": Module(
         "craft/training/state_io.py",
         ["tests/training/test_rng_state_io.py", "tests/training/test_checkpoint_io.py"],
@@ -99,18 +127,33 @@ MODULES: dict[str, Module] = {
             "build_random",
         ],
     ),
+    # the training step (forward/backward, clip, non-finite guard, optimizer, schedule) and the
+    # token weights of its micro-batches
+    "step": Module(
+        "craft/training/step.py",
+        [
+            "tests/training/test_training_numerics.py",
+            "tests/training/test_accumulation.py",
+            "tests/training/test_host_syncs.py",
+        ],
+    ),
+    "accumulation": Module(
+        "craft/training/accumulation.py", ["tests/training/test_accumulation.py"]
+    ),
     "schedulers": Module(
         "craft/training/schedulers.py", ["tests/training/test_schedulers_optim.py"]
     ),
-    "generation": Module(
-        "craft/generation.py",
+    # logits -> tokens (craft/generation.py re-exports these)
+    "sampling": Module(
+        "craft/sampling.py",
         ["tests/generation/test_sampling.py"],
-        ["SamplingParams.*", "filter_logits", "sample_next"],
+        ["SamplingParams.*", "filter_logits", "sample_next", "sample_rows", "_sample_rows"],
     ),
     "loader": Module(
         "craft/config/loader.py",
         ["tests/config/test_loader.py", "tests/config/test_roundtrip_registry.py"],
     ),
+    # the loss ops' argument checks and reductions
     "eager": Module(
         "craft/ops/eager.py",
         ["tests/ops/test_eager_torch.py"],
@@ -120,17 +163,6 @@ MODULES: dict[str, Module] = {
         "craft/ops/torch_backend.py",
         ["tests/ops/test_eager_torch.py"],
         ["cross_entropy", "_fused_pass", "_LinearCrossEntropy.*", "linear_cross_entropy"],
-    ),
-    # The training step; run it by name (`bench/mutation.sh trainer`).
-    "trainer": Module(
-        "craft/training/trainer.py",
-        [
-            "tests/training/test_training_numerics.py",
-            "tests/training/test_trainer.py",
-            "tests/training/test_trainer_regressions.py",
-        ],
-        ["Trainer._loop", "Trainer.evaluate", "eval_shard"],
-        default=False,
     ),
 }
 
@@ -177,7 +209,7 @@ def setup_cfg(mod: Module) -> str:
         + lines("pytest_add_cli_args_test_selection", mod.tests)
         + lines(
             "pytest_add_cli_args",
-            ["-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:benchmark"],
+            ["-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:benchmark", *PRELOAD],
         )
         + lines("do_not_mutate_patterns", NO_MUTATE)
         # torch is not fork-safe once used: fork the workers from a clean server process
@@ -369,6 +401,8 @@ def write_report(doc: dict[str, Any]) -> None:
         "",
     ]
     for name, r in doc["modules"].items():
+        if r.get("note"):
+            lines.append(f"- {name}: {r['note']}")
         for c in r.get("rechecks", []):
             lines.append(
                 f"- {name}: recheck of {c['mutants']} survivors on {c['date']}, "
@@ -468,6 +502,8 @@ def main() -> None:
             now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
             if recheck is not None:  # the full run's time and load stay; the recheck is noted
                 full = doc["modules"][name]
+                if "note" in full:
+                    r["note"] = full["note"]
                 r["rechecks"] = [
                     *full.get("rechecks", []),
                     {"date": now, "mutants": len(recheck), "wall_s": r["wall_s"],

@@ -2,10 +2,16 @@
 
 Every leaf key remembers where it was set (a file and its include chain, or the command line) so
 that validation errors can point at it.
+
+Tables merge key by key, except when a later file or an override gives a table another `type`
+(`scheduler.type=constant` over a recipe's cosine schedule): the keys files set in that table
+described the old type, so they are dropped with a warning that names them, and the new type
+starts from its defaults plus what the command line sets (before or after the type).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +24,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+log = logging.getLogger("craft.config")
 
 COMMAND_LINE = "command line"
 # Keys that say the same thing two ways: an override of one replaces the other when a file set it.
@@ -88,7 +96,11 @@ def deep_merge(
     over_origin: dict[str, str] | str,
     prefix: str = "",
 ) -> None:
-    """Merge `over` into `base` in place: tables merge key by key, anything else replaces."""
+    """Merge `over` into `base` in place: tables merge key by key, anything else replaces; a
+    table given another `type` first loses the keys files set in it (`_switch_type`)."""
+    if "type" in over and base.get("type", over["type"]) != over["type"]:
+        where = over_origin if isinstance(over_origin, str) else over_origin[f"{prefix}type"]
+        _switch_type(base, origins, prefix, over["type"], where)
     for k, v in over.items():
         dotted = f"{prefix}{k}"
         if isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -99,6 +111,38 @@ def deep_merge(
         leaves = _leaves(v, dotted + ".") if isinstance(v, dict) and v else [dotted]
         for leaf in leaves:
             origins[leaf] = over_origin if isinstance(over_origin, str) else over_origin[leaf]
+
+
+def _switch_type(
+    table: dict[str, Any], origins: dict[str, str], prefix: str, new: Any, where: str
+) -> None:
+    """Drop the keys of `table` (at `prefix`) that files set: they were for its old type."""
+    dropped = []
+    for leaf in _leaves({k: v for k, v in table.items() if k != "type"}):
+        origin = origins.get(prefix + leaf)
+        if origin == COMMAND_LINE:
+            continue
+        parts = leaf.split(".")
+        chain = [table]
+        for part in parts[:-1]:
+            chain.append(chain[-1][part])
+        chain[-1].pop(parts[-1])
+        for parent, part in zip(reversed(chain[:-1]), reversed(parts[:-1]), strict=True):
+            if parent[part]:
+                break
+            del parent[part]  # a table emptied here
+        origins.pop(prefix + leaf, None)
+        dropped.append((prefix + leaf, origin))
+    if dropped:
+        old = f"{table['type']!r} ({origins.get(prefix + 'type', 'default')})"
+        by_origin: dict[str | None, list[str]] = {}
+        for key, origin in dropped:
+            by_origin.setdefault(origin, []).append(key)
+        keys = "; ".join(f"{', '.join(k)} (set in {o})" for o, k in by_origin.items())
+        log.warning(
+            "%s: %stype = %r replaces %s, so the keys set for the old type are dropped: %s",
+            where, prefix, new, old, keys,
+        )  # fmt: skip
 
 
 def _copy(v: Any) -> Any:

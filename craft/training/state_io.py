@@ -3,6 +3,12 @@
 Optimizer state, data-sampler state and anything else with tensors inside is split into a flat
 `{key: tensor}` map (saved with safetensors) and a JSON structure that refers to those keys, so a
 checkpoint is readable without unpickling anything.
+
+A tensor's key is its place in the structure: the dict keys and list indices on the way to it,
+joined by "/", each with "~" written "~0" and "/" written "~1" (as in a JSON Pointer), so two
+places never share a key ({"a/b": x} and {"a": {"b": y}} are "/a~1b" and "/a/b"). The structure
+names the key of each tensor, so states written before keys were escaped load unchanged; one
+whose keys collided (a key named in two places) is refused.
 """
 
 from __future__ import annotations
@@ -15,12 +21,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from craft.errors import CheckpointError
 from craft.fileio import fsync_file, write_text_durable
 
 TENSOR = "__tensor__"
 NDARRAY = "__ndarray__"
 TUPLE = "__tuple__"
 ITEMS = "__items__"
+
+
+def _part(key: Any) -> str:
+    """One step of a tensor's key: "~" and "/" escaped, so joined steps stay unambiguous."""
+    return str(key).replace("~", "~0").replace("/", "~1")
 
 
 def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
@@ -37,7 +49,7 @@ def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") ->
         return obj.item()
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
-            return {k: flatten_state(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+            return {k: flatten_state(v, tensors, f"{path}/{_part(k)}") for k, v in obj.items()}
         return {
             ITEMS: [
                 [k, flatten_state(v, tensors, f"{path}/{i}")]
@@ -54,19 +66,32 @@ def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") ->
 
 
 def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of `flatten_state`."""
+    """Inverse of `flatten_state`. A ValueError when two places name the same tensor (keys that
+    collided when they were joined without escaping: one of the two tensors is lost)."""
+    return _unflatten(obj, tensors, set())
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor], seen: set[str]) -> Any:
     if isinstance(obj, dict):
+        ref = obj.get(TENSOR, obj.get(NDARRAY))
+        if ref is not None:
+            if ref in seen:
+                raise ValueError(
+                    f"tensor {ref!r} is named in more than one place (keys containing '/' that "
+                    "collided when this state was written): the state is ambiguous"
+                )
+            seen.add(ref)
         if TENSOR in obj:
             return tensors[obj[TENSOR]]
         if NDARRAY in obj:
             return tensors[obj[NDARRAY]].numpy().astype(obj["dtype"])
         if TUPLE in obj:
-            return tuple(unflatten_state(v, tensors) for v in obj[TUPLE])
+            return tuple(_unflatten(v, tensors, seen) for v in obj[TUPLE])
         if ITEMS in obj:
-            return {k: unflatten_state(v, tensors) for k, v in obj[ITEMS]}
-        return {k: unflatten_state(v, tensors) for k, v in obj.items()}
+            return {k: _unflatten(v, tensors, seen) for k, v in obj[ITEMS]}
+        return {k: _unflatten(v, tensors, seen) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [unflatten_state(v, tensors) for v in obj]
+        return [_unflatten(v, tensors, seen) for v in obj]
     return obj
 
 
@@ -108,7 +133,10 @@ def load_state(directory: Path, stem: str) -> tuple[Any, dict[str, Any]]:
     doc = read_json_bounded(directory / f"{stem}.json", what=str(directory / f"{stem}.json"))
     tensors = load_file(str(directory / f"{stem}.safetensors"))
     structure = doc.pop("state")
-    return unflatten_state(structure, tensors), doc
+    try:
+        return unflatten_state(structure, tensors), doc
+    except ValueError as e:
+        raise CheckpointError(f"{directory / f'{stem}.json'}: {e}") from None
 
 
 def dedupe_shared(

@@ -114,6 +114,60 @@ def test_override_switches_component_type() -> None:
     assert cfg.model.cell == "gru"
 
 
+SCHED = '[scheduler]\ntype = "wsd"\nwarmup_steps = 5\ndecay_fraction = 0.5\nmin_lr = 3e-4\n'
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_an_override_that_changes_a_type_starts_the_table_afresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    # the recipe's keys described its wsd schedule: none of them carries over to another type
+    r = write(tmp_path / "r.toml", SCHED)
+    cfg = load_config(r, [f"scheduler.type={kind}"])
+    assert cfg.scheduler == type(cfg.scheduler)(type=kind)  # the new type's defaults
+    assert "replaces 'wsd'" in caplog.text and "r.toml" in caplog.text
+    for key in ("warmup_steps", "decay_fraction", "min_lr"):
+        assert f"scheduler.{key}" in caplog.text  # the dropped keys are named
+    # keys given on the command line stay, before or after the type; a table override too
+    for overrides in (
+        [f"scheduler.type={kind}", "scheduler.warmup_steps=7"],
+        ["scheduler.warmup_steps=7", f"scheduler.type={kind}"],
+        [f"scheduler={{type='{kind}', warmup_steps=7}}"],
+    ):
+        cfg = load_config(r, overrides)
+        assert cfg.scheduler == type(cfg.scheduler)(type=kind, warmup_steps=7), overrides
+
+
+def test_the_same_type_or_a_first_type_keeps_the_table(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = write(tmp_path / "r.toml", SCHED)
+    raw = load_raw(r, ["scheduler.type=wsd", "optimizer.type=sgd", "optimizer.lr=0.5"])
+    assert raw.data["scheduler"]["min_lr"] == 3e-4 and "r.toml" in raw.origin("scheduler.min_lr")
+    assert raw.data["optimizer"] == {"type": "sgd", "lr": 0.5}
+    assert "dropped" not in caplog.text
+
+
+def test_a_type_switch_drops_file_keys_of_nested_tables_and_keeps_command_line_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = write(tmp_path / "r.toml", '[model]\ntype = "gpt"\nn = 1\n[model.extra]\na = 1\nb = 2\n')
+    raw = load_raw(r, ["model.extra.b=3", "model.type=rnn"])
+    assert raw.data["model"] == {"type": "rnn", "extra": {"b": 3}}
+    assert raw.origin("model.extra.b") == raw.origin("model.type") == COMMAND_LINE
+    assert "model.n, model.extra.a (set in " in caplog.text
+    assert load_raw(r, ["model.type=rnn"]).data["model"] == {"type": "rnn"}  # no empty tables
+
+
+def test_a_file_that_changes_an_included_type_starts_the_table_afresh(tmp_path: Path) -> None:
+    write(tmp_path / "frag.toml", SCHED)
+    r = write(tmp_path / "r.toml", 'include = ["frag.toml"]\n[scheduler]\ntype = "cosine"\n')
+    raw = load_raw(r)
+    assert raw.data["scheduler"] == {"type": "cosine"}
+    assert "scheduler.min_lr" not in raw.origins
+    assert load_config(r).scheduler.min_lr == 0.0
+
+
 def test_defaults_and_frozen() -> None:
     cfg = load_config(GOOD / "base.toml")
     assert cfg.run.output_dir == "outputs"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,18 @@ TINY = [
 def tiny_config(tmp_path: Path, *overrides: str) -> Any:
     """micro.toml shrunk further, writing under `tmp_path`."""
     return load_config(MICRO, [*TINY, f"run.output_dir={tmp_path / 'outputs'}", *overrides])
+
+
+@contextlib.contextmanager
+def one_process_group(tmp_path: Path) -> Iterator[None]:
+    """A gloo process group of this one process: collectives run (and return their input)."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'process-group'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 class StopAt(Callback):

@@ -8,14 +8,16 @@ the concatenated batch's mean loss.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from craft.config.components import GPTConfig
 from craft.models.gpt import GPT
 from craft.training.accumulation import token_weights
 from craft.training.trainer import Trainer
-from tests.training._helpers import tiny_config
+from tests.training._helpers import one_process_group, tiny_config
 
 VOCAB, T = 11, 8
 
@@ -70,6 +72,30 @@ def test_token_weights_edge_cases() -> None:
     none = torch.full((2, 4), -100)
     assert torch.equal(token_weights([none, none]), torch.zeros(2))  # no NaN: nothing to learn
     assert torch.equal(token_weights([full, none]), torch.tensor([1.0, 0.0]))
+
+
+def test_token_weights_count_valid_targets_of_every_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one = torch.tensor([[5, -100, -100]])
+    assert torch.equal(token_weights([one]), torch.tensor([1.0]))  # a single valid token
+    assert token_weights([one]).dtype == torch.float32
+    two = torch.tensor([[5, 7, -100]])
+    assert torch.equal(token_weights([one, two]), torch.tensor([1 / 3, 2 / 3]))
+    # another ignore_index: -100 counts as a valid target, 0 does not
+    assert torch.equal(token_weights([one, two], ignore_index=5), torch.tensor([0.5, 0.5]))
+    ints = torch.tensor([[1, 2]], dtype=torch.int32)
+    assert torch.equal(token_weights([ints, ints[:, :1]]), torch.tensor([2 / 3, 1 / 3]))
+    # 2 processes: N is summed over them and each weight is 2 n_i / N, so the average over the
+    # processes of sum_i w_i mean_i is the mean over every valid token of the step
+    with one_process_group(tmp_path):  # the sum over one process: N is this process's count
+        assert torch.equal(token_weights([one, two], world_size=2), torch.tensor([2 / 3, 4 / 3]))
+
+    def other_process_has_5(t: torch.Tensor, op: Any = None) -> None:
+        t += 5  # what the all-reduce adds when the other process holds 5 valid targets
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", other_process_has_5)
+    assert torch.equal(token_weights([one, two], world_size=2), torch.tensor([0.25, 0.5]))
 
 
 class _Fixed:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +296,251 @@ def test_replacing_a_directory_keeps_the_old_one_until_the_new_one_is_durable(
         ckpt.commit_directory(out, fail, kind="export", step=3)
     assert (out / "w").read_text() == "new" and ckpt.is_complete(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _marked(directory: Path, files: object) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "COMPLETE").write_text(json.dumps({"format": "craft-checkpoint", "files": files}))
+    return directory
+
+
+def test_a_marker_listing_a_file_outside_its_directory_is_named(tmp_path: Path) -> None:
+    for i, rel in enumerate(["../secret", "/etc/passwd", "a/../../x"]):
+        d = _marked(tmp_path / f"d{i}", {rel: 1})
+        why = ckpt.unsafe_marker_path(d)
+        assert why is not None and why.startswith(f"{d / 'COMPLETE'} lists a file that"), why
+        assert not ckpt.is_complete(d)
+    # what is not a doctored path: no marker, a marker that is not Craft's, a safe list
+    assert ckpt.unsafe_marker_path(tmp_path) is None
+    assert ckpt.unsafe_marker_path(_marked(tmp_path / "list", ["../x"])) is None
+    (tmp_path / "arr").mkdir()
+    (tmp_path / "arr" / "COMPLETE").write_text('["../x"]')
+    assert ckpt.unsafe_marker_path(tmp_path / "arr") is None
+    (tmp_path / "ok" / "sub").mkdir(parents=True)
+    (tmp_path / "ok" / "sub" / "w").write_text("x")
+    (tmp_path / "ok" / "COMPLETE").write_text(json.dumps({"files": {"sub/w": 1}}))
+    assert ckpt.unsafe_marker_path(tmp_path / "ok") is None and ckpt.is_complete(tmp_path / "ok")
+    assert not ckpt.is_complete(tmp_path / "arr") and not ckpt.is_complete(tmp_path / "d0" / "x")
+
+
+def test_only_a_directory_craft_wrote_and_nothing_else_is_replaced(tmp_path: Path) -> None:
+    def write(d: Path) -> None:
+        (d / "w").write_text("new")
+
+    outside = ckpt.commit_directory(tmp_path / "real", write, kind="export", step=1)
+    (tmp_path / "link").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    extra = ckpt.commit_directory(tmp_path / "extra", write, kind="export", step=1)
+    (extra / "notes.txt").write_text("mine")
+    cases = {
+        "link": "is not a directory Craft wrote",
+        "file": "is not a directory Craft wrote",
+        "foreign": "has no COMPLETE marker of Craft's",
+        "extra": r"holds files Craft did not write \(notes\.txt\)",
+    }
+    for name, why in cases.items():
+        with pytest.raises(CheckpointError, match=why):
+            ckpt.commit_directory(tmp_path / name, write, kind="export", step=2)
+    assert (tmp_path / "link").is_symlink() and ckpt.read_marker(outside)["step"] == 1
+    assert (tmp_path / "file").read_text() == "mine"
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+    assert (extra / "notes.txt").read_text() == "mine" and ckpt.read_marker(extra)["step"] == 1
+
+
+def test_prune_leaves_no_trace_and_an_interrupted_deletion_is_tidied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _save(root, step, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+
+    from craft.training import checkpoint_dirs
+
+    def crash(path: Path, marker: dict) -> None:
+        (path / "model.safetensors").unlink()
+        raise OSError("killed while deleting")
+
+    monkeypatch.setattr(checkpoint_dirs, "_delete_listed", crash)
+    with pytest.raises(OSError, match="killed"):
+        _save(root, 4, keep_last=2)
+    monkeypatch.undo()
+    # the half-deleted checkpoint was moved aside first: it never looks complete or damaged
+    left = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+    assert len(left) == 1 and left[0].startswith(".step_00000002.trash-"), left
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [3, 4]
+    assert ckpt.scan_checkpoints(root)[1] == []
+    assert [p.name for p in ckpt.clean_stale(root)] == left
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+
+
+def test_replacing_a_directory_never_deletes_through_a_symlink_out_of_it(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+
+    def write(d: Path) -> None:
+        (d / "a").mkdir()
+        (d / "a" / "x").write_text("1")
+        (d / "b").write_text("2")
+
+    out = ckpt.commit_directory(tmp_path / "model", write, kind="export", step=1)
+    shutil.rmtree(out / "a")
+    (out / "a").symlink_to(outside, target_is_directory=True)  # same name, now leads out
+    (outside / "x").write_text("keep")
+    ckpt.commit_directory(out, write, kind="export", step=2)
+    assert (outside / "x").read_text() == "keep"
+    assert ckpt.read_marker(out)["step"] == 2 and (out / "a" / "x").read_text() == "1"
+    old = [p for p in tmp_path.iterdir() if p.name.startswith(".model.replaced-")]
+    assert len(old) == 1 and sorted(p.name for p in old[0].iterdir()) == ["a"]  # b deleted
+
+
+def test_clean_stale_tidies_each_kind_of_leftover_and_nothing_else(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    me = os.getpid()  # this process's own leftovers are stale (a predecessor's pid)
+
+    def write(d: Path) -> None:
+        (d / "w").write_text("x")
+        (d / "sub").mkdir()
+        (d / "sub" / "v").write_text("y")
+
+    def leftover(name: str) -> Path:
+        d = ckpt.commit_directory(root / "staging", write, kind="checkpoint", step=1)
+        return d.rename(root / name)
+
+    (root / "-notes").parent.mkdir(parents=True, exist_ok=True)
+    (root / "-notes").write_text("mine")  # sorts before every leftover: not Craft's name
+    (root / ".a.tmp-1").mkdir()  # a live writer's (pid 1 is alive), sorted first
+    half = root / f".step_00000009.tmp-{me}"  # a write killed half-way: no marker
+    half.mkdir()
+    (half / "model.safetensors").write_text("partial")
+    trash_done = leftover(f".step_00000001.trash-{me}-ab12")  # moved aside, then killed
+    trash_foreign = leftover(f".step_00000002.trash-{me}")
+    (trash_foreign / "notes.txt").write_text("mine")
+    kept = ckpt.commit_directory(root / "step_00000003", write, kind="checkpoint", step=3)
+    replaced = leftover(f".step_00000003.replaced-{me}")  # its replacement arrived
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "f").write_text("keep")
+    (root / f".step_00000004.tmp-{me}").symlink_to(elsewhere, target_is_directory=True)
+    (root / f".step_00000005.tmp-{me}").write_text("a file")
+
+    removed = {p.name for p in ckpt.clean_stale(root)}
+
+    assert removed == {
+        half.name, trash_done.name, replaced.name, f".step_00000004.tmp-{me}",
+        f".step_00000005.tmp-{me}",
+    }  # fmt: skip
+    assert sorted(p.name for p in root.iterdir()) == [
+        "-notes", ".a.tmp-1", trash_foreign.name, "step_00000003",
+    ]  # fmt: skip
+    assert (elsewhere / "f").read_text() == "keep"  # the symlink, never what it points to
+    assert sorted(str(p.relative_to(trash_foreign)) for p in trash_foreign.rglob("*")) == [
+        "notes.txt"
+    ]  # only what Craft listed was deleted
+    assert ckpt.read_marker(kept)["step"] == 3
+
+
+def test_commit_marks_what_it_wrote_and_stages_under_a_name_clean_stale_knows(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "out"
+    target.mkdir()  # an empty directory is replaced
+    staged: list[Path] = []
+
+    def write(d: Path) -> None:
+        staged.append(d)
+        (d / "w").write_text("x")
+
+    ckpt.commit_directory(target, write, kind="export", step=7)
+    assert staged[0].parent == tmp_path
+    assert staged[0].name.startswith(f".out.tmp-{os.getpid()}-")
+    marker = json.loads((target / "COMPLETE").read_text())
+    assert marker == {
+        "format": "craft-checkpoint", "version": 1, "kind": "export", "step": 7,
+        "files": {"w": 1},
+    }  # fmt: skip
+    # a marker of another format is not Craft's: incomplete, and never replaced
+    other = _marked(tmp_path / "other", {"w": 1})
+    (other / "w").write_text("x")
+    assert ckpt.is_complete(other)
+    (other / "COMPLETE").write_text(json.dumps({"format": "zip", "files": {"w": 1}}))
+    assert ckpt.checkpoint_problem(other) == (
+        "its COMPLETE marker is not one Craft wrote (unreadable, not valid JSON, listing no "
+        "files or names outside the directory)"
+    )
+    (tmp_path / "a-file").write_text("x")
+    assert ckpt.checkpoint_problem(tmp_path / "a-file") == "not a directory"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="is not a directory Craft wrote"):
+        ckpt.commit_directory(tmp_path / "dangling", write, kind="export", step=8)
+    assert (tmp_path / "dangling").is_symlink()
+
+
+def test_loading_weights_names_what_does_not_fit_and_refuses_non_finite_values(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "model.safetensors"
+    lin = torch.nn.Linear(3, 2)
+    ckpt.save_model_weights(path, {**lin.state_dict(), "extra": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"missing: \[\], unexpected: \['extra'\]"):
+        ckpt.load_weights_into(torch.nn.Linear(3, 2), path)
+    ckpt.save_model_weights(path, {"weight": lin.weight.detach()})
+    with pytest.raises(CheckpointError, match=r"missing: \['bias'\], unexpected: \[\]"):
+        ckpt.load_weights_into(torch.nn.Linear(3, 2), path)
+    bad = lin.weight.detach().clone()
+    bad[0, 0], bad[1, 2] = math.nan, -math.inf
+    ckpt.save_model_weights(path, {"weight": bad, "bias": lin.bias.detach()})
+    fresh = torch.nn.Linear(3, 2)
+    before = fresh.weight.detach().clone()
+    with pytest.raises(CheckpointError, match=r": weight holds 2 non-finite value\(s\)"):
+        ckpt.load_weights_into(fresh, path)
+    assert torch.equal(fresh.weight, before)  # nothing loaded
+    # integer buffers are not checked for finiteness; everything loads, values and dtypes
+    m = torch.nn.Module()
+    m.register_buffer("count", torch.tensor([3, -1]))
+    m.register_buffer("w", torch.tensor([0.5], dtype=torch.float64))
+    ckpt.save_model_weights(path, m.state_dict())
+    m2 = torch.nn.Module()
+    m2.register_buffer("count", torch.zeros(2, dtype=torch.int64))
+    m2.register_buffer("w", torch.zeros(1, dtype=torch.float64))
+    ckpt.load_weights_into(m2, path)
+    assert m2.count.tolist() == [3, -1] and m2.w.tolist() == [0.5]
+    assert ckpt.read_tensors(path, "weights")["w"].dtype == torch.float64
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read weights: "):
+        ckpt.read_tensors(path, "weights")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read model weights: "):
+        ckpt.stored_shapes(path)
+
+
+def test_alias_metadata_must_name_stored_tensors_by_string(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    for aliases, why in [
+        ('{"head.weight": 5}', "is not a JSON object of tensor names"),
+        ("{not json", "is not a JSON object of tensor names"),
+        ('{"head.weight": "gone"}', "ties 'head.weight' to 'gone', which the file does not hold"),
+    ]:
+        save_file({"emb.weight": torch.zeros(2)}, str(path), {"craft.aliases": aliases})
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: metadata .*{why}"):
+            ckpt.load_model_weights(path)
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: metadata .*{why}"):
+            ckpt.stored_shapes(path)
+
+
+def test_weights_files_say_they_hold_torch_tensors_and_retying_skips_absent_names(
+    tmp_path: Path,
+) -> None:
+    from safetensors import safe_open
+
+    path = tmp_path / "model.safetensors"
+    ckpt.save_model_weights(path, Tied().state_dict())
+    with safe_open(str(path), framework="pt") as f:  # transformers expects "pt" here
+        assert f.metadata()["format"] == "pt"
+    head = torch.zeros(7, 4)
+    state = {"head.weight": head}  # the first name of the tied pair is absent
+    assert ckpt.retie_state(state, Tied()) == {"head.weight": head}
+    assert state["head.weight"] is head

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
+from craft.errors import CheckpointError
 from craft.training import rng as rng_mod
 from craft.training.rng import capture_rng, restore_rng, seed_everything
 from craft.training.state_io import (
@@ -18,6 +20,7 @@ from craft.training.state_io import (
     flatten_state,
     load_state,
     save_state,
+    save_tensors,
     write_json,
 )
 
@@ -112,6 +115,8 @@ def test_nested_state_round_trips_with_types_and_dtypes(tmp_path: Path) -> None:
     assert back["empty"] == {}
     doc = json.loads((tmp_path / "s.json").read_text())
     assert doc["format"] == "x" and "state" in doc  # readable structure, no pickle
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "craft-state"}
 
 
 def test_flatten_names_each_tensor_by_its_place_and_copies_it_to_the_cpu() -> None:
@@ -121,10 +126,42 @@ def test_flatten_names_each_tensor_by_its_place_and_copies_it_to_the_cpu() -> No
     assert set(tensors) == {"root/a/0", "root/a/1/b"}
     assert all(v.is_contiguous() and torch.equal(v, t) for v in tensors.values())
     assert out == {"a": [{"__tensor__": "root/a/0"}, {"b": {"__tensor__": "root/a/1/b"}}]}
+    tensors.clear()  # a dict with other keys than strings, tuples and lists: named by position
+    flatten_state({3: t, "t": (1, t), "l": [[t]]}, tensors)
+    assert set(tensors) == {"/0", "/1/1", "/2/0/0"}
     with pytest.raises(TypeError, match=r"cannot store a object in a checkpoint \(at root/x\)"):
         flatten_state({"x": object()}, {}, "root")
     with pytest.raises(TypeError, match=r"\(at /\)"):
         flatten_state(object(), {})
+
+
+def test_keys_with_slashes_never_share_a_tensor_name(tmp_path: Path) -> None:
+    # "a/b" at the top and "b" inside "a" both read "/a/b" when names join keys with "/"
+    state = {
+        "a/b": torch.tensor([1.0]),
+        "a": {"b": torch.tensor([2.0]), "~1": torch.tensor([3.0]), "/": torch.tensor([4.0])},
+        "x": [torch.tensor([5.0])],
+        "x/0": torch.tensor([6.0]),
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    flatten_state(state, tensors)
+    assert len(tensors) == 6
+    save_state(tmp_path, "s", state, {})
+    back, _ = load_state(tmp_path, "s")
+    assert back["a/b"].item() == 1.0 and back["a"]["b"].item() == 2.0
+    assert back["a"]["~1"].item() == 3.0 and back["a"]["/"].item() == 4.0
+    assert back["x"][0].item() == 5.0 and back["x/0"].item() == 6.0
+
+
+def test_a_state_whose_tensor_names_collided_is_refused(tmp_path: Path) -> None:
+    # what an earlier version wrote for {"a/b": t1, "a": {"b": t2}}: one name, two places
+    save_tensors(
+        tmp_path / "s.safetensors", {"/a/b": torch.tensor([2.0])}, {"format": "craft-state"}
+    )
+    ref = {"__tensor__": "/a/b"}
+    write_json(tmp_path / "s.json", {"state": {"a/b": ref, "a": {"b": ref}}})
+    with pytest.raises(CheckpointError, match=r"s\.json: .*'/a/b'.*more than one place"):
+        load_state(tmp_path, "s")
 
 
 def test_write_json_keeps_key_order_and_ends_with_a_newline(tmp_path: Path) -> None:

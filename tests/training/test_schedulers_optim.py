@@ -151,3 +151,44 @@ def test_restore_gives_other_schedulers_their_saved_state() -> None:
     assert _lrs(s2, 2) == _lrs(s1, 2)  # and it continues like the original
     cosine = build_cosine(CosineSchedulerConfig(), _opt(1.0), 10)
     assert "lr_lambdas" not in scheduler_state(cosine) and json.dumps(scheduler_state(cosine))
+
+
+def test_wsd_whose_decay_rounds_to_one_step_decays_on_the_last_step_only() -> None:
+    cfg = WSDSchedulerConfig(decay_fraction=0.1, min_lr=0.1)  # 0.1 x 10 steps: one step
+    lrs = _lrs(build_wsd(cfg, _opt(1.0), 10), 10)
+    assert lrs[:9] == [1.0] * 9 and lrs[9] == pytest.approx(0.1)
+    cfg = WSDSchedulerConfig(decay_fraction=0.01, min_lr=0.1)  # rounds to 0: still one step
+    assert _lrs(build_wsd(cfg, _opt(1.0), 10), 10) == lrs
+
+
+def test_restoring_another_scheduler_checks_its_groups_and_takes_an_older_state() -> None:
+    def step_lr(groups: int) -> torch.optim.lr_scheduler.StepLR:
+        params = [[torch.nn.Parameter(torch.zeros(2))] for _ in range(groups)]
+        opt = torch.optim.SGD([{"params": p} for p in params], lr=1.0)
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    one = step_lr(1)
+    _lrs(one, 3)
+    # a state saved with another number of parameter groups is refused, not applied in part
+    with pytest.raises(ValueError):
+        restore_scheduler(step_lr(2), scheduler_state(one), 3)
+    # a state without `_last_lr` (nothing to take the lr from) leaves the built lr in place
+    state = {k: v for k, v in scheduler_state(one).items() if k != "_last_lr"}
+    fresh = step_lr(1)
+    restore_scheduler(fresh, state, 3)
+    assert fresh.last_epoch == 3 and fresh.optimizer.param_groups[0]["lr"] == 1.0
+
+
+def test_a_warmup_of_one_step_and_a_group_at_lr_zero() -> None:
+    lrs = _lrs(build_constant(ConstantSchedulerConfig(warmup_steps=1), _opt(1.0), 3), 3)
+    assert lrs == [0.5, 1.0, 1.0]
+    # a group at lr 0 (frozen) stays at 0 under every schedule, without a division by zero
+    assert _lrs(build_cosine(CosineSchedulerConfig(min_lr=0.1), _opt(0.0), 3), 3) == [0.0] * 3
+
+
+def test_the_floor_is_relative_to_the_initial_lr_of_an_already_scheduled_group() -> None:
+    opt = _opt(1.0)
+    _lrs(torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5), 1)  # lr now 0.5
+    assert opt.param_groups[0]["initial_lr"] == 1.0 and opt.param_groups[0]["lr"] == 0.5
+    lrs = _lrs(build_cosine(CosineSchedulerConfig(min_lr=0.1), opt, 3), 3)
+    assert lrs[0] == 1.0 and lrs[-1] == pytest.approx(0.1)

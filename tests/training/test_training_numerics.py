@@ -6,6 +6,7 @@ A non-finite step is checked on the live weights, not only on the checkpoints on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from craft.errors import TrainingError
 from craft.training.builders import build_data
 from craft.training.callbacks import Callback
+from craft.training.step import StepOutput, TrainStep
 from craft.training.trainer import Trainer
-from tests.training._helpers import tiny_config
+from tests.training._helpers import one_process_group, tiny_config
 
 SGD = [
     "optimizer.type=sgd",
@@ -130,3 +132,193 @@ def test_a_non_finite_step_changes_no_live_weight(tmp_path: Path, where: str) ->
     assert poison.weights.keys() == live.keys()
     for name, before in poison.weights.items():
         assert torch.equal(live[name], before), f"{name} changed by the failed step"
+
+
+# ------------------------------------------------------------------ TrainStep with Accelerate's roles
+
+V = 7
+
+
+class _Bigram(torch.nn.Module):
+    """(B, T) tokens -> (logits (B, T, V), mean cross-entropy over the targets not ignored)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(V, V, dtype=torch.float64)
+        torch.nn.init.normal_(self.table.weight, generator=torch.Generator().manual_seed(3))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.table(x)
+        return logits, F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+
+
+class _Accelerator:
+    """Records what the step asks of Accelerate; `scaler`: an fp16 loss scaler is in use."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, processes: int = 1, scaler: bool = False, sharded: bool = False) -> None:
+        self.num_processes, self.calls, self.sharded = processes, [], sharded
+        if scaler:
+            self.scaler = object()
+
+    def no_sync(self, model: Any) -> Any:
+        self.calls.append(("no_sync", model))
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.calls.append("backward")
+        loss.backward()
+
+    def clip_grad_norm_(self, params: Any, max_norm: float) -> torch.Tensor:
+        self.calls.append(("clip", max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return _Sharded(norm) if self.sharded else norm
+
+
+class _Sharded:
+    """What FSDP2's clipping returns: a DTensor whose value is read with `full_tensor()`."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def full_tensor(self) -> torch.Tensor:
+        return self.value
+
+
+class _Wrapped:
+    """Accelerate's optimizer wrapper: the torch optimizer as `.optimizer`, counted steps."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer, self.steps = optimizer, 0
+
+    def step(self) -> None:
+        self.steps += 1
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def _batches(accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(accum):
+        x, y = torch.randint(0, V, (2, 5), generator=g), torch.randint(0, V, (2, 5), generator=g)
+        y.view(-1)[: 3 * i] = -100  # a different number of ignored targets in each
+        out.append((x, y))
+    return out
+
+
+def _step(
+    accum: int, *, direct: bool, wrapped: bool = True, clip: float = 0.0, **acc: Any
+) -> tuple[_Bigram, Any, _Accelerator, Any, torch.Tensor]:
+    """One TrainStep (SGD, lr 0.5) over `_batches(accum)`: (model, optimizer, accelerator,
+    output, weights before)."""
+    model = _Bigram()
+    before = model.table.weight.detach().clone()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 0.5**s)
+    optimizer = _Wrapped(sgd) if wrapped else sgd
+    accelerator = _Accelerator(**acc)
+    training = type("T", (), {"grad_accum_steps": accum, "grad_clip": clip})()
+    step = TrainStep(model, optimizer, sched, accelerator, training, direct=direct)
+    out = step(iter(_batches(accum)))
+    return model, optimizer, accelerator, out, before
+
+
+def _big_batch_grad(accum: int) -> tuple[torch.Tensor, float]:
+    """The oracle: the gradient of the mean loss over every valid target of the step."""
+    model, batches = _Bigram(), _batches(accum)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    loss = model(x, y)[1]
+    loss.backward()
+    return model.table.weight.grad, loss.item()
+
+
+@pytest.mark.parametrize(("accum", "direct"), [(3, False), (3, True), (2, True)])
+def test_the_step_syncs_on_the_last_micro_batch_and_uses_accelerate_unless_direct(
+    accum: int, direct: bool
+) -> None:
+    model, opt, acc, out, before = _step(accum, direct=direct)
+    grad, loss = _big_batch_grad(accum)
+    torch.testing.assert_close(model.table.weight.detach(), before - 0.5 * grad)
+    assert out.loss == pytest.approx(loss) and out.grad_norm == pytest.approx(float(grad.norm()))
+    assert out.lr == 0.5 and out.finite and not out.stop
+    assert opt.optimizer.param_groups[0]["lr"] == 0.25  # the schedule stepped once
+    assert model.table.weight.grad is None  # zeroed (set to None) after the step
+    no_sync = [("no_sync", model)]
+    if direct:  # backward, clipping and the optimizer step bypass the wrappers
+        assert acc.calls == no_sync * (accum - 1) and opt.steps == 0
+    else:
+        clip = ("clip", math.inf)
+        assert acc.calls == [*no_sync, "backward", *no_sync, "backward", "backward", clip]
+        assert opt.steps == 1
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_plain_optimizer_and_the_clip_threshold(sharded: bool) -> None:
+    model, opt, acc, out, before = _step(1, direct=False, wrapped=False, clip=0.01, sharded=sharded)
+    grad, _ = _big_batch_grad(1)
+    assert out.grad_norm == pytest.approx(float(grad.norm())) and out.grad_norm > 0.02
+    assert acc.calls == ["backward", ("clip", 0.01)]
+    torch.testing.assert_close(
+        model.table.weight.detach(), before - 0.5 * grad * (0.01 / float(grad.norm()))
+    )
+    assert opt.param_groups[0]["lr"] == 0.25
+
+
+@pytest.mark.parametrize("scaler", [False, True])
+def test_a_non_finite_gradient_is_left_to_the_fp16_scaler(scaler: bool) -> None:
+    """With a loss scaler the scaler skips non-finite steps itself (and lowers its scale), so
+    the step calls it; without one the step skips the optimizer and drops the gradients."""
+    model = _Bigram()
+    model.table.weight.register_hook(lambda g: torch.full_like(g, math.nan))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 0.5**s)
+    opt, acc = _Wrapped(sgd), _Accelerator(scaler=scaler)
+    training = type("T", (), {"grad_accum_steps": 1, "grad_clip": 0.0})()
+    out = TrainStep(model, opt, sched, acc, training, direct=False)(iter(_batches(1)))
+    assert math.isfinite(out.loss) and math.isnan(out.grad_norm)
+    assert out.finite is scaler and opt.steps == int(scaler) and out.lr == 0.5
+    assert sgd.param_groups[0]["lr"] == (0.25 if scaler else 0.5)
+    assert model.table.weight.grad is None
+
+
+@pytest.mark.parametrize(
+    ("poison", "stop", "scaler"),
+    [(False, False, False), (False, True, False), (True, False, False), (True, True, True)],
+)
+def test_with_several_processes_the_step_weights_by_world_tokens_and_agrees_flags(
+    tmp_path: Path, poison: bool, stop: bool, scaler: bool
+) -> None:
+    """Accelerate reports 2 processes while the (one-process) group sums to this one's counts:
+    each micro-batch weight is then world_size * n_i / N, twice the one-process weight."""
+    model = _Bigram()
+    if poison:
+        model.table.weight.register_hook(lambda g: torch.full_like(g, math.nan))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 0.5**s)
+    opt, acc = _Wrapped(sgd), _Accelerator(processes=2, scaler=scaler)
+    training = type("T", (), {"grad_accum_steps": 1, "grad_clip": 0.0})()
+    with one_process_group(tmp_path):
+        out = TrainStep(model, opt, sched, acc, training, direct=True)(iter(_batches(1)), stop=stop)
+    grad, loss = _big_batch_grad(1)
+    assert out.loss == pytest.approx(2 * loss)
+    # a NaN gradient with a finite loss: skipped, unless an fp16 scaler is there to skip it
+    skipped = poison and not scaler
+    assert out.stop is stop and out.finite is not skipped
+    assert opt.optimizer.param_groups[0]["lr"] == (0.5 if skipped else 0.25)
+    if not poison:
+        assert out.grad_norm == pytest.approx(2 * float(grad.norm()))
+
+
+def test_the_non_finite_error_says_what_is_safe_and_what_to_try(tmp_path: Path) -> None:
+    out = StepOutput(math.nan, 2.0, 0.1, finite=False, stop=False)
+    first = str(out.error(4, None))
+    assert first.startswith("non-finite training loss (nan) or gradient norm (2.0) at step 4;")
+    assert "checkpoints on disk are intact (newest: none written yet);" in first
+    assert first.endswith("try a lower optimizer.lr, training.grad_clip or training.precision")
+    assert f"(newest: {tmp_path / 'step_00000002'});" in str(
+        out.error(4, tmp_path / "step_00000002")
+    )
