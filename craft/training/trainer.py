@@ -10,7 +10,7 @@ checkpoint's contents in `craft.training.checkpointer` (its files: `craft.traini
 the progress counters in `craft.training.state`, the Accelerator and the decisions processes share
 in `craft.training.runtime`, and what callbacks see in `craft.training.callbacks`.
 
-This is the one module of the package over ~400 lines, on purpose: `_setup` is the start-up
+This is the one module of `craft.training` over ~400 lines, on purpose: `_setup` is the start-up
 order in one place (ownership of the run directory before anything is written, data before the
 model, the model before a new run directory, the distributed setup checked before the first
 step), and each of its lines is a call into one of the parts above. Split further, that order
