@@ -4,17 +4,22 @@
     python bench/decode_speed.py --checkpoint outputs/char_gpt/<run>   # a trained model instead
     python bench/decode_speed.py --quick --out /tmp/decode.json        # seconds, for a smoke test
 
-Part 1, the floor table: for every model, dtype and batch size, three ways decode the same number
+Part 1, the floor table: for every model, dtype and batch size, four ways decode the same number
 of tokens per sequence (the window minus the 1-token prompt, so no context refill happens), in
 the same run, alternating so that a change in machine load hits all alike:
 - "generate": `craft.generation.generate` with `num_samples` = batch, temperature 1: exactly what
   `craft generate --num-samples B` runs after loading (sampling, text decoding, streaming order);
+- "compiled": the same with `compile=True` (`craft generate --compile`): every step runs the
+  `torch.compile`d fixed-shape step (attention over the whole window under a mask). Its compile
+  time is the first call's wall time after `torch._dynamo.reset()` (Inductor's on-disk cache
+  may shorten it on a machine that compiled the same graph before); `--no-compiled` skips it;
 - "bare": a loop of `model(x, cache=cache)` over a (B, 1) input, nothing else (no sampling);
 - "floor": a loop of only the weight matrix products of one token step (every 2-d weight but the
   embeddings, the output layer included, each applied to a (B, C) input): the time it takes to
   stream the weights through the matrix units, which no decoder of this model can beat.
 Expected at char_gpt shape: generate >= 0.9x the bare loop's tokens/s, and generate's time per
-step <= 1.5x the floor's, in fp32 and bf16, at batch 1 and 8.
+step <= 1.5x the floor's, in fp32 and bf16, at batch 1 and 8. The table says for each of the
+eager and the compiled generate which of the two it meets (the bare loop is always the eager one).
 
 Part 2, recompute vs cache: `--new-tokens` tokens (default 500, so the cache refills) from a
 1-token prompt at batch 1 in fp32, KV-cached (`iter_tokens`) against nanoGPT's loop that
@@ -163,6 +168,24 @@ def way_generate(model: torch.nn.Module, tok: Any, batch: int, steps: int) -> fl
     return elapsed
 
 
+def way_compiled(model: torch.nn.Module, tok: Any, batch: int, steps: int) -> float:
+    device = next(model.parameters()).device
+    t0 = now(device)
+    texts = generate(
+        model,
+        tok,
+        "\n",
+        max_new_tokens=steps,
+        temperature=1.0,
+        seed=0,
+        num_samples=batch,
+        compile=True,
+    )
+    elapsed = now(device) - t0
+    assert len(texts) == batch
+    return elapsed
+
+
 @torch.no_grad()
 def way_bare(model: torch.nn.Module, tok: Any, batch: int, steps: int) -> float:
     device = next(model.parameters()).device
@@ -213,6 +236,11 @@ def bench_floor(
     model = model.to(DTYPES[dtype]).eval()
     steps = min(args.floor_tokens, (model.block_size or 1 << 30) - 1)
     ways = {"generate": way_generate, "bare": way_bare, "floor": way_floor}
+    compile_s = None
+    if args.compiled:
+        ways["compiled"] = way_compiled
+        torch._dynamo.reset()  # a fresh compile for this model, dtype and batch
+        compile_s = way_compiled(model, tok, batch, 2)  # compiles; one step
     for fn in ways.values():  # warm-up
         fn(model, tok, batch, min(steps, 8))
     times: dict[str, list[float]] = {k: [] for k in ways}
@@ -233,20 +261,39 @@ def bench_floor(
     row["generate_vs_bare"] = med["bare"] / med["generate"]  # tokens/s ratio
     row["generate_vs_floor"] = med["generate"] / med["floor"]  # time ratio
     row["bare_vs_floor"] = med["bare"] / med["floor"]
+    if "compiled" in med:
+        row["compile_s"] = compile_s
+        row["compiled_vs_bare"] = med["bare"] / med["compiled"]  # tokens/s ratio
+        row["compiled_vs_floor"] = med["compiled"] / med["floor"]  # time ratio
+        row["compiled_vs_generate"] = med["generate"] / med["compiled"]  # speed-up of compiling
     expected = EXPECTED_RATIOS.get(name)
     if expected:
         row["expected"] = expected
-        row["as_expected"] = (
-            row["generate_vs_bare"] >= expected["generate_vs_bare"]
-            and row["generate_vs_floor"] <= expected["generate_vs_floor"]
-        )
-    print(
+        row["meets"] = {
+            way: {
+                "vs_bare": row[f"{way}_vs_bare"] >= expected["generate_vs_bare"],
+                "vs_floor": row[f"{way}_vs_floor"] <= expected["generate_vs_floor"],
+            }
+            for way in ("generate", "compiled")
+            if f"{way}_vs_bare" in row
+        }
+        row["as_expected"] = any(all(m.values()) for m in row["meets"].values())
+    line = (
         f"  {name} {dtype} batch {batch}: generate {_med(row, 'generate'):.0f}, "
-        f"bare {_med(row, 'bare'):.0f}, floor "
-        f"{_med(row, 'floor'):.0f} tokens/s (medians); generate/bare "
-        f"{row['generate_vs_bare']:.2f}, generate time / floor {row['generate_vs_floor']:.2f}",
-        flush=True,
+        f"bare {_med(row, 'bare'):.0f}, floor {_med(row, 'floor'):.0f}"
     )
+    if "compiled" in med:
+        line += f", compiled {_med(row, 'compiled'):.0f}"
+    line += (
+        f" tokens/s (medians); generate/bare {row['generate_vs_bare']:.2f}, generate time / "
+        f"floor {row['generate_vs_floor']:.2f}"
+    )
+    if "compiled" in med:
+        line += (
+            f"; compiled/bare {row['compiled_vs_bare']:.2f}, compiled time / floor "
+            f"{row['compiled_vs_floor']:.2f}, compile {compile_s:.1f} s"
+        )
+    print(line, flush=True)
     return row
 
 
@@ -255,31 +302,67 @@ def _med(row: dict[str, Any], way: str) -> float:
 
 
 def floor_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    compiled = any("compiled" in r for r in rows)
     lines = [
         "## Part 1: `craft generate` vs a bare cached-forward loop vs the weight-streaming floor",
         "",
         "Tokens/s summed over the batch: median (min–max) of the repeats. `gen/bare`: generate's "
         "tokens/s over the bare loop's (expected >= 0.9); `gen/floor`: generate's time per step "
-        "over the floor's (expected <= 1.5); `bare/floor` the same for the bare loop.",
-        "",
-        "| model | dtype | batch | steps | generate tok/s | bare tok/s | floor tok/s "
-        "| gen/bare | gen/floor | bare/floor | as expected |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "over the floor's (expected <= 1.5); `bare/floor` the same for the bare (eager) loop.",
     ]
+    if compiled:
+        lines += [
+            "`compiled`: `generate(compile=True)` (`craft generate --compile`); `cmp/bare` and "
+            "`cmp/floor` as above for it (against the same eager bare loop), `cmp/gen` its "
+            "speed-up over the eager generate, `compile s` the first compiled call's wall time. "
+            "`meets`: which way meets which goal (bare: tokens/s >= 0.9x the bare loop; floor: "
+            "time per step <= 1.5x the floor).",
+        ]
+    head = "| model | dtype | batch | steps | generate tok/s | bare tok/s | floor tok/s "
+    rule = "|---|---|---:|---:|---:|---:|---:|"
+    if compiled:
+        head += "| compiled tok/s "
+        rule += "---:|"
+    head += "| gen/bare | gen/floor | bare/floor "
+    rule += "---:|---:|---:|"
+    if compiled:
+        head += "| cmp/bare | cmp/floor | cmp/gen | compile s "
+        rule += "---:|---:|---:|---:|"
+    lines += ["", head + "| meets |", rule + "---|"]
 
     def cell(s: dict[str, Any]) -> str:
         return fmt_spread(s["tokens_per_s"], ".0f")
 
     for r in rows:
-        verdict = "-"
-        if "expected" in r:
-            verdict = "yes" if r["as_expected"] else "NO"
-        lines.append(
+        line = (
             f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['steps']} | {cell(r['generate'])} "
-            f"| {cell(r['bare'])} | {cell(r['floor'])} | {r['generate_vs_bare']:.2f} "
-            f"| {r['generate_vs_floor']:.2f} | {r['bare_vs_floor']:.2f} | {verdict} |"
+            f"| {cell(r['bare'])} | {cell(r['floor'])} "
         )
+        if compiled:
+            line += f"| {cell(r['compiled'])} " if "compiled" in r else "| - "
+        line += (
+            f"| {r['generate_vs_bare']:.2f} | {r['generate_vs_floor']:.2f} "
+            f"| {r['bare_vs_floor']:.2f} "
+        )
+        if compiled and "compiled" in r:
+            line += (
+                f"| {r['compiled_vs_bare']:.2f} | {r['compiled_vs_floor']:.2f} "
+                f"| {r['compiled_vs_generate']:.2f} | {r['compile_s']:.1f} "
+            )
+        elif compiled:
+            line += "| - | - | - | - "
+        lines.append(line + f"| {_meets(r)} |")
     return [*lines, ""]
+
+
+def _meets(row: dict[str, Any]) -> str:
+    """E.g. "generate: bare yes, floor NO; compiled: bare yes, floor yes" ("-": no goal)."""
+    if "meets" not in row:
+        return "-"
+    return "; ".join(
+        f"{way}: bare {'yes' if m['vs_bare'] else 'NO'}, floor {'yes' if m['vs_floor'] else 'NO'}"
+        for way, m in row["meets"].items()
+    )
 
 
 # ----------------------------------------------------------------------- part 2: recompute vs cache
@@ -337,6 +420,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=500, help="Part 2 tokens.")
     p.add_argument("--baseline-repeats", type=int, default=2, help="Part 2 runs recomputing.")
     p.add_argument("--skip-recompute", action="store_true", help="Part 1 only.")
+    p.add_argument(
+        "--no-compiled",
+        dest="compiled",
+        action="store_false",
+        help="Part 1 without the torch.compile'd generate (no compile time).",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     p.add_argument("--quick", action="store_true", help="char_small, few tokens, one repeat.")

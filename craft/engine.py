@@ -19,20 +19,23 @@ batch stays contiguous.
 Models: a GPT's KV cache and an RNN's state implement the row operations the batch needs
 (`rows(i, j)`, `copy_row(src, dst)`, `reset()`). A model whose cache lacks them is decoded with
 one cache per row (one forward per row and step); a model without `new_cache` recomputes the
-window at every step. Context window: when a row's cache is full, the row restarts from its most
+window at every step. `compile=True` runs each step through `torch.compile` of a fixed-shape step
+(a cache with `fixed_step`, e.g. a GPT's): all `max_rows` rows every time, positions as a tensor,
+attention over the whole window under a mask, so one graph serves every step; prefills stay eager. Context window: when a row's cache is full, the row restarts from its most
 recent `refill_tokens` tokens (default three quarters of the window; see craft/generation.py).
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from craft.errors import GenerationError
+from craft.errors import ConfigError, GenerationError
 from craft.sampling import SamplingParams, sample_rows
 
 
@@ -81,6 +84,8 @@ class DecodeEngine:
 
     Each row draws from the generator it was added with (rows may share one).
     `use_cache=False` recomputes the last `block_size` tokens at every step (the reference).
+    `compile=True` compiles the decode step (see the module docstring); the first step pays the
+    compile time (`compile_seconds`), and a model or machine it cannot compile for is an error.
     The caller puts the model in eval mode and runs the engine under `torch.no_grad()` or lets
     `step`/`add` do it (they are decorated).
     """
@@ -92,6 +97,7 @@ class DecodeEngine:
         *,
         use_cache: bool = True,
         refill_tokens: int | None = None,
+        compile: bool = False,
     ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows = {max_rows}: expected >= 1")
@@ -124,6 +130,15 @@ class DecodeEngine:
                 self.mode, self.cache = "batched", cache
             else:
                 self.mode = "per_row"
+        self.compiled: Any = None
+        self.compile_seconds: float | None = None  # the first compiled step, compile included
+        if compile:
+            if self.mode != "batched" or not callable(getattr(self.cache, "fixed_step", None)):
+                raise ConfigError(
+                    f"compile: {type(model).__name__} has no KV cache with a fixed-shape step "
+                    "(`fixed_step`); decode it without compiling"
+                )
+            self.compiled = torch.compile(self._fixed_step, fullgraph=True, dynamic=False)
 
     # ---------------------------------------------------------------------------------- state
 
@@ -340,6 +355,9 @@ class DecodeEngine:
                 self._fill(row.slot, row.context[-self.keep : -1])
                 row.cached = self.keep - 1
             row.cached += 1
+        if self.compiled is not None:
+            self._set_logits(0, self._compiled_step([r.context[-1] for r in self.slots]))
+            return
         feed = torch.tensor(
             [r.context[-1] for r in self.slots], dtype=torch.long, device=self.device
         )[:, None]  # (n, 1)
@@ -350,6 +368,37 @@ class DecodeEngine:
             for row in self.slots:
                 cache = self.row_caches[row.slot]
                 self._set_logits(row.slot, self._forward(feed[row.slot : row.slot + 1], cache))
+
+    def _fixed_step(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (max_rows, V) of one token per row at positions pos (max_rows,): compiled."""
+        return self._forward(idx, self.cache.fixed_step(pos))
+
+    def _compiled_step(self, tokens: list[int]) -> torch.Tensor:
+        """The compiled step for the first n rows (`tokens`); the free rows ride along at position
+        0 (their slots are prefilled from position 0 before they are used again)."""
+        n = len(tokens)
+        idx = torch.tensor(tokens + [0] * (self.max_rows - n), dtype=torch.long)[:, None]
+        pos = self.cache.lengths.clone()
+        pos[n:] = 0
+        idx, pos = idx.to(self.device), pos.to(self.device)
+        if self.compile_seconds is not None:
+            logits = self.compiled(idx, pos)
+        else:
+            t0 = time.perf_counter()
+            try:
+                # a step that would need more recompiles than Dynamo keeps fails instead of
+                # running eagerly behind the caller's back
+                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                    logits = self.compiled(idx, pos)
+            except Exception as e:  # Dynamo / Inductor / the C++ compiler
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise ConfigError(
+                    f"compile: torch.compile of the decode step failed ({type(e).__name__}: "
+                    f"{first}); decode without compiling"
+                ) from e
+            self.compile_seconds = time.perf_counter() - t0
+        self.cache.lengths[:n] += 1
+        return logits[:n]
 
 
 __all__ = ["DecodeEngine", "Request", "Row", "model_device_dtype"]

@@ -200,6 +200,7 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     use_cache: bool = True,
     first_sample: int = 0,
+    compile: bool = False,
 ) -> list[str]:
     """Sample `num_samples` continuations of `prompt`, decoded as one batch; returns their text.
 
@@ -210,6 +211,7 @@ def generate(
     keeps the model where it is. Sample i draws from its own generator, seeded with
     `sample_seed(seed, first_sample + i)`: the samples of one run equal separate runs of one
     sample each with `first_sample` = 0, 1, ... (a server request with `n` samples does the same).
+    `compile` runs the decode step through `torch.compile` (see `craft.engine.DecodeEngine`).
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens = {max_new_tokens}: expected an integer >= 0")
@@ -237,7 +239,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        engine = DecodeEngine(model, num_samples, use_cache=use_cache)
+        engine = DecodeEngine(model, num_samples, use_cache=use_cache, compile=compile)
         gens = [row_generator(seed, first_sample + i, dev) for i in range(num_samples)]
         engine.add(ids, sampling, gens, max_new_tokens=max_new_tokens, eos_id=eos_id)
         while engine.active:

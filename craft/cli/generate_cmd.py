@@ -150,6 +150,12 @@ def register(app: typer.Typer) -> None:
         ),
         device: Device = DEVICE,
         dtype: DType = typer.Option(DType.float32, "--dtype", help="Weights and cache dtype."),
+        compile_step: bool = typer.Option(
+            False,
+            "--compile",
+            help="Compile the decode step with torch.compile (fixed-shape KV cache); the first "
+            "token waits for the compiler. See bench/results/decode_speed.md for when it pays.",
+        ),
         trust_imports: bool = TRUST_IMPORTS,
     ) -> None:
         """Sample text from a checkpoint (KV-cached decoding; stops at max tokens or end-of-text)."""
@@ -209,6 +215,7 @@ def register(app: typer.Typer) -> None:
                     seed=use_seed,
                     num_samples=num_samples,
                     on_text=on_text if streaming else None,
+                    compile=compile_step,
                 )
             except GenerationError:
                 hint = " (float16 overflows easily: try --dtype bfloat16)" * (

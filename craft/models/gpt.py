@@ -127,6 +127,35 @@ class KVCache:
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
 
+    def fixed_step(self, pos: torch.Tensor) -> FixedStep:
+        """A one-token step over all rows with static shapes (see `FixedStep`): what compiles."""
+        return FixedStep(self, pos)
+
+
+class FixedStep(KVCache):
+    """One decoding step over a whole `KVCache` whose shapes never change, for `torch.compile`.
+
+    Row b's new token sits at position pos[b] (B,), a device tensor, so no length reaches Python
+    and nothing depends on its value but the data: the key/value is written there in place and
+    attention reads all max_len positions of the row, masked to 0..pos[b]. Shares the cache's
+    memory; `lengths` is left to the caller (the positions of rows not in use must still lie
+    inside the window, e.g. 0).
+    """
+
+    def __init__(self, cache: KVCache, pos: torch.Tensor) -> None:
+        self.k, self.v, self.lengths = cache.k, cache.v, cache.lengths
+        s = self.max_len
+        self.start, self.keys = None, s
+        self.positions = pos[:, None]  # (B, 1)
+        self.mask = (torch.arange(s, device=pos.device) <= self.positions)[:, None, None]  # (B,1,1,S)
+
+    def begin(self, t: int, device: torch.device) -> None:
+        if t != 1:
+            raise ValueError(f"a fixed-shape step takes one token per row, got {t}")
+
+    def advance(self, t: int) -> None:
+        pass
+
 
 class Norm(nn.Module):
     """LayerNorm (with an optional bias) or RMSNorm (never a bias) over the last dim."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from craft.engine import DecodeEngine, Request
 from craft.generation import SamplingParams, generate, row_generator
@@ -32,6 +33,25 @@ def _models():
 @pytest.mark.parametrize("name", ["gpt", "gpt-rope-gqa", "lstm"])
 def test_rows_joining_and_leaving_decode_as_alone(name: str) -> None:
     model = _models()[name].eval()
+    _join_and_leave(model, DecodeEngine(model, 3))
+
+
+@pytest.mark.parametrize("name", ["gpt", "gpt-rope-gqa"])
+def test_fixed_shape_step_decodes_as_the_eager_step(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch.compile as the identity: the fixed-shape step that `compile=True` hands to the
+    # compiler (all rows every step, positions as a tensor, the whole window under a mask), run
+    # eagerly; tests/generation/test_compiled_step.py compiles it for real
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    model = _models()[name].eval()
+    engine = DecodeEngine(model, 3, compile=True)
+    _join_and_leave(model, engine)
+    assert engine.compile_seconds is not None  # the fixed-shape step ran
+
+
+def _join_and_leave(model, engine: DecodeEngine) -> None:
+    """Rows join and leave `engine` (3 rows) and refill their window: each decodes as alone."""
     requests = [  # (prompt, max_new_tokens, sampling, seed, step it joins at)
         ([1, 2, 3], 20, SAMPLE, 1, 0),
         ([4], 6, SamplingParams(temperature=0.8, top_p=0.9), 2, 0),
@@ -40,7 +60,6 @@ def test_rows_joining_and_leaving_decode_as_alone(name: str) -> None:
         ([3, 1, 4, 1, 5], 12, SamplingParams(temperature=1.3), 5, 7),
     ]
     expect = [_alone(model, p, n, s, seed) for p, n, s, seed, _ in requests]
-    engine = DecodeEngine(model, 3)
     rows: dict[int, object] = {}
     waiting = list(enumerate(requests))
     step = 0
