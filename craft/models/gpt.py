@@ -147,11 +147,28 @@ class FixedStep(KVCache):
         s = self.max_len
         self.start, self.keys = None, s
         self.positions = pos[:, None]  # (B, 1)
-        self.mask = (torch.arange(s, device=pos.device) <= self.positions)[:, None, None]  # (B,1,1,S)
+        keys = torch.arange(s, device=pos.device)  # (S,)
+        self.mask = (keys <= self.positions)[:, None, None]  # (B, 1, 1, S)
 
     def begin(self, t: int, device: torch.device) -> None:
         if t != 1:
             raise ValueError(f"a fixed-shape step takes one token per row, got {t}")
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, 1, hs) at each row's position; return all max_len positions.
+
+        One indexed write into the whole (L, B, Hkv, max_len, hs) tensor, which the compiler
+        makes an in-place update (a write through a per-layer view would copy the cache).
+        """
+        b, hkv = k.shape[:2]
+        rows = torch.arange(b, device=k.device)[:, None]  # (B, 1)
+        heads = torch.arange(hkv, device=k.device)[None, :]  # (1, Hkv)
+        where = (torch.tensor(layer, device=k.device), rows, heads, self.positions)  # -> (B, Hkv)
+        self.k.index_put_(where, k[:, :, 0].to(self.k.dtype))
+        self.v.index_put_(where, v[:, :, 0].to(self.v.dtype))
+        return self.k[layer].to(k.dtype), self.v[layer].to(v.dtype)
 
     def advance(self, t: int) -> None:
         pass
