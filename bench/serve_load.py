@@ -65,8 +65,12 @@ def write_model(recipe: str, out: Path) -> Path:
 
 
 class Server:
-    def __init__(self, export: Path, max_batch: int, threads: int | None) -> None:
+    def __init__(
+        self, export: Path, max_batch: int, threads: int | None, trace: Path | None = None
+    ) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if trace is not None:
+            env["CRAFT_SERVE_TRACE"] = str(trace)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         args = ["serve", "--checkpoint", str(export), "--host", "127.0.0.1", "--port", "0"]
@@ -113,6 +117,7 @@ def one_request(client: Any, port: int, prompt: str, max_tokens: int, seed: int)
     t0 = clock()
     first = None
     tokens = 0
+    rid = None
     with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
@@ -122,10 +127,12 @@ def one_request(client: Any, port: int, prompt: str, max_tokens: int, seed: int)
             chunk = json.loads(line[6:])
             if chunk.get("choices") and chunk["choices"][0]["text"] and first is None:
                 first = clock() - t0
+                rid = chunk.get("id")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     total = clock() - t0
-    return {"ttft": first if first is not None else total, "seconds": total, "tokens": tokens}
+    ttft = first if first is not None else total
+    return {"ttft": ttft, "seconds": total, "tokens": tokens, "id": rid, "t0": t0}
 
 
 def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -176,6 +183,8 @@ def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, An
         if results
         else float("nan"),
     }
+    if args.trace:
+        row["trace_requests"] = results
     print(
         f"  {clients:>2} clients: {row['tokens_per_s']:.0f} tokens/s, TTFT p50 "
         f"{row['ttft_p50_s'] * 1e3:.0f} ms p95 {row['ttft_p95_s'] * 1e3:.0f} ms"
@@ -183,6 +192,68 @@ def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, An
         flush=True,
     )
     return row
+
+
+# Where the time to first token goes: consecutive marks of craft/serving/trace.py, between the
+# client sending the request ("sent") and reading the first text chunk ("read").
+SEGMENTS = (
+    ("sent", "enter", "client send, HTTP parse, event-loop queueing"),
+    ("enter", "submit", "body read, validation, tokenizing"),
+    ("submit", "admit", "waiting for the worker (the step in flight)"),
+    ("admit", "prefill", "prefill"),
+    ("prefill", "sampled", "prefill to the first token sampled"),
+    ("sampled", "handoff", "text decoding, events"),
+    ("handoff", "received", "hand-off to the event loop"),
+    ("received", "written", "SSE chunk written"),
+    ("written", "read", "client reads and parses the chunk"),
+)
+
+
+def ttft_breakdown(trace: Path, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median, p95 and tail mean (requests at or over the p90 TTFT) of every segment, in ms."""
+    marks = {}
+    for line in trace.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        marks[rec["id"]] = rec
+    reqs = []
+    for rnd in rounds:
+        for r in rnd.pop("trace_requests", []):
+            m = marks.get(r["id"])
+            if m is not None:
+                reqs.append({**m, "sent": r["t0"], "read": r["t0"] + r["ttft"]})
+    if not reqs:
+        return {}
+    ttft = sorted(r["read"] - r["sent"] for r in reqs)
+    tail = [r for r in reqs if r["read"] - r["sent"] >= ttft[int(0.9 * (len(ttft) - 1))]]
+    out: dict[str, Any] = {"requests": len(reqs), "segments": []}
+    for a, b, what in (*SEGMENTS, ("sent", "read", "time to first token")):
+        vals = sorted((r[b] - r[a]) * 1e3 for r in reqs if a in r and b in r)
+        tail_vals = [(r[b] - r[a]) * 1e3 for r in tail if a in r and b in r]
+        if vals:
+            out["segments"].append(
+                {
+                    "segment": what,
+                    "median_ms": statistics.median(vals),
+                    "p95_ms": vals[round(0.95 * (len(vals) - 1))],
+                    "tail_mean_ms": statistics.fmean(tail_vals) if tail_vals else None,
+                }
+            )
+    for k in ("rows_before", "jobs_admitted", "step_rows"):  # batch rows at admission etc.
+        vals = [r[k] for r in reqs if k in r]
+        if vals:
+            out[f"{k}_median"] = statistics.median(vals)
+    return out
+
+
+def print_breakdown(model: str, clients: int, b: dict[str, Any]) -> None:
+    print(f"{model}, {clients} clients: where TTFT goes ({b.get('requests', 0)} requests, ms)")
+    print(f"  {'segment':<48} {'median':>7} {'p95':>7} {'tail':>7}")
+    for s in b.get("segments", []):
+        tail = f"{s['tail_mean_ms']:7.1f}" if s["tail_mean_ms"] is not None else "      -"
+        print(f"  {s['segment']:<48} {s['median_ms']:7.1f} {s['p95_ms']:7.1f} {tail}")
+    extra = {k: v for k, v in b.items() if k.endswith("_median")}
+    if extra:
+        print("  " + ", ".join(f"{k} {v}" for k, v in extra.items()))
 
 
 def summarize(clients: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -257,6 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="char_small, 1 and 8 clients, short.")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_load.json"))
     p.add_argument("--note", default="")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="Trace the server (CRAFT_SERVE_TRACE) and print where each client count's time to "
+        "first token goes; the breakdown is added to the JSON.",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.recipes, args.clients, args.requests, args.max_tokens = "char_small", "1,8", 2, 16
@@ -265,11 +342,13 @@ def main(argv: list[str] | None = None) -> None:
 
     machine = machine_info(torch.device("cpu"))
     models: dict[str, list[dict[str, Any]]] = {}
+    breakdowns: dict[str, dict[int, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="craft-serve-bench-") as tmp:
         for recipe in args.recipes.split(","):
             export = write_model(recipe, Path(tmp))
             print(f"{recipe}: serving {export}", flush=True)
-            server = Server(export, args.max_batch, args.server_threads)
+            trace = Path(tmp) / f"{recipe}.trace.jsonl" if args.trace else None
+            server = Server(export, args.max_batch, args.server_threads, trace)
             try:
                 run_round(server.port, 1, argparse.Namespace(**{**vars(args), "requests": 1}))
                 counts = [int(c) for c in args.clients.split(",")]
@@ -277,9 +356,13 @@ def main(argv: list[str] | None = None) -> None:
                 for _ in range(args.repeats):
                     for c in counts:
                         rounds[c].append(run_round(server.port, c, args))
-                models[recipe] = [summarize(c, rs) for c, rs in rounds.items()]
             finally:
                 server.close()
+            if trace is not None:
+                for c, rs in rounds.items():
+                    breakdowns.setdefault(recipe, {})[c] = b = ttft_breakdown(trace, rs)
+                    print_breakdown(recipe, c, b)
+            models[recipe] = [summarize(c, rs) for c, rs in rounds.items()]
     result = {
         "benchmark": "serve_load",
         "command": shlex.join(["python", "bench/serve_load.py", *(argv or sys.argv[1:])]),
@@ -294,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
         "models": models,
         "note": args.note,  # conditions the machine record cannot show; none when not given
     }
+    if breakdowns:
+        result["ttft_breakdown"] = breakdowns
     out = Path(args.out)
     paths = write_results(out.parent, out.stem, result, markdown(result))
     print(f"wrote {paths[0]} and {paths[1]}")

@@ -109,6 +109,7 @@ def serve(
         from craft.generation import resolve_device, resolve_dtype
         from craft.serving import app as app_mod
         from craft.serving.chat import compile_template
+        from craft.serving.trace import from_env as trace_from_env
         from craft.serving.worker import BatchWorker
         from craft.training.checkpoint import load_model
 
@@ -132,6 +133,7 @@ def serve(
             default_max_tokens=min(DEFAULT_MAX_TOKENS, max_tokens_limit),
             api_key=api_key,
             chat_template=template,
+            tracer=trace_from_env(),
         )
         application = app_mod.build_app(state)
         if not is_loopback(host) and api_key is None:
