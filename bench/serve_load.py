@@ -7,7 +7,7 @@ For each model shape (random weights, tinyshakespeare's 65-character vocabulary;
 does not depend on the weights) the script writes an exported model to a temporary directory,
 starts `python -m craft serve` on 127.0.0.1 with a free port, and for each client count runs that
 many closed-loop clients: each sends `--requests` streaming completions one after another
-(prompt of `--prompt-chars` characters, `--max-tokens` tokens, temperature 1, a distinct seed per
+(its own prompt of `--prompt-chars` characters, `--max-tokens` tokens, temperature 1, a distinct seed per
 request) and records the time to the first text chunk (TTFT) and the tokens received. Aggregate
 tokens/s = all completion tokens / wall time of the round. Every request is bounded and every
 round ends by itself; the server is stopped at the end. Nothing is sent anywhere but 127.0.0.1.
@@ -104,7 +104,9 @@ def clock() -> float:
     return now(torch.device("cpu"))
 
 
-def one_request(client: Any, port: int, prompt: str, max_tokens: int, seed: int) -> dict:
+def one_request(
+    client: Any, port: int, prompt: str, max_tokens: int, seed: int, trace: bool = False
+) -> dict:
     body = {
         "model": "bench",
         "prompt": prompt,
@@ -114,11 +116,19 @@ def one_request(client: Any, port: int, prompt: str, max_tokens: int, seed: int)
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    marks: dict[str, float] = {}
+
+    def on_http(event: str, info: dict) -> None:  # httpcore's trace extension
+        if event == "http11.send_request_body.complete":
+            marks["written_out"] = clock()
+
+    ext = {"trace": on_http} if trace else None
     t0 = clock()
     first = None
     tokens = 0
     rid = None
-    with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    with client.stream("POST", url, json=body, extensions=ext) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
         for line in r.iter_lines():
@@ -132,7 +142,7 @@ def one_request(client: Any, port: int, prompt: str, max_tokens: int, seed: int)
                 tokens = chunk["usage"]["completion_tokens"]
     total = clock() - t0
     ttft = first if first is not None else total
-    return {"ttft": ttft, "seconds": total, "tokens": tokens, "id": rid, "t0": t0}
+    return {"ttft": ttft, "seconds": total, "tokens": tokens, "id": rid, "t0": t0, **marks}
 
 
 def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -141,13 +151,16 @@ def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, An
     results: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
-    prompt = ("The quick brown fox jumps over the lazy dog. " * 20)[: args.prompt_chars]
+    # Each client its own prompt (the same length): no server-side reuse of a shared prompt.
+    text = "The quick brown fox jumps over the lazy dog. " * (args.prompt_chars // 8 + 2)
+    prompts = [text[c % 45 : c % 45 + args.prompt_chars] for c in range(clients)]
 
     def client_loop(c: int) -> None:
         with httpx.Client(timeout=args.timeout) as client:
             for i in range(args.requests):
                 try:
-                    res = one_request(client, port, prompt, args.max_tokens, 1000 * c + i)
+                    seed = 1000 * c + i
+                    res = one_request(client, port, prompts[c], args.max_tokens, seed, args.trace)
                 except Exception as e:  # recorded, and the round goes on
                     with lock:
                         errors.append(f"{type(e).__name__}: {e}")
@@ -197,7 +210,8 @@ def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, An
 # Where the time to first token goes: consecutive marks of craft/serving/trace.py, between the
 # client sending the request ("sent") and reading the first text chunk ("read").
 SEGMENTS = (
-    ("sent", "enter", "client send, HTTP parse, event-loop queueing"),
+    ("sent", "written_out", "client builds and writes the request"),
+    ("written_out", "enter", "server reads and parses it, event-loop queueing"),
     ("enter", "submit", "body read, validation, tokenizing"),
     ("submit", "admit", "waiting for the worker (the step in flight)"),
     ("admit", "prefill", "prefill"),
@@ -220,7 +234,10 @@ def ttft_breakdown(trace: Path, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         for r in rnd.pop("trace_requests", []):
             m = marks.get(r["id"])
             if m is not None:
-                reqs.append({**m, "sent": r["t0"], "read": r["t0"] + r["ttft"]})
+                client = {"sent": r["t0"], "read": r["t0"] + r["ttft"]}
+                if "written_out" in r:
+                    client["written_out"] = r["written_out"]
+                reqs.append({**m, **client})
     if not reqs:
         return {}
     ttft = sorted(r["read"] - r["sent"] for r in reqs)
