@@ -154,7 +154,7 @@ def _job(state: ServerState, req: P._Sampling, prompts: list[list[int]], max_tok
 def _submit(state: ServerState, job: Job, entered: float) -> None:
     if state.tracer is not None:
         job.marks = Marks(enter=entered)
-        job.mark("submit")
+        job.mark("submit", work_submit=state.worker.work)
     if not state.worker.submit(job):
         raise P.ApiError(
             503,

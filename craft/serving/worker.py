@@ -132,6 +132,7 @@ class BatchWorker:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
+        self.work = 0  # tokens through the model so far (prefill and decode): traces use it
         self.texts: dict[Row, tuple[Job, int, _Text]] = {}
         self.thread = threading.Thread(target=self._run, name="craft-decode", daemon=True)
 
@@ -176,6 +177,7 @@ class BatchWorker:
                     self.wake.clear()
                     continue
                 self._emit(self.engine.sample())
+                self.work += self.engine.active
                 self.engine.advance()
             except Exception as e:  # a fault fails the requests in flight, not the server
                 log.exception("decoding failed")
@@ -219,6 +221,7 @@ class BatchWorker:
                     Request(prompt, job.sampling, gens, job.max_tokens, self.eos_id, p * job.n)
                 )
                 owners.append((job, prompt))
+        self.work += sum(len(r.prompt) for r in requests)
         for (job, prompt), rows in zip(owners, self.engine.add_many(requests), strict=True):
             for row in rows:
                 decoder = self.tokenizer.decoder()
@@ -237,7 +240,7 @@ class BatchWorker:
         events: dict[Job, list[Event]] = {}
         for row, tok in tokens:
             job, index, text = self.texts[row]
-            job.mark("sampled", step_rows=len(tokens))
+            job.mark("sampled", step_rows=len(tokens), work_sampled=self.work)
             piece = "" if tok == self.eos_id else text.decoder.push([tok])
             final = row.done
             if final:
