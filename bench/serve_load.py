@@ -6,11 +6,17 @@
 For each model shape (random weights, tinyshakespeare's 65-character vocabulary; serving speed
 does not depend on the weights) the script writes an exported model to a temporary directory,
 starts `python -m craft serve` on 127.0.0.1 with a free port, and for each client count runs that
-many closed-loop clients: each sends `--requests` streaming completions one after another
-(its own prompt of `--prompt-chars` characters, `--max-tokens` tokens, temperature 1, a distinct seed per
-request) and records the time to the first text chunk (TTFT) and the tokens received. Aggregate
-tokens/s = all completion tokens / wall time of the round. Every request is bounded and every
-round ends by itself; the server is stopped at the end. Nothing is sent anywhere but 127.0.0.1.
+many closed-loop clients, each a process of its own with httpx's streaming client and a kept-alive
+connection: each sends `--requests` streaming completions one after another (its own prompt of
+`--prompt-chars` characters, `--max-tokens` tokens, temperature 1, a distinct seed per request)
+and records the time to the first text chunk (TTFT) and the tokens received. Aggregate tokens/s
+= all completion tokens / wall time of the round. Every request is bounded and every round ends
+by itself; the server is stopped at the end. Nothing is sent anywhere but 127.0.0.1.
+
+`--trace` also starts the server with CRAFT_SERVE_TRACE (craft/serving/trace.py) and prints, per
+client count, where the time to first token went: client, HTTP, waiting for the model thread,
+prefill, sampling, hand-off to the event loop, socket write, and the model work (tokens) a
+request waited for.
 
 Every client count runs `--repeats` rounds (the counts alternate, so a change in machine load hits
 all alike); the tables give the median (min–max) over the rounds. Expected: 8 concurrent clients
@@ -21,7 +27,6 @@ get >= 3x the aggregate tokens/s of one client, with p95 TTFT under 2x the singl
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shlex
@@ -104,7 +109,7 @@ def clock() -> float:
     return now(torch.device("cpu"))
 
 
-async def one_request(
+def one_request(
     client: Any, port: int, prompt: str, max_tokens: int, seed: int, trace: bool = False
 ) -> dict:
     body = {
@@ -118,7 +123,7 @@ async def one_request(
     }
     marks: dict[str, float] = {}
 
-    async def on_http(event: str, info: dict) -> None:  # httpcore's trace extension
+    def on_http(event: str, info: dict) -> None:  # httpcore's trace extension
         if event == "http11.send_request_body.complete":
             marks["written_out"] = clock()
 
@@ -128,10 +133,10 @@ async def one_request(
     tokens = 0
     rid = None
     url = f"http://127.0.0.1:{port}/v1/completions"
-    async with client.stream("POST", url, json=body, extensions=ext) as r:
+    with client.stream("POST", url, json=body, extensions=ext) as r:
         if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-        async for line in r.aiter_lines():
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
+        for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -145,43 +150,67 @@ async def one_request(
     return {"ttft": ttft, "seconds": total, "tokens": tokens, "id": rid, "t0": t0, **marks}
 
 
-def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, Any]:
-    """`clients` closed-loop clients, each with its own HTTP connection, on one asyncio loop.
-
-    The load generator shares the server's CPU, so it is kept light: one thread (as vLLM's
-    serving benchmark does) instead of a thread per client contending for the interpreter.
-    """
+def client_process(
+    c: int, port: int, prompt: str, args: argparse.Namespace, ready: Any, start: Any, out: Any
+) -> None:
+    """One client: connects, says it is ready, and on `start` sends its requests one by one."""
     import httpx
 
     results: list[dict] = []
     errors: list[str] = []
-    # Each client its own prompt (the same length): no server-side reuse of a shared prompt.
-    text = "The quick brown fox jumps over the lazy dog. " * (args.prompt_chars // 8 + 2)
-    prompts = [text[c % 45 : c % 45 + args.prompt_chars] for c in range(clients)]
-
-    async def client_loop(c: int, client: Any) -> None:
+    with httpx.Client(timeout=args.timeout) as client:
+        client.get(f"http://127.0.0.1:{port}/health").raise_for_status()  # connected
+        ready.put(c)
+        start.wait()
         for i in range(args.requests):
             try:
                 seed = 1000 * c + i
-                res = await one_request(client, port, prompts[c], args.max_tokens, seed, args.trace)
+                results.append(one_request(client, port, prompt, args.max_tokens, seed, args.trace))
             except Exception as e:  # recorded, and the round goes on
                 errors.append(f"{type(e).__name__}: {e}")
-                return
-            results.append(res)
+                break
+    out.put((results, errors))
 
-    async def all_clients() -> float:
-        # Built before the clock starts: building one costs tens of ms of CPU (its SSL context),
-        # which would otherwise hold up the requests of the clients already started.
-        pool = [httpx.AsyncClient(timeout=args.timeout) for _ in range(clients)]
-        try:
-            t0 = clock()
-            await asyncio.gather(*(client_loop(c, pool[c]) for c in range(clients)))
-            return clock() - t0
-        finally:
-            for client in pool:
-                await client.aclose()
 
-    wall = asyncio.run(all_clients())
+def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`clients` closed-loop clients, each a process of its own with a kept-alive connection.
+
+    Separate processes, as separate users would be: the clients share the server's two cores
+    but not an interpreter lock, so one client's parsing never holds up another's request.
+    The round's clock starts once every client is connected.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # the clients inherit `args`; nothing is pickled in
+    ready, out, start = ctx.Queue(), ctx.Queue(), ctx.Event()
+    # Each client its own prompt (the same length): no server-side reuse of a shared prompt.
+    text = "The quick brown fox jumps over the lazy dog. " * (args.prompt_chars // 8 + 2)
+    prompts = [text[c % 45 : c % 45 + args.prompt_chars] for c in range(clients)]
+    procs = [
+        ctx.Process(
+            target=client_process, args=(c, port, prompts[c], args, ready, start, out), daemon=True
+        )
+        for c in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    results: list[dict] = []
+    errors: list[str] = []
+    try:
+        for _ in procs:
+            ready.get(timeout=args.timeout)
+        t0 = clock()
+        start.set()
+        for _ in procs:
+            res, errs = out.get(timeout=args.timeout * args.requests)
+            results += res
+            errors += errs
+        wall = clock() - t0
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
     ttfts = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
 
