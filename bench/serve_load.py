@@ -124,7 +124,7 @@ def one_request(
     marks: dict[str, float] = {}
 
     def on_http(event: str, info: dict) -> None:  # httpcore's trace extension
-        if event == "http11.send_request_body.complete":
+        if event == "http11.send_request_headers.complete":  # the route starts on the headers
             marks["written_out"] = clock()
 
     ext = {"trace": on_http} if trace else None
@@ -246,9 +246,9 @@ def run_round(port: int, clients: int, args: argparse.Namespace) -> dict[str, An
 # Where the time to first token goes: consecutive marks of craft/serving/trace.py, between the
 # client sending the request ("sent") and reading the first text chunk ("read").
 SEGMENTS = (
-    ("sent", "written_out", "client builds and writes the request"),
-    ("written_out", "enter", "server reads and parses it, event-loop queueing"),
-    ("enter", "submit", "body read, validation, tokenizing"),
+    ("sent", "written_out", "client builds the request, writes its headers"),
+    ("written_out", "enter", "server reads and parses them, event-loop queueing"),
+    ("enter", "submit", "body read and validated, prompt tokenized"),
     ("submit", "admit", "waiting for the worker (the step in flight)"),
     ("admit", "prefill", "prefill"),
     ("prefill", "sampled", "prefill to the first token sampled"),
