@@ -12,7 +12,8 @@ in flight) both drive a `DecodeEngine`:
 `add` prefills the prompt once (logits of the last position only) and copies the cache row for
 every further sample of the same prompt. `step` samples the pending logits of every row (each row
 with its own parameters and generator, see `craft.sampling`), retires finished rows, and runs one
-forward pass over all remaining rows to get their next logits. Rows live in slots 0..n-1 of one
+forward pass over all remaining rows to get their next logits; a server runs its two halves,
+`sample` and `advance`, apart, so that tokens go out before the forward pass. Rows live in slots 0..n-1 of one
 batched cache; a retired row's slot is taken by the last row (its cache row is copied), so the
 batch stays contiguous.
 
@@ -114,6 +115,7 @@ class DecodeEngine:
                 )
         self.slots: list[Row] = []  # row of each slot 0..n-1
         self.logits: torch.Tensor | None = None  # (max_rows, V) next-token logits of each slot
+        self._unfed = False  # rows were sampled and await `advance` (their logits are stale)
         try:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
@@ -212,6 +214,8 @@ class DecodeEngine:
     @torch.no_grad()
     def add_many(self, requests: Sequence[Request]) -> list[list[Row]]:
         """`add` for several requests at once: prompts of equal length share one prefill forward."""
+        if self._unfed:
+            raise RuntimeError("rows can be added only after advance()")
         total = sum(len(r.generators) for r in requests)
         if total > self.free:
             raise ValueError(f"{total} rows requested, {self.free} free of {self.max_rows}")
@@ -308,6 +312,8 @@ class DecodeEngine:
         if self.mode == "per_row":
             self.row_caches.pop()
         row.slot = -1
+        if not self.slots:
+            self._unfed = False  # nothing left to feed
 
     def cancel(self, row: Row) -> None:
         """Stop decoding `row` now (e.g. its client went away); call between steps."""
@@ -319,9 +325,23 @@ class DecodeEngine:
     def step(self) -> list[tuple[Row, int]]:
         """Sample one token for every active row and prepare the next; returns (row, token) pairs.
 
-        Rows that finish with this token (eos, or max_new_tokens reached) are retired and have
-        `finish_reason` set; the others have their next logits computed in one batched forward.
+        `sample` then `advance`: rows that finish with this token (eos, or max_new_tokens
+        reached) are retired and have `finish_reason` set; the others have their next logits
+        computed in one batched forward.
         """
+        out = self.sample()
+        self.advance()
+        return out
+
+    @torch.no_grad()
+    def sample(self) -> list[tuple[Row, int]]:
+        """The first half of `step`: sample and retire, without the forward pass.
+
+        A server calls it, hands the tokens on, then calls `advance`, so a token never waits
+        for the forward that prepares the next one. Until `advance`, rows cannot be added.
+        """
+        if self._unfed:
+            raise RuntimeError("sample() called twice without advance()")
         n = len(self.slots)
         if n == 0:
             return []
@@ -339,9 +359,15 @@ class DecodeEngine:
                     del row.context[: len(row.context) - self.block]
         for row in sorted((r for r, _ in out if r.done), key=lambda r: -r.slot):
             self._retire(row)
-        if self.slots:
-            self._advance()
+        self._unfed = bool(self.slots)
         return out
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """The second half of `step`: one forward pass gives every row its next logits."""
+        if self._unfed and self.slots:
+            self._advance()
+        self._unfed = False
 
     def _advance(self) -> None:
         """Feed every active row its newest token; leaves the next logits in `self.logits`."""

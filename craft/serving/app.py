@@ -32,6 +32,7 @@ from starlette.routing import Route
 from craft.errors import TokenizerError
 from craft.serving import protocol as P
 from craft.serving.chat import render
+from craft.serving.trace import Marks, Tracer
 from craft.serving.worker import BatchWorker, Event, Job
 
 log = logging.getLogger("craft.serving")
@@ -53,6 +54,7 @@ class ServerState:
     chat_template: Any = None  # compiled jinja2 template or None
     max_body_bytes: int = MAX_BODY_BYTES
     created: int = 0
+    tracer: Tracer | None = None  # CRAFT_SERVE_TRACE: per-request timestamps
 
 
 def error_response(e: P.ApiError) -> JSONResponse:
@@ -149,7 +151,10 @@ def _job(state: ServerState, req: P._Sampling, prompts: list[list[int]], max_tok
     )
 
 
-def _submit(state: ServerState, job: Job) -> None:
+def _submit(state: ServerState, job: Job, entered: float) -> None:
+    if state.tracer is not None:
+        job.marks = Marks(enter=entered)
+        job.mark("submit", work_submit=state.worker.work)
     if not state.worker.submit(job):
         raise P.ApiError(
             503,
@@ -230,7 +235,9 @@ def _stream(
             async for evs in _events(state, job):
                 for ev in evs:
                     if ev.text:
+                        job.mark("received")
                         yield _sse(chunks.text(ev.index, ev.text))
+                        job.mark("written")
                     if ev.finish is not None:
                         total += ev.completion_tokens
                         yield _sse(chunks.finish(ev.index, ev.finish))
@@ -241,6 +248,8 @@ def _stream(
             err = P.ApiError(500, f"generation failed: {type(e).__name__}", type="server_error")
             yield _sse(err.body())
         yield _sse("[DONE]")
+        if state.tracer is not None and job.marks is not None:
+            state.tracer.write({"id": rid, **job.marks})
 
     return StreamingResponse(
         body(),
@@ -298,6 +307,7 @@ def build_app(state: ServerState) -> Starlette:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def completions(request: Request) -> Response:
+        entered = time.perf_counter()
         _authorize(state, request)
         req = P.parse(P.CompletionRequest, await _body(state, request))
         _check_model(state, req.model)
@@ -308,7 +318,7 @@ def build_app(state: ServerState) -> Starlette:
         job = _job(state, req, prompts, req.max_tokens)
         rid = P.new_id("cmpl")
         prompt_tokens = sum(len(p) for p in prompts)
-        _submit(state, job)
+        _submit(state, job, entered)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             chunks = _CompletionChunks(rid, state.model_name)
@@ -322,6 +332,7 @@ def build_app(state: ServerState) -> Starlette:
         )
 
     async def chat(request: Request) -> Response:
+        entered = time.perf_counter()
         _authorize(state, request)
         req = P.parse(P.ChatRequest, await _body(state, request))
         _check_model(state, req.model)
@@ -341,7 +352,7 @@ def build_app(state: ServerState) -> Starlette:
             max_tokens = req.max_completion_tokens
         job = _job(state, req, [prompt], max_tokens)
         rid = P.new_id("chatcmpl")
-        _submit(state, job)
+        _submit(state, job, entered)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             chunks = _ChatChunks(rid, state.model_name)

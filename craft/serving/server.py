@@ -37,9 +37,12 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ConfigError(f"--host {host}: cannot resolve it ({e.strerror})") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _, proto, _, addr = infos[0]
+    # proto must say TCP: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that
+    # do, and with it on, a streamed token waits for the client's delayed ACK (up to 40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, proto or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
     try:
         sock.bind(addr)
         sock.listen(128)
@@ -109,6 +112,7 @@ def serve(
         from craft.generation import resolve_device, resolve_dtype
         from craft.serving import app as app_mod
         from craft.serving.chat import compile_template
+        from craft.serving.trace import from_env as trace_from_env
         from craft.serving.worker import BatchWorker
         from craft.training.checkpoint import load_model
 
@@ -132,6 +136,7 @@ def serve(
             default_max_tokens=min(DEFAULT_MAX_TOKENS, max_tokens_limit),
             api_key=api_key,
             chat_template=template,
+            tracer=trace_from_env(),
         )
         application = app_mod.build_app(state)
         if not is_loopback(host) and api_key is None:

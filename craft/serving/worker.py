@@ -1,10 +1,19 @@
 """The batching worker: one thread owns the model and decodes every request in flight together.
 
-Requests (`Job`s) wait in a bounded queue; between decode steps the worker admits as many as the
-batch has free rows for (a job's rows are admitted together), runs one `DecodeEngine.step` for
-all rows, turns each row's tokens into text with the tokenizer's incremental decoder, applies
-stop sequences, and hands the new text of each job to its asyncio queue in one call per step.
-A job whose client went away is cancelled before the next step. Greedy or seeded rows decode
+Requests (`Job`s) wait in a bounded queue. Each turn of the worker's loop:
+
+1. admit as many queued jobs as the batch has free rows for (a job's rows are admitted together)
+   and prefill their prompts, shortest first, equal lengths in one forward;
+2. sample one token for every row (`DecodeEngine.sample`): a new row's first token comes straight
+   from its prefill logits;
+3. turn the tokens into text (the tokenizer's incremental decoder, stop sequences) and hand every
+   job's new text to the event loop in one call for the whole batch;
+4. only then run the batched forward that prepares the next tokens (`DecodeEngine.advance`).
+
+So a request's first token waits for the forward in flight when it arrived (the one thing a
+single model thread cannot interrupt), its prefill and a sample, never for a further decode
+step, and every token reaches its client before the next forward starts. A job whose client went
+away is cancelled before the next sample. Greedy or seeded rows decode
 exactly as `craft generate` would (see craft/sampling.py): the batch does not change a row's
 draws.
 """
@@ -23,6 +32,7 @@ import torch
 
 from craft.engine import DecodeEngine, Request, Row
 from craft.sampling import SamplingParams, row_generator
+from craft.serving.trace import Marks
 
 log = logging.getLogger("craft.serving")
 
@@ -52,6 +62,13 @@ class Job:
     queue: asyncio.Queue[list[Event] | BaseException] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     rows: list[Row] = field(default_factory=list)
+    marks: Marks | None = None  # timestamps when the server traces requests (see trace.py)
+
+    def mark(self, name: str, **info: Any) -> None:
+        if self.marks is not None:
+            self.marks.mark(name)
+            for k, v in info.items():
+                self.marks.setdefault(k, v)
 
     @property
     def size(self) -> int:
@@ -59,6 +76,12 @@ class Job:
 
     def send(self, item: list[Event] | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _deliver(batch: list[tuple[Job, list[Event]]]) -> None:
+    """On the event loop: every job's events of one step (one wake-up for the whole batch)."""
+    for job, events in batch:
+        job.queue.put_nowait(events)
 
 
 class _Text:
@@ -109,6 +132,7 @@ class BatchWorker:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
+        self.work = 0  # tokens through the model so far (prefill and decode): traces use it
         self.texts: dict[Row, tuple[Job, int, _Text]] = {}
         self.thread = threading.Thread(target=self._run, name="craft-decode", daemon=True)
 
@@ -152,7 +176,9 @@ class BatchWorker:
                     self.wake.wait(timeout=0.5)
                     self.wake.clear()
                     continue
-                self._step()
+                self._emit(self.engine.sample())
+                self.work += self.engine.active
+                self.engine.advance()
             except Exception as e:  # a fault fails the requests in flight, not the server
                 log.exception("decoding failed")
                 self._fail_all(e)
@@ -173,6 +199,8 @@ class BatchWorker:
                     break
         if not jobs:
             return
+        for job in jobs:
+            job.mark("admit", rows_before=self.engine.active, jobs_admitted=len(jobs))
         try:
             self._start(jobs)
         except Exception as e:
@@ -193,22 +221,26 @@ class BatchWorker:
                     Request(prompt, job.sampling, gens, job.max_tokens, self.eos_id, p * job.n)
                 )
                 owners.append((job, prompt))
+        self.work += sum(len(r.prompt) for r in requests)
         for (job, prompt), rows in zip(owners, self.engine.add_many(requests), strict=True):
             for row in rows:
                 decoder = self.tokenizer.decoder()
                 decoder.push(prompt)  # the prompt is context: word boundaries of the first piece
                 self.texts[row] = (job, row.index, _Text(decoder, job.stops))
             job.rows.extend(rows)
+            job.mark("prefill")
 
     def _drop_cancelled(self) -> None:
         for row in [r for r, (job, _, _) in self.texts.items() if job.cancelled]:
             self.engine.cancel(row)
             del self.texts[row]
 
-    def _step(self) -> None:
+    def _emit(self, tokens: list[tuple[Row, int]]) -> None:
+        """Text of the sampled tokens to each job; stop sequences end rows."""
         events: dict[Job, list[Event]] = {}
-        for row, tok in self.engine.step():
+        for row, tok in tokens:
             job, index, text = self.texts[row]
+            job.mark("sampled", step_rows=len(tokens), work_sampled=self.work)
             piece = "" if tok == self.eos_id else text.decoder.push([tok])
             final = row.done
             if final:
@@ -224,8 +256,13 @@ class BatchWorker:
                 )
             if done:
                 del self.texts[row]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[Event]]]] = {}
         for job, evs in events.items():
-            job.send(evs)
+            if any(ev.text for ev in evs):
+                job.mark("handoff")
+            by_loop.setdefault(job.loop, []).append((job, evs))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, batch)
 
     def _fail_all(self, error: Exception) -> None:
         jobs = {job for job, _, _ in self.texts.values()}

@@ -150,3 +150,30 @@ def test_requests_added_together_prefill_together_and_decode_as_alone() -> None:
     while second.active:
         second.step()
     assert rows[2][1].tokens == row.tokens and rows[2][1].index == 1
+
+
+def test_sample_then_advance_is_step_and_rows_join_only_after_advance() -> None:
+    """A server hands tokens on between `sample` and `advance`: the halves decode as `step` does,
+    a row cancelled between them leaves the others unchanged, and no row joins stale logits."""
+    model = _models()["gpt"].eval()
+    prompts = [([1, 2, 3], 1), ([4, 5], 2), ([6], 3)]
+    expect = [_alone(model, p, 18, SAMPLE, seed) for p, seed in prompts]
+    engine = DecodeEngine(model, 3)
+    rows = [engine.add(p, SAMPLE, [row_generator(s, 0)], max_new_tokens=18)[0] for p, s in prompts]
+    for step in range(18):
+        engine.sample()
+        if step == 0:
+            with pytest.raises(RuntimeError, match="after advance"):
+                engine.add([1], SAMPLE, [row_generator(9, 0)], max_new_tokens=2)
+            with pytest.raises(RuntimeError, match="without advance"):
+                engine.sample()
+        if step == 4:
+            engine.cancel(rows[1])  # its client went away between the halves
+        engine.advance()
+    assert rows[0].tokens == expect[0] and rows[2].tokens == expect[2]
+    assert rows[1].tokens == expect[1][:5] and rows[1].finish_reason == "cancelled"
+    assert not engine.active
+    (late,) = engine.add([1], SAMPLE, [row_generator(9, 0)], max_new_tokens=2)  # empty: may add
+    engine.step()
+    engine.step()
+    assert late.tokens == _alone(model, [1], 2, SAMPLE, 9)

@@ -322,3 +322,19 @@ def test_taken_port_and_missing_key_variable_are_one_line_errors(server: Server)
     )
     assert nokey.returncode == 2 and "CRAFT_NO_SUCH_VARIABLE" in nokey.stderr
     assert len(nokey.stderr.strip().splitlines()) == 1
+
+
+def test_connections_stream_without_nagle_delay() -> None:
+    """Accepted connections have TCP_NODELAY: a token written right after the response headers
+    must not wait for the client's delayed ACK of them (40 ms on Linux keep-alive connections)."""
+    from craft.serving.server import bind
+
+    listener = bind("127.0.0.1", 0)
+    try:
+        with socket.create_connection(listener.getsockname()[:2], timeout=10):
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                assert conn.proto == socket.IPPROTO_TCP  # asyncio sets TCP_NODELAY on it too
+    finally:
+        listener.close()
