@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from train_throughput import run_child  # noqa: E402
 
 NANOGPT_LOSS = 1.886  # nanoGPT's README: its CPU character model, val loss after 2000 steps
+PLAIN_MAX_STEPS = 5000  # the plain loop's cap: it continues at min_lr after step 2000
 
 
 # ------------------------------------------------------------------------------------ children
@@ -53,9 +54,15 @@ def _quiet(every: int, out_dir: str) -> list[str]:
     ]
 
 
-def run_craft(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
-    import torch
-
+def run_craft(
+    recipe: str,
+    overrides: list[str],
+    target: float,
+    eval_every: int,
+    spawned: float,
+    stop_at_target: bool = True,
+) -> dict[str, Any]:
+    """`craft train RECIPE` with `overrides`: its validation curve, and when it reached `target`."""
     from craft.bench.timing import now
     from craft.config import load_config
     from craft.training.callbacks import Callback
@@ -83,48 +90,51 @@ def run_craft(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
             self.eval_s += metrics["eval_s"]
             step, val = metrics["step"], metrics["val_loss"]
             self.curve.append((step, val, self.step_end[step]))
-            if self.reached is None and val <= args.target:
+            if self.reached is None and val <= target:
                 self.reached = step
-                run.request_stop(f"validation loss {val:.4f} <= target {args.target}")
+                if stop_at_target:
+                    run.request_stop(f"validation loss {val:.4f} <= target {target}")
 
     with tempfile.TemporaryDirectory(prefix="craft-ttt-") as tmp:
-        cfg = load_config(args.recipe, [*args.set, *_quiet(args.eval_every, tmp)])
+        cfg = load_config(recipe, [*overrides, *_quiet(eval_every, tmp)])
         rec = Recorder()
         train(cfg, callbacks=[rec])
-    del torch
     return _record(rec.startup, rec.curve, rec.reached)
 
 
-def run_plain(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
-    import torch
-    from plain_loop import NANOGPT_BLOCK, PlainLoop
+def run_plain(
+    recipe: str, overrides: list[str], target: float, eval_every: int, spawned: float, cap: int
+) -> dict[str, Any]:
+    """nanoGPT's loop at nanoGPT's CPU setting on the recipe's data, up to `cap` iterations."""
+    from plain_loop import NANOGPT_CPU, PlainLoop
 
     from craft.bench.timing import now
     from craft.config import load_config
     from craft.training.validation import eval_windows
 
     with tempfile.TemporaryDirectory(prefix="craft-ttt-") as tmp:
-        cfg = load_config(args.recipe, [*args.set, *NANOGPT_BLOCK, *_quiet(args.eval_every, tmp)])
+        cfg = load_config(recipe, [*NANOGPT_CPU, *overrides, *_quiet(eval_every, tmp)])
         loop = PlainLoop(cfg)
         windows = eval_windows(cfg)
         startup = time.time() - spawned
         t0, eval_s = now(loop.device), 0.0
         curve: list[tuple[int, float, float]] = []
         reached = None
-        for it in range(cfg.training.max_steps):
+        # nanoGPT's loop runs to max_iters; past lr_decay_iters (training.max_steps) get_lr
+        # returns min_lr, which PlainLoop.lr does too.
+        for it in range(cap):
             loop.step(it)
             step = it + 1
-            if step % args.eval_every == 0 or step == cfg.training.max_steps:
+            if step % eval_every == 0 or step == cap:
                 t_train = now(loop.device) - t0 - eval_s
                 e0 = now(loop.device)
                 val = loop.val_loss(windows)
                 loop.model.train()
                 eval_s += now(loop.device) - e0
                 curve.append((step, val, t_train))
-                if val <= args.target:
+                if val <= target:
                     reached = step
                     break
-    del torch
     return _record(startup, curve, reached)
 
 
@@ -161,7 +171,10 @@ def _child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.target),
         "--eval-every",
         str(args.eval_every),
+        "--plain-max-steps",
+        str(args.plain_max_steps),
         *[f"--set={o}" for o in args.set],
+        *[f"--plain-set={o}" for o in args.plain_set],
         *(["--threads", str(args.threads)] if args.threads else []),
     ]
     return run_child(cmd, variant)
@@ -272,20 +285,46 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", type=float, default=NANOGPT_LOSS)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--set", action="append", default=[], help="Override for both variants.")
+    p.add_argument("--set", action="append", default=[], help="Override of Craft's recipe.")
+    p.add_argument(
+        "--plain-set",
+        action="append",
+        default=[],
+        help="Override of the plain loop's settings (nanoGPT's CPU setting by default).",
+    )
+    p.add_argument(
+        "--plain-max-steps",
+        type=int,
+        default=PLAIN_MAX_STEPS,
+        help="nanoGPT's max_iters for the plain loop (its lr_decay_iters stays 2000).",
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--expected-ratio", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=None, help="torch threads in both variants.")
     p.add_argument("--variant", choices=["craft", "plain"], help=argparse.SUPPRESS)
     p.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # craft: run to the end
     args = p.parse_args(argv)
     if args.variant:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        fn = run_craft if args.variant == "craft" else run_plain
-        print(json.dumps(fn(args, args.spawned or time.time())))
+        spawned = args.spawned or time.time()
+        if args.variant == "craft":
+            res = run_craft(
+                args.recipe, args.set, args.target, args.eval_every, spawned, not args.full
+            )
+        else:
+            res = run_plain(
+                args.recipe,
+                args.plain_set,
+                args.target,
+                args.eval_every,
+                spawned,
+                args.plain_max_steps,
+            )
+        print(json.dumps(res))
         return
     import shlex
 
