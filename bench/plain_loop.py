@@ -18,6 +18,32 @@ import torch
 # Overrides that give Craft's GPT nanoGPT's block: learned positions, LayerNorm, GELU MLP.
 NANOGPT_BLOCK = ["model.positions=learned", "model.norm=layernorm", "model.mlp=gelu"]
 
+# nanoGPT's published CPU setting for its character model, every setting spelled out so that a
+# baseline built with these does not follow a recipe's changes: README "baby GPT" command
+# (`config/train_shakespeare_char.py --device=cpu --compile=False --block_size=64 --batch_size=12
+# --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0`) over
+# that config's and train.py's defaults (lr 1e-3, min_lr 1e-4, warmup 100, beta2 0.99, weight
+# decay 0.1, grad_clip 1.0, no bias). `training.max_steps` plays lr_decay_iters here.
+NANOGPT_CPU = [
+    *NANOGPT_BLOCK,
+    "model.n_layer=4",
+    "model.n_head=4",
+    "model.d_model=128",
+    "model.block_size=64",
+    "model.dropout=0.0",
+    "model.bias=false",
+    "training.batch_size=12",
+    "training.grad_clip=1.0",
+    "training.max_steps=2000",
+    "optimizer.type=adamw",
+    "optimizer.lr=1e-3",
+    "optimizer.betas=[0.9,0.99]",
+    "optimizer.weight_decay=0.1",
+    "scheduler.type=cosine",
+    "scheduler.warmup_steps=100",
+    "scheduler.min_lr=1e-4",
+]
+
 
 class PlainLoop:
     """Model, optimizer, schedule and batches of `cfg`, and one optimizer step at a time."""
@@ -49,7 +75,7 @@ class PlainLoop:
         self.model.train()
 
     def lr(self, it: int) -> float:
-        """nanoGPT's get_lr: linear warmup, cosine to min_lr over max_steps."""
+        """nanoGPT's get_lr: linear warmup, cosine to min_lr at max_steps, then min_lr."""
         lr, sched = self.cfg.optimizer.lr, self.cfg.scheduler
         warmup, min_lr, max_steps = sched.warmup_steps, sched.min_lr, self.cfg.training.max_steps
         if it < warmup:

@@ -1,7 +1,7 @@
 """Time to a target validation loss: Craft's recipe against nanoGPT's plain loop, same data, same run.
 
     python bench/time_to_target.py [--recipe recipes/char_small.toml] [--target 1.886]
-        [--eval-every 50] [--repeats 3] [--out bench/results]
+        [--eval-every 50] [--repeats 3] [--plain-max-steps 3000] [--out bench/results]
 
 The target defaults to the validation loss nanoGPT reports for its CPU character model after 2000
 steps (1.886 on tinyshakespeare). Two variants, each in a fresh process, alternating `--repeats`
@@ -9,9 +9,13 @@ times so that a change in machine load hits both alike:
 
 - craft: `craft train RECIPE` as a user runs it (`craft.training.run.train`: Accelerate, the
   recipe's model, schedule, checkpoints and samples), with evaluation every `--eval-every` steps;
-- plain: nanoGPT's `train.py` loop (`bench/plain_loop.py`) with nanoGPT's own block (learned
-  positions, LayerNorm, GELU MLP) and otherwise the recipe's settings: model size, batch,
-  optimizer, schedule, clipping, data.
+  `--set` overrides the recipe;
+- plain: nanoGPT's `train.py` loop (`bench/plain_loop.py`) at nanoGPT's published CPU setting
+  (`plain_loop.NANOGPT_CPU`: its own block, 4 x 4 x 128, block 64, batch 12, lr 1e-3 with warmup
+  100 and cosine to 1e-4 at lr_decay_iters 2000, beta2 0.99, weight decay 0.1, clip 1.0), on the
+  recipe's data, whatever the recipe's own settings are (`--plain-set` overrides them). It runs up
+  to `--plain-max-steps` iterations: past step 2000 nanoGPT's get_lr holds min_lr, and so does
+  this loop, as nanoGPT's train.py does when max_iters exceeds lr_decay_iters.
 
 Both evaluate the same fixed validation windows with the same function
 (`craft.training.validation.validation_loss`, the recipe's `eval.windows`), every `--eval-every`
@@ -19,7 +23,9 @@ steps, and stop at the first evaluation at or below the target. Time to target =
 launching the process to the first step: interpreter, imports, data, model) + training time up to
 that step; evaluation time is excluded on both sides (how often one looks is not part of training),
 checkpoints and samples the recipe writes are included. Reported: median (min–max) over the
-repeats; the ratio is craft's median over plain's. Writes time_to_target.json, .md and .png.
+repeats; the ratio is craft's median over plain's; when the plain loop does not get there within
+its cap, its time spent is a lower bound of its time to target and the ratio an upper bound.
+Writes time_to_target.json, .md and .png. About 15 minutes on a quiet 2-core CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from train_throughput import run_child  # noqa: E402
 
 NANOGPT_LOSS = 1.886  # nanoGPT's README: its CPU character model, val loss after 2000 steps
+NANOGPT_STEPS = 2000  # its max_iters and lr_decay_iters
+PLAIN_MAX_STEPS = 3000  # the plain loop's cap: it continues at min_lr after step 2000
 
 
 # ------------------------------------------------------------------------------------ children
@@ -53,9 +61,15 @@ def _quiet(every: int, out_dir: str) -> list[str]:
     ]
 
 
-def run_craft(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
-    import torch
-
+def run_craft(
+    recipe: str,
+    overrides: list[str],
+    target: float,
+    eval_every: int,
+    spawned: float,
+    stop_at_target: bool = True,
+) -> dict[str, Any]:
+    """`craft train RECIPE` with `overrides`: its validation curve, and when it reached `target`."""
     from craft.bench.timing import now
     from craft.config import load_config
     from craft.training.callbacks import Callback
@@ -83,48 +97,51 @@ def run_craft(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
             self.eval_s += metrics["eval_s"]
             step, val = metrics["step"], metrics["val_loss"]
             self.curve.append((step, val, self.step_end[step]))
-            if self.reached is None and val <= args.target:
+            if self.reached is None and val <= target:
                 self.reached = step
-                run.request_stop(f"validation loss {val:.4f} <= target {args.target}")
+                if stop_at_target:
+                    run.request_stop(f"validation loss {val:.4f} <= target {target}")
 
     with tempfile.TemporaryDirectory(prefix="craft-ttt-") as tmp:
-        cfg = load_config(args.recipe, [*args.set, *_quiet(args.eval_every, tmp)])
+        cfg = load_config(recipe, [*overrides, *_quiet(eval_every, tmp)])
         rec = Recorder()
         train(cfg, callbacks=[rec])
-    del torch
     return _record(rec.startup, rec.curve, rec.reached)
 
 
-def run_plain(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
-    import torch
-    from plain_loop import NANOGPT_BLOCK, PlainLoop
+def run_plain(
+    recipe: str, overrides: list[str], target: float, eval_every: int, spawned: float, cap: int
+) -> dict[str, Any]:
+    """nanoGPT's loop at nanoGPT's CPU setting on the recipe's data, up to `cap` iterations."""
+    from plain_loop import NANOGPT_CPU, PlainLoop
 
     from craft.bench.timing import now
     from craft.config import load_config
     from craft.training.validation import eval_windows
 
     with tempfile.TemporaryDirectory(prefix="craft-ttt-") as tmp:
-        cfg = load_config(args.recipe, [*args.set, *NANOGPT_BLOCK, *_quiet(args.eval_every, tmp)])
+        cfg = load_config(recipe, [*NANOGPT_CPU, *overrides, *_quiet(eval_every, tmp)])
         loop = PlainLoop(cfg)
         windows = eval_windows(cfg)
         startup = time.time() - spawned
         t0, eval_s = now(loop.device), 0.0
         curve: list[tuple[int, float, float]] = []
         reached = None
-        for it in range(cfg.training.max_steps):
+        # nanoGPT's loop runs to max_iters; past lr_decay_iters (training.max_steps) get_lr
+        # returns min_lr, which PlainLoop.lr does too.
+        for it in range(cap):
             loop.step(it)
             step = it + 1
-            if step % args.eval_every == 0 or step == cfg.training.max_steps:
+            if step % eval_every == 0 or step == cap:
                 t_train = now(loop.device) - t0 - eval_s
                 e0 = now(loop.device)
                 val = loop.val_loss(windows)
                 loop.model.train()
                 eval_s += now(loop.device) - e0
                 curve.append((step, val, t_train))
-                if val <= args.target:
+                if val <= target:
                     reached = step
                     break
-    del torch
     return _record(startup, curve, reached)
 
 
@@ -161,7 +178,10 @@ def _child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.target),
         "--eval-every",
         str(args.eval_every),
+        "--plain-max-steps",
+        str(args.plain_max_steps),
         *[f"--set={o}" for o in args.set],
+        *[f"--plain-set={o}" for o in args.plain_set],
         *(["--threads", str(args.threads)] if args.threads else []),
     ]
     return run_child(cmd, variant)
@@ -188,9 +208,38 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def settings(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """What each side trains with, as resolved from its configuration."""
+    from plain_loop import NANOGPT_CPU
+
+    from craft.config import load_config
+
+    def describe(cfg: Any, decay_at: str) -> dict[str, str]:
+        m, o, s, t = cfg.model, cfg.optimizer, cfg.scheduler, cfg.training
+        return {
+            "block": f"{m.positions} positions, {m.norm}, {m.mlp} MLP",
+            "size": f"{m.n_layer} x {m.n_head} x {m.d_model}, block {m.block_size}, batch "
+            f"{t.batch_size}",
+            "lr": f"{o.lr:g}, warmup {s.warmup_steps}, {s.type} to "
+            f"{getattr(s, 'min_lr', 0.0):g} {decay_at}",
+            "optimizer": f"{o.type}, betas {tuple(o.betas)}, weight decay {o.weight_decay:g}, "
+            f"clip {t.grad_clip:g}",
+        }
+
+    craft = load_config(args.recipe, args.set)
+    plain = load_config(args.recipe, [*NANOGPT_CPU, *args.plain_set])
+    return {
+        "craft": describe(craft, f"at step {craft.training.max_steps} (the recipe's end)"),
+        "plain": describe(
+            plain,
+            f"at step {plain.training.max_steps}, then held (run up to {args.plain_max_steps})",
+        ),
+    }
+
+
 def markdown(doc: dict[str, Any]) -> str:
     from craft.bench.report import conditions
-    from craft.bench.timing import fmt_spread
+    from craft.bench.timing import fmt_spread, spread
 
     def cell(s: dict[str, Any] | None, fmt: str) -> str:
         return "not reached" if s is None else fmt_spread(s, fmt)
@@ -201,12 +250,20 @@ def markdown(doc: dict[str, Any]) -> str:
         *conditions(doc["machine"], doc.get("load_avg_end")),
         f"- command: `{doc['command']}`",
         "",
-        "craft: the recipe as `craft train` runs it; plain: nanoGPT's train.py loop with nanoGPT's "
-        "block (learned positions, LayerNorm, GELU) and the recipe's size, data, batch, optimizer "
-        "and schedule. Both evaluate the same validation windows every "
+        "craft: the recipe as `craft train` runs it; plain: nanoGPT's train.py loop at nanoGPT's "
+        "published CPU setting on the same data, allowed to run past its 2000 iterations (up to "
+        f"{doc['plain_max_steps']}) at its final learning rate, as nanoGPT's get_lr does past "
+        "lr_decay_iters. Both evaluate the same validation windows every "
         f"{doc['eval_every']} steps; evaluation time is excluded, start-up (process launch to the "
         "first step) included. Median (min–max) over "
         f"{doc['repeats']} alternating fresh-process runs per variant.",
+        "",
+        "| setting | craft | plain |",
+        "|---|---|---|",
+        *[
+            f"| {k} | {doc['settings']['craft'][k]} | {doc['settings']['plain'][k]} |"
+            for k in doc["settings"]["craft"]
+        ],
         "",
         "| variant | reached | step at target | start-up s | training s | ms/step | time to target s |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -219,6 +276,18 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {cell(s['ms_per_step'], '.1f')} | {cell(s['time_to_target_s'], '.1f')} |"
         )
     lines.append("")
+    at_2000 = [
+        p["val_loss"]
+        for r in doc["variants"]["plain"]["runs"]
+        for p in r["curve"]
+        if p["step"] == NANOGPT_STEPS
+    ]
+    if at_2000:
+        lines += [
+            f"At step {NANOGPT_STEPS}, the end of nanoGPT's published run, the plain loop's "
+            f"validation loss is {fmt_spread(spread(at_2000), '.4f')}.",
+            "",
+        ]
     ratio = doc.get("craft_over_plain")
     if ratio is not None:
         lines.append(
@@ -272,20 +341,46 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", type=float, default=NANOGPT_LOSS)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--set", action="append", default=[], help="Override for both variants.")
+    p.add_argument("--set", action="append", default=[], help="Override of Craft's recipe.")
+    p.add_argument(
+        "--plain-set",
+        action="append",
+        default=[],
+        help="Override of the plain loop's settings (nanoGPT's CPU setting by default).",
+    )
+    p.add_argument(
+        "--plain-max-steps",
+        type=int,
+        default=PLAIN_MAX_STEPS,
+        help="nanoGPT's max_iters for the plain loop (its lr_decay_iters stays 2000).",
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--expected-ratio", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=None, help="torch threads in both variants.")
     p.add_argument("--variant", choices=["craft", "plain"], help=argparse.SUPPRESS)
     p.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # craft: run to the end
     args = p.parse_args(argv)
     if args.variant:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        fn = run_craft if args.variant == "craft" else run_plain
-        print(json.dumps(fn(args, args.spawned or time.time())))
+        spawned = args.spawned or time.time()
+        if args.variant == "craft":
+            res = run_craft(
+                args.recipe, args.set, args.target, args.eval_every, spawned, not args.full
+            )
+        else:
+            res = run_plain(
+                args.recipe,
+                args.plain_set,
+                args.target,
+                args.eval_every,
+                spawned,
+                args.plain_max_steps,
+            )
+        print(json.dumps(res))
         return
     import shlex
 
@@ -329,6 +424,9 @@ def main(argv: list[str] | None = None) -> None:
         "eval_every": args.eval_every,
         "repeats": args.repeats,
         "overrides": args.set,
+        "plain_overrides": args.plain_set,
+        "plain_max_steps": args.plain_max_steps,
+        "settings": settings(args),
         "machine": machine,
         "load_avg_end": load_avg(),
         "variants": variants,

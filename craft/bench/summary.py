@@ -201,9 +201,11 @@ def _headline(name: str, d: dict[str, Any]) -> str | None:
         ratio = d.get("craft_over_plain")
         bound = d.get("craft_over_plain_at_most")
         if c is not None and bound is not None:
+            within = d.get("plain_max_steps", 2000)
             return (
                 f"to val loss {d.get('target')}: Craft {c:.1f} s (median of {d.get('repeats')} "
-                f"runs); the plain loop did not reach it: ratio at most {bound:.2f}"
+                f"runs); the plain loop did not reach it in {within} steps: ratio at most "
+                f"{bound:.2f}"
             )
         if c is None or p is None or ratio is None:
             return f"val loss {d.get('target')}: not reached by every run"
@@ -211,6 +213,12 @@ def _headline(name: str, d: dict[str, Any]) -> str | None:
             f"to val loss {d.get('target')}: Craft {c:.1f} s vs plain loop {p:.1f} s "
             f"(medians of {d.get('repeats')} runs): ratio {ratio:.2f}"
         )
+    if kind == "schedule_sweep":
+        steps = ", ".join(
+            f"{name}: {r.get('reached_step') or 'not reached'}"
+            for name, r in d.get("schedules", {}).items()
+        )
+        return f"steps to val loss {d.get('target')}: {steps}"
     if kind == "precision_auto":
         m = d.get("machine", {})
         native = ", ".join(m.get("cpu_bf16") or []) or "no native bf16"

@@ -125,7 +125,30 @@ def test_headlines_of_the_scripts_come_from_their_results(tmp_path: Path) -> Non
             }
         )
     )
+    (tmp_path / "bound.json").write_text(
+        json.dumps(
+            {
+                "benchmark": "time_to_target",
+                "target": 1.886,
+                "repeats": 3,
+                "plain_max_steps": 3000,
+                "craft_over_plain_at_most": 0.38,
+                "variants": {"craft": {"time_to_target_s": {"median": 45.0}}, "plain": {}},
+            }
+        )
+    )
+    (tmp_path / "sweep.json").write_text(
+        json.dumps(
+            {
+                "benchmark": "schedule_sweep",
+                "target": 1.886,
+                "schedules": {"lr 0.002": {"reached_step": 850}, "lr 0.01": {"reached_step": None}},
+            }
+        )
+    )
     text = render(tmp_path)
+    assert "the plain loop did not reach it in 3000 steps: ratio at most 0.38 |" in text
+    assert "| steps to val loss 1.886: lr 0.002: 850, lr 0.01: not reached |" in text
     assert (
         "| tt.json | Craft 40.0 vs plain loop 50.0 ms/step (medians of 5 runs): Craft / plain "
         "tokens/s 1.250; full run: val loss 1.7012 at step 2000 in 1.5 min |"
