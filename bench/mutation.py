@@ -455,7 +455,10 @@ def _save(doc: dict[str, Any], updated: set[str] | None = None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("modules", nargs="*", help="modules to run (default: every default module)")
-    ap.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    ap.add_argument(
+        "--jobs", type=int, default=int(os.environ.get("CRAFT_MUTATION_CHILDREN", "2")),
+        help="mutants tested at once (default: $CRAFT_MUTATION_CHILDREN, else 2)",
+    )  # fmt: skip
     ap.add_argument("--list", action="store_true", help="print the module map and exit")
     ap.add_argument(
         "--recheck", action="store_true", help="run only the last run's open survivors of the "
