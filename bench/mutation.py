@@ -100,7 +100,11 @@ MODULES: dict[str, Module] = {
     ),
     "checkpoint_search": Module(
         "craft/training/checkpoint_search.py",
-        ["tests/training/test_checkpoint_io.py", "tests/training/test_latest_pointer.py"],
+        [
+            "tests/training/test_checkpoint_search.py",
+            "tests/training/test_checkpoint_io.py",
+            "tests/training/test_latest_pointer.py",
+        ],
     ),
     "state": Module("craft/training/state.py", ["tests/training/test_checkpoint_io.py"]),
     "state_io": Module(
