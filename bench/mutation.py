@@ -153,9 +153,14 @@ MODULES: dict[str, Module] = {
         ["tests/generation/test_sampling.py"],
         ["SamplingParams.*", "filter_logits", "sample_next", "sample_rows", "_sample_rows"],
     ),
+    # in-process tests only (tests/config/test_bad_configs.py runs the CLI: seconds per test)
     "loader": Module(
         "craft/config/loader.py",
-        ["tests/config/test_loader.py", "tests/config/test_roundtrip_registry.py"],
+        [
+            "tests/config/test_loader.py",
+            "tests/config/test_loader_errors.py",
+            "tests/config/test_strict_values.py",
+        ],
     ),
     # the loss ops' argument checks and reductions
     "eager": Module(
