@@ -155,6 +155,7 @@ def test_override_keys_and_values_are_trimmed() -> None:
     assert parse_override(" +run.seed = 3 ") == ("run.seed", 3)
     assert parse_override("run.name= a b ") == ("run.name", "a b")
     assert parse_override("X_plugin.XX=1") == ("X_plugin.XX", 1)  # only a leading "+" goes
+    assert parse_override("run.name=Xavier") == ("run.name", "Xavier")  # a bare word: a string
 
 
 def test_an_override_below_a_value_is_an_error(here: Path) -> None:
