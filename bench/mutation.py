@@ -100,7 +100,11 @@ MODULES: dict[str, Module] = {
     ),
     "checkpoint_search": Module(
         "craft/training/checkpoint_search.py",
-        ["tests/training/test_checkpoint_io.py", "tests/training/test_latest_pointer.py"],
+        [
+            "tests/training/test_checkpoint_search.py",
+            "tests/training/test_checkpoint_io.py",
+            "tests/training/test_latest_pointer.py",
+        ],
     ),
     "state": Module("craft/training/state.py", ["tests/training/test_checkpoint_io.py"]),
     "state_io": Module(
@@ -149,9 +153,14 @@ MODULES: dict[str, Module] = {
         ["tests/generation/test_sampling.py"],
         ["SamplingParams.*", "filter_logits", "sample_next", "sample_rows", "_sample_rows"],
     ),
+    # in-process tests only (tests/config/test_bad_configs.py runs the CLI: seconds per test)
     "loader": Module(
         "craft/config/loader.py",
-        ["tests/config/test_loader.py", "tests/config/test_roundtrip_registry.py"],
+        [
+            "tests/config/test_loader.py",
+            "tests/config/test_loader_errors.py",
+            "tests/config/test_strict_values.py",
+        ],
     ),
     # the loss ops' argument checks and reductions
     "eager": Module(
@@ -455,7 +464,10 @@ def _save(doc: dict[str, Any], updated: set[str] | None = None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("modules", nargs="*", help="modules to run (default: every default module)")
-    ap.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    ap.add_argument(
+        "--jobs", type=int, default=int(os.environ.get("CRAFT_MUTATION_CHILDREN", "2")),
+        help="mutants tested at once (default: $CRAFT_MUTATION_CHILDREN, else 2)",
+    )  # fmt: skip
     ap.add_argument("--list", action="store_true", help="print the module map and exit")
     ap.add_argument(
         "--recheck", action="store_true", help="run only the last run's open survivors of the "

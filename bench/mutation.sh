@@ -6,6 +6,10 @@
 #   bench/mutation.sh --list              modules, the functions mutated and their test files
 #   bench/mutation.sh --report-only       re-classify survivors after editing
 #                                         bench/mutation_equivalents.toml
+#   bench/mutation.sh --recheck step      rerun only the last run's open survivors
+#
+# CRAFT_MUTATION_CHILDREN=1 (or --jobs 1) tests one mutant at a time instead of two, for a machine
+# that others share.
 #
 # The pinned tool (bench/mutation-requirements.txt) goes into .mutation/venv, a virtual environment
 # that sees the system packages (torch, the dev extras) and adds only mutmut and its dependencies.

@@ -265,6 +265,184 @@ def test_linear_cross_entropy_under_bf16_autocast_is_close_to_fp32():
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
 
 
+# ------------------------------------------------------------------- loss edge cases and dtypes
+
+
+def test_loss_defaults_are_plain_cross_entropy():
+    """No label smoothing and no z-loss unless asked: the defaults give F.cross_entropy."""
+    h, w, b, t = _hidden_weight()
+    ref = F.cross_entropy(h @ w.t() + b, t)
+    torch.testing.assert_close(eager.cross_entropy(h @ w.t() + b, t), ref)
+    torch.testing.assert_close(tb.cross_entropy(h @ w.t() + b, t), ref)
+    torch.testing.assert_close(eager.linear_cross_entropy(h, w, t, b), ref)
+    torch.testing.assert_close(tb.linear_cross_entropy(h, w, t, b), ref)
+
+
+def test_full_label_smoothing_is_allowed():
+    """label_smoothing = 1 (the uniform target) is in range, as in PyTorch."""
+    x, t = _logits_targets()
+    ref = F.cross_entropy(x, t, label_smoothing=1.0)
+    for fn in (eager.cross_entropy, tb.cross_entropy):
+        torch.testing.assert_close(fn(x, t, label_smoothing=1.0), ref)
+
+
+def test_masked_logits_give_a_finite_loss_without_label_smoothing():
+    """A -inf logit (a masked word) is harmless unless smoothing puts mass on it."""
+    x, t = _logits_targets(ignore=())
+    x[:, 3] = float("-inf")
+    t[t == 3] = 4
+    ref = F.cross_entropy(x, t, reduction="none")
+    assert torch.isfinite(ref).all()
+    for fn in (eager.cross_entropy, tb.cross_entropy):
+        torch.testing.assert_close(fn(x, t, reduction="none"), ref)
+    h, w, b, t = _hidden_weight()
+    b[5] = float("-inf")
+    t[t == 5] = 6
+    ref = F.cross_entropy(h @ w.t() + b, t)
+    assert torch.isfinite(ref)
+    for fn in (eager.linear_cross_entropy, tb.linear_cross_entropy):
+        torch.testing.assert_close(fn(h, w, t, b), ref)
+
+
+def test_huge_logits_give_a_finite_loss_without_z_loss():
+    """Logits of a diverging run (~1e20, whose square overflows float32) still give PyTorch's
+    finite loss when z-loss is off: its term is not computed at all."""
+    x, t = _logits_targets(ignore=())
+    x = (x * 1e19).float()
+    ref = F.cross_entropy(x, t, reduction="none")
+    assert torch.isfinite(ref).all() and not torch.isfinite(torch.logsumexp(x, -1) ** 2).all()
+    for fn in (eager.cross_entropy, tb.cross_entropy):
+        torch.testing.assert_close(fn(x, t, reduction="none"), ref)
+    h, w, _, t = _hidden_weight()
+    h, w = (h * 1e10).float(), (w * 1e10).float()
+    ref = F.cross_entropy(h @ w.t(), t, reduction="none")
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(tb.linear_cross_entropy(h, w, t, reduction="none"), ref)
+
+
+@pytest.mark.parametrize("fn", [eager.cross_entropy, tb.cross_entropy])
+def test_mean_over_one_valid_token_is_its_loss(fn):
+    x, t = _logits_targets(n=5, ignore=())
+    t[1:] = -100
+    torch.testing.assert_close(fn(x, t), F.cross_entropy(x[:1], t[:1]))
+
+
+def test_linear_cross_entropy_mean_over_one_valid_token(small_chunks):
+    h, w, _, t = _hidden_weight(n=7)
+    t[0], t[1:] = 3, -100
+    got = _vjp(lambda h, w: tb.linear_cross_entropy(h, w, t), (h, w))
+    ref = _vjp(lambda h, w: F.cross_entropy(h @ w.t(), t), (h, w))
+    _assert_same(got, ref)
+
+
+def _mm_and_exp_calls(monkeypatch: pytest.MonkeyPatch, fn) -> dict[str, int]:
+    """How many matmuls and in-place exps (the softmax of a gradient pass) fn() runs."""
+    counts = {"mm": 0, "exp_": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "__matmul__", counting("mm", torch.Tensor.__matmul__))
+        m.setattr(torch.Tensor, "exp_", counting("exp_", torch.Tensor.exp_))
+        m.setattr(tb, "addmm_fp32_", counting("mm", tb.addmm_fp32_))
+        fn()
+    return counts
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(("need_h", "need_w"), [(True, False), (False, True), (True, True)])
+def test_linear_cross_entropy_computes_only_the_gradients_asked_for(
+    small_chunks, monkeypatch, reduction, need_h, need_w
+):
+    """A frozen output layer (or frozen inputs) costs no gradient GEMM for it, and the
+    gradients that are asked for equal the reference's."""
+    h, w, _, t = _hidden_weight()  # 23 rows in chunks of 3: 8 chunks
+    chunks = 8
+    h.requires_grad_(need_h)
+    w.requires_grad_(need_w)
+    out = {}
+
+    def run():
+        loss = tb.linear_cross_entropy(h, w, t, None, -100, reduction)
+        out["loss"] = loss
+        loss.sum().backward()
+
+    counts = _mm_and_exp_calls(monkeypatch, run)
+    # one logits GEMM per chunk, one gradient GEMM per chunk for each gradient asked for; with
+    # reduction="none" the backward pass recomputes the logits
+    again = reduction == "none"
+    assert counts["mm"] == chunks * (1 + again + need_h + need_w)
+    assert counts["exp_"] == chunks  # one softmax per chunk for the gradients
+    hr = h.detach().clone().requires_grad_(need_h)
+    wr = w.detach().clone().requires_grad_(need_w)
+    eager.linear_cross_entropy(hr, wr, t, None, -100, reduction).sum().backward()
+    for got, ref in ((h.grad, hr.grad), (w.grad, wr.grad)):
+        assert (got is None) == (ref is None)
+        if ref is not None:
+            torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_without_gradients_runs_no_gradient_pass(
+    small_chunks, monkeypatch, reduction
+):
+    h, w, _, t = _hidden_weight()
+    with torch.no_grad():
+        counts = _mm_and_exp_calls(
+            monkeypatch, lambda: tb.linear_cross_entropy(h, w, t, None, -100, reduction)
+        )
+    assert counts == {"mm": 8, "exp_": 0}
+    counts = _mm_and_exp_calls(
+        monkeypatch, lambda: tb.linear_cross_entropy(h, w, t, None, -100, reduction)
+    )
+    assert counts == {"mm": 8, "exp_": 0}  # nothing requires a gradient
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_under_autocast_rounds_like_nn_linear(small_chunks, reduction):
+    """Under bf16 autocast the logits and the input-gradient GEMMs run in bf16, as the
+    materialised reference (nn.Linear-style matmul, then the loss in float32) does."""
+    h, w, _, t = _hidden_weight(n=23, c=16, v=17)
+    h, w = h.float().requires_grad_(), w.float().requires_grad_()
+    hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    gen = torch.Generator().manual_seed(3)
+    up = torch.rand(23, generator=gen) if reduction == "none" else torch.tensor(1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tb.linear_cross_entropy(h, w, t, None, -100, reduction)
+        ref = eager.linear_cross_entropy(hr, wr, t, None, -100, reduction)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)  # the same bf16 logits
+    (out * up).sum().backward()
+    (ref * up).sum().backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(h.grad, hr.grad, atol=1e-3, rtol=2e-2)
+    torch.testing.assert_close(w.grad, wr.grad, atol=1e-3, rtol=2e-2)
+    if reduction == "none":
+        # d logits scaled per token, rounded to bf16, then a bf16 GEMM (d hidden) or bf16
+        # operands summed in float32 (d weight; the reference rounds its sum to bf16): the same
+        # bf16 values but for a rare last-bit rounding of d logits (float32 softmax in another
+        # order). With "mean" the op scales after the GEMM (grad_output / N in float32).
+        assert (h.grad != hr.grad).float().mean() < 0.05
+        assert (w.grad.bfloat16() != wr.grad).float().mean() < 0.05
+
+
+def test_linear_cross_entropy_rejects_mismatched_shapes():
+    h, w, _, t = _hidden_weight()
+    with pytest.raises(ValueError, match="expects hidden"):
+        tb.linear_cross_entropy(h[:, :5], w, t)  # C differs
+    with pytest.raises(ValueError, match="expects hidden"):
+        tb.linear_cross_entropy(h[:6].reshape(2, 3, 6), w, t[:2])  # (B, T, C) hidden
+    with pytest.raises(ValueError, match="expects hidden"):
+        tb.linear_cross_entropy(h, w[0], t)  # 1-d weight
+    with pytest.raises(ValueError, match="targets"):
+        tb.linear_cross_entropy(h, w, t[:-1])
+
+
 # ---------------------------------------------------------------------------------------- norm
 
 NORM_CASES = [

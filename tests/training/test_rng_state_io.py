@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from craft.errors import CheckpointError
+from craft.errors import CheckpointError, CraftError
 from craft.training import rng as rng_mod
 from craft.training.rng import capture_rng, restore_rng, seed_everything
 from craft.training.state_io import (
@@ -164,6 +164,30 @@ def test_a_state_whose_tensor_names_collided_is_refused(tmp_path: Path) -> None:
         load_state(tmp_path, "s")
 
 
+def test_tensor_names_are_json_pointers() -> None:
+    """Names escape "~" and "/" as JSON Pointer does (RFC 6901: "~0", "~1"), so other tools can
+    map a name in the file back to its place in the state."""
+    tensors: dict[str, torch.Tensor] = {}
+    flatten_state({"a/b": torch.ones(1), "c~d": [torch.ones(1)], "e~1": torch.ones(1)}, tensors)
+    assert set(tensors) == {"/a~1b", "/c~0d/0", "/e~01"}
+
+
+def test_an_array_named_in_two_places_is_refused(tmp_path: Path) -> None:
+    save_tensors(tmp_path / "s.safetensors", {"/a": torch.arange(3)}, {"format": "craft-state"})
+    ref = {"__ndarray__": "/a", "dtype": "uint32"}
+    write_json(tmp_path / "s.json", {"state": {"a": ref, "b": [ref]}})
+    with pytest.raises(CheckpointError, match=r"'/a'.*more than one place"):
+        load_state(tmp_path, "s")
+
+
+def test_a_damaged_state_document_is_named(tmp_path: Path) -> None:
+    save_state(tmp_path, "s", {"a": torch.ones(1)}, {})
+    (tmp_path / "s.json").write_text("{not json")
+    with pytest.raises(CraftError) as e:
+        load_state(tmp_path, "s")
+    assert e.value.message.startswith(f"{tmp_path / 's.json'}: not valid JSON")
+
+
 def test_write_json_keeps_key_order_and_ends_with_a_newline(tmp_path: Path) -> None:
     write_json(tmp_path / "t.json", {"step": 3, "a": "é"})
     text = (tmp_path / "t.json").read_text(encoding="utf-8")
@@ -179,11 +203,15 @@ def test_dedupe_shared_keeps_one_name_per_view_and_clones_overlaps() -> None:
         "empty": torch.empty(0),
         "empty2": torch.empty(0),  # empty tensors hold no memory: never aliases of each other
         "meta": torch.empty(2, device="meta"),
+        "meta2": torch.empty(2, device="meta"),  # no memory either: never aliases
         "other": torch.ones(2),
+        "other2": torch.ones(2),  # the same view of other memory: not an alias
     }
     kept, aliases = dedupe_shared(state)
     assert aliases == {"head": "emb"}
-    assert list(kept) == ["emb", "half", "empty", "empty2", "meta", "other"]
+    assert list(kept) == ["emb", "half", "empty", "empty2", "meta", "meta2", "other", "other2"]
+    assert all(isinstance(kept[k], torch.Tensor) for k in kept)
+    assert kept["meta2"].device.type == "meta" and kept["empty2"].numel() == 0
     assert kept["half"].untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
     assert torch.equal(kept["half"], base[:6]) and kept["emb"] is not None
     transposed = {"a": base.view(3, 4), "b": base.view(3, 4).t()}  # same storage, other view
