@@ -10,7 +10,8 @@ the same run, alternating so that a change in machine load hits all alike:
 - "generate": `craft.generation.generate` with `num_samples` = batch, temperature 1: exactly what
   `craft generate --num-samples B` runs after loading (sampling, text decoding, streaming order);
 - "compiled": the same with `compile=True` (`craft generate --compile`): every step runs the
-  `torch.compile`d fixed-shape step (attention over the whole window under a mask). Its compile
+  `torch.compile`d fixed-shape step (attention over the whole window under a mask, weights
+  frozen into the graph as constants: `craft.engine.COMPILE_SETTINGS`). Its compile
   time is the first call's wall time after `torch._dynamo.reset()` (Inductor's on-disk cache
   may shorten it on a machine that compiled the same graph before); `--no-compiled` skips it;
 - "bare": a loop of `model(x, cache=cache)` over a (B, 1) input, nothing else (no sampling);

@@ -22,14 +22,18 @@ Models: a GPT's KV cache and an RNN's state implement the row operations the bat
 one cache per row (one forward per row and step); a model without `new_cache` recomputes the
 window at every step. `compile=True` runs each step through `torch.compile` of a fixed-shape step
 (a cache with `fixed_step`, e.g. a GPT's): all `max_rows` rows every time, positions as a tensor,
-attention over the whole window under a mask, so one graph serves every step; prefills stay eager. Context window: when a row's cache is full, the row restarts from its most
-recent `refill_tokens` tokens (default three quarters of the window; see craft/generation.py).
+attention over the whole window under a mask, so one graph serves every step; prefills stay
+eager. The graph holds the model's weights as constants (Inductor's freezing, see
+`COMPILE_SETTINGS`): an engine decodes with the weights its model had when the engine compiled.
+Context window: when a row's cache is full, the row restarts from its most recent
+`refill_tokens` tokens (default three quarters of the window; see craft/generation.py).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +82,13 @@ def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtyp
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
+
+
+# Inductor settings of the compiled decode step, applied while it compiles (its first call) only.
+# `freezing`: the weights become constants of the graph, so the CPU backend pre-packs them for
+# oneDNN/MKL matmuls; a decoding engine never changes its model's weights (a model trained
+# further needs a new engine, which compiles anew).
+COMPILE_SETTINGS: dict[str, Any] = {"freezing": True}
 
 
 class DecodeEngine:
@@ -140,7 +151,13 @@ class DecodeEngine:
                     f"compile: {type(model).__name__} has no KV cache with a fixed-shape step "
                     "(`fixed_step`); decode it without compiling"
                 )
-            self.compiled = torch.compile(self._fixed_step, fullgraph=True, dynamic=False)
+            # a code object of its own: Dynamo keeps compiled graphs per code object, so this
+            # engine never runs a graph another engine compiled (with that model's frozen
+            # weights, possibly changed since), and its graphs are freed with it
+            fn = DecodeEngine._fixed_step
+            own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+            step = types.MethodType(own, self)
+            self.compiled = torch.compile(step, fullgraph=True, dynamic=False)
 
     # ---------------------------------------------------------------------------------- state
 
@@ -414,7 +431,10 @@ class DecodeEngine:
             try:
                 # a step that would need more recompiles than Dynamo keeps fails instead of
                 # running eagerly behind the caller's back
-                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                with (
+                    torch._dynamo.config.patch(fail_on_recompile_limit_hit=True),
+                    torch._inductor.config.patch(COMPILE_SETTINGS),
+                ):
                     logits = self.compiled(idx, pos)
             except Exception as e:  # Dynamo / Inductor / the C++ compiler
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -103,6 +103,10 @@ class KVCache:
         s = self.keys
         return self.k[layer, :, :, :s].to(k.dtype), self.v[layer, :, :, :s].to(v.dtype)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of this step's queries q (B, H, T, hs) over k/v (B, Hkv, S, hs) of ragged rows."""
+        return ragged_attention(q, k, v, self.mask)
+
     def advance(self, t: int) -> None:
         """End a forward pass: every row now holds T more tokens."""
         self.lengths += t
@@ -169,6 +173,21 @@ class FixedStep(KVCache):
         self.k.index_put_(where, k[:, :, 0].to(self.k.dtype))
         self.v.index_put_(where, v[:, :, 0].to(self.v.dtype))
         return self.k[layer].to(k.dtype), self.v[layer].to(v.dtype)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One query per head, q (B, H, 1, hs), over all max_len keys k/v (B, Hkv, S, hs), masked.
+
+        Written out as matmul-softmax-matmul rather than SDPA so that the compiler fuses the
+        scaling, mask and softmax into one kernel around the two small products (SDPA would be an
+        opaque call); the softmax runs in float32. Query head h reads key/value head h // G.
+        """
+        b, h, _, hs = q.shape
+        g = h // k.shape[1]
+        q = q.reshape(b, h // g, g, hs)  # (B, Hkv, G, hs): one key/value head's G query heads
+        att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(hs))  # (B, Hkv, G, S)
+        att = att.masked_fill(~self.mask, float("-inf")).softmax(dim=-1)  # mask (B, 1, 1, S)
+        y = att.to(v.dtype) @ v  # (B, Hkv, G, hs)
+        return y.reshape(b, h, 1, hs)
 
     def advance(self, t: int) -> None:
         pass
@@ -263,7 +282,7 @@ class CausalSelfAttention(nn.Module):
             p = self.attn_dropout if self.training else 0.0
             y = self.kernels.attention(q, k, v, True, None, p)  # (B, H, T, hs); bottom-right causal
         else:
-            y = ragged_attention(q, k, v, cache.mask)  # rows of different lengths
+            y = cache.attend(q, k, v)  # rows of different lengths
         y = y.transpose(1, 2).contiguous().view(b, t, c)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -34,10 +34,18 @@ def _decode(engine: DecodeEngine) -> list[list[int]]:
 def test_compiled_step_decodes_as_the_eager_step() -> None:
     model = tiny_gpt(12, block_size=16, n_layer=1, positions="rope").eval()
     want = _decode(DecodeEngine(model, 2))
-    torch._dynamo.reset()
     engine = DecodeEngine(model, 2, compile=True)
     assert _decode(engine) == want
     assert engine.compile_seconds is not None and engine.compile_seconds > 0
+    assert torch._inductor.config.freezing is False  # the compile's settings did not leak
+
+    # the compiled step holds the weights as constants: a model changed after one engine
+    # compiled is decoded with its new weights by a new engine, never by the old graph
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    want = _decode(DecodeEngine(model, 2))
+    assert _decode(DecodeEngine(model, 2, compile=True)) == want
 
 
 def test_a_model_without_a_fixed_shape_step_is_refused() -> None:
