@@ -212,3 +212,53 @@ def test_a_type_switch_warning_names_the_old_type_and_where_keys_were_set(
         "so the keys set for the old type are dropped: scheduler.min_lr (set in f.toml (included "
         "from r.toml)); scheduler.warmup_steps (set in r.toml)"
     )
+
+
+def test_a_big_endian_utf16_file_gets_the_hint_too(here: Path) -> None:
+    r = write(here / "be.toml", b"\xfe\xff" + "[run]\n".encode("utf-16-be"))
+    assert error(r) == (
+        "be.toml: not UTF-8 text (byte 0); it starts with a UTF-16 byte order mark, save it as UTF-8"
+    )
+
+
+def test_a_recipe_over_the_size_limit_is_refused_naming_it(here: Path) -> None:
+    from craft.safety import MAX_TOML_BYTES
+
+    r = here / "big.toml"
+    with open(r, "wb") as f:
+        f.truncate(MAX_TOML_BYTES + 1)  # sparse: nothing is written
+    assert error(r).startswith("big.toml: is ")
+
+
+def test_a_syntax_error_keeps_the_parsers_reason_without_its_position(here: Path) -> None:
+    r = write(here / "r.toml", "[run]\nseed = = 3\n")
+    assert error(r) == "r.toml:2:8: TOML syntax error at line 2, column 8: Invalid value"
+
+
+def test_imports_of_every_include_are_kept(here: Path) -> None:
+    write(here / "f1.toml", "imports = ['pkg_a']\n")
+    write(here / "f2.toml", "imports = ['pkg_b']\n")
+    r = write(here / "r.toml", "include = ['f1.toml', 'f2.toml']\n")
+    raw = load_raw(r)
+    assert raw.imports == ["pkg_a", "pkg_b"]
+    assert raw.recipe_dir == here.resolve()  # where imports are also looked for
+
+
+def test_a_bad_imports_override_names_the_key_and_the_command_line(here: Path) -> None:
+    r = write(here / "r.toml", "[run]\nseed = 1\n")
+    assert error(r, ["imports=5"]) == "command line: imports = 5: expected a list of strings"
+
+
+def test_a_type_switch_between_included_files_names_the_file_that_switched(
+    here: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(here / "f1.toml", "[scheduler]\ntype = 'wsd'\nmin_lr = 0.1\n")
+    write(here / "f2.toml", "[scheduler]\ntype = 'cosine'\n")
+    r = write(here / "r.toml", "include = ['f1.toml', 'f2.toml']\n")
+    with caplog.at_level(logging.WARNING, logger="craft.config"):
+        raw = load_raw(r)
+    assert raw.data["scheduler"] == {"type": "cosine"}
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        "f2.toml (included from r.toml): scheduler.type = 'cosine' replaces 'wsd'"
+    )
