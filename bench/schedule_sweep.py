@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from time_to_target import NANOGPT_LOSS  # noqa: E402
+from time_to_target import loss_figure, target_arguments  # noqa: E402
 from train_throughput import run_child  # noqa: E402
 
 
@@ -88,32 +88,25 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from craft.bench.report import write_figure
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    lines = []
     for name, r in doc["schedules"].items():
         curve = r.get("full_curve") or r["curve"]
-        ax.plot([p["step"] for p in curve], [p["val_loss"] for p in curve], lw=1.2, label=name)
-    ax.axhline(doc["target"], color="gray", ls="--", lw=1, label=f"target {doc['target']}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
-    ax.set_ylim(top=min(ax.get_ylim()[1], doc["target"] + 0.8))
-    ax.set_title(f"{doc['recipe']}: validation loss by schedule", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    write_figure(path, fig)
+        xs, ys = [p["step"] for p in curve], [p["val_loss"] for p in curve]
+        lines.append((xs, ys, {"lw": 1.2, "label": name}))
+    loss_figure(
+        path,
+        lines,
+        target=doc["target"],
+        xlabel="step",
+        title=f"{doc['recipe']}: validation loss by schedule",
+        headroom=0.8,
+        legend_size=7,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default="recipes/char_small.toml")
-    p.add_argument("--target", type=float, default=NANOGPT_LOSS)
-    p.add_argument("--eval-every", type=int, default=50)
+    target_arguments(p)
     p.add_argument("--lr", type=float, action="append", default=[])
     p.add_argument("--warmup", type=int, action="append", default=[])
     p.add_argument("--extra", action="append", default=[], help='"name=key=value,key=value"')

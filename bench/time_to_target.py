@@ -309,7 +309,24 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(doc: dict[str, Any], path: Path) -> None:
+def target_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every time-to-target script shares (this one and schedule_sweep.py)."""
+    p.add_argument("--recipe", default="recipes/char_small.toml")
+    p.add_argument("--target", type=float, default=NANOGPT_LOSS)
+    p.add_argument("--eval-every", type=int, default=50)
+
+
+def loss_figure(
+    path: Path,
+    lines: list[tuple[list[float], list[float], dict[str, Any]]],
+    *,
+    target: float,
+    xlabel: str,
+    title: str,
+    headroom: float = 1.0,
+    legend_size: float | None = None,
+) -> None:
+    """Validation-loss curves (xs, ys, matplotlib style) under the target line, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,29 +334,40 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     from craft.bench.report import write_figure
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for xs, ys, style in lines:
+        ax.plot(xs, ys, **style)
+    ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss")
+    ax.set_ylim(top=min(ax.get_ylim()[1], target + headroom))  # the start's loss is off-scale
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    write_figure(path, fig)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
     colors = {"craft": "tab:blue", "plain": "tab:orange"}
+    lines = []
     for name, s in doc["variants"].items():
         for i, r in enumerate(s["runs"]):
             xs = [r["startup_s"] + p["train_s"] for p in r["curve"]]
             ys = [p["val_loss"] for p in r["curve"]]
-            ax.plot(xs, ys, "o-", ms=2, lw=1, color=colors[name], alpha=0.8,
-                    label=name if i == 0 else None)  # fmt: skip
-    ax.axhline(doc["target"], color="gray", ls="--", lw=1, label=f"target {doc['target']}")
-    ax.set_xlabel("seconds since launch (evaluation excluded)")
-    ax.set_ylabel("validation loss")
-    ax.set_ylim(top=min(ax.get_ylim()[1], doc["target"] + 1.0))
-    ax.set_title(f"{doc['recipe']}: time to validation loss {doc['target']}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    write_figure(path, fig)
+            style = {"marker": "o", "ms": 2, "lw": 1, "color": colors[name], "alpha": 0.8}
+            lines.append((xs, ys, {**style, "label": name if i == 0 else None}))
+    loss_figure(
+        path,
+        lines,
+        target=doc["target"],
+        xlabel="seconds since launch (evaluation excluded)",
+        title=f"{doc['recipe']}: time to validation loss {doc['target']}",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default="recipes/char_small.toml")
-    p.add_argument("--target", type=float, default=NANOGPT_LOSS)
-    p.add_argument("--eval-every", type=int, default=50)
+    target_arguments(p)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", action="append", default=[], help="Override of Craft's recipe.")
     p.add_argument(
