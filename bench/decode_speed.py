@@ -10,8 +10,9 @@ the same run, alternating so that a change in machine load hits all alike:
 - "generate": `craft.generation.generate` with `num_samples` = batch, temperature 1: exactly what
   `craft generate --num-samples B` runs after loading (sampling, text decoding, streaming order);
 - "compiled": the same with `compile=True` (`craft generate --compile`): every step runs the
-  `torch.compile`d fixed-shape step (attention over the whole window under a mask, weights
-  frozen into the graph as constants: `craft.engine.COMPILE_SETTINGS`). Every call compiles
+  `torch.compile`d fixed-shape step (attention over the cache up to the longest row under a
+  mask, weights frozen into the graph as constants, on the CPU Inductor's C++ wrapper:
+  `craft.engine.COMPILE_SETTINGS` and `CPU_COMPILE_SETTINGS`). Every call compiles
   anew (an engine compiles its own copy of the step), so its speed is timed after the compile:
   from sample 0's second token (the first compiled forward, compile included, is done) to
   its last, scaled to the same number of steps as the other ways. Its compile time (`compile s`) is

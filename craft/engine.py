@@ -22,8 +22,10 @@ Models: a GPT's KV cache and an RNN's state implement the row operations the bat
 one cache per row (one forward per row and step); a model without `new_cache` recomputes the
 window at every step. `compile=True` runs each step through `torch.compile` of a fixed-shape step
 (a cache with `fixed_step`, e.g. a GPT's): all `max_rows` rows every time, positions as a tensor,
-attention over the whole window under a mask, so one graph serves every step; prefills stay
-eager. The graph holds the model's weights as constants (Inductor's freezing, see
+attention under a mask, so one graph serves every step; prefills stay
+eager. Attention reads the cache only up to the longest row, through one graph whatever that
+length (a dynamic dimension; the cache gets one spare position so that the slice read is never
+the whole cache). The graph holds the model's weights as constants (Inductor's freezing, see
 `COMPILE_SETTINGS`): an engine decodes with the weights its model had when the engine compiled.
 Context window: when a row's cache is full, the row restarts from its most recent
 `refill_tokens` tokens (default three quarters of the window; see craft/generation.py).
@@ -89,6 +91,10 @@ def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtyp
 # oneDNN/MKL matmuls; a decoding engine never changes its model's weights (a model trained
 # further needs a new engine, which compiles anew).
 COMPILE_SETTINGS: dict[str, Any] = {"freezing": True}
+# On the CPU also `cpp_wrapper`: the graph's kernels are called from C++ rather than from a
+# Python wrapper, which takes a millisecond or more off a small model's step (measured in
+# bench/results/decode_speed.md) for a longer compile.
+CPU_COMPILE_SETTINGS: dict[str, Any] = {"cpp_wrapper": True}
 
 
 class DecodeEngine:
@@ -146,18 +152,29 @@ class DecodeEngine:
         self.compiled: Any = None
         self.compile_seconds: float | None = None  # the first compiled step, compile included
         if compile:
-            if self.mode != "batched" or not callable(getattr(self.cache, "fixed_step", None)):
+            if (
+                self.mode != "batched"
+                or not callable(getattr(self.cache, "fixed_step", None))
+                or "max_len" not in inspect.signature(model.new_cache).parameters
+            ):
                 raise ConfigError(
                     f"compile: {type(model).__name__} has no KV cache with a fixed-shape step "
-                    "(`fixed_step`); decode it without compiling"
+                    "(`fixed_step`, `new_cache(max_len=...)`); decode it without compiling"
                 )
+            # one spare position: the attended slice of the cache (`_compiled_step`) is never
+            # all of it, so the graph need not tell the two apart (a contiguity guard)
+            self.cache = model.new_cache(
+                max_rows, self.device, self.dtype, max_len=self.cache.max_len + 1
+            )
             # a code object of its own: Dynamo keeps compiled graphs per code object, so this
             # engine never runs a graph another engine compiled (with that model's frozen
             # weights, possibly changed since), and its graphs are freed with it
             fn = DecodeEngine._fixed_step
             own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
             step = types.MethodType(own, self)
-            self.compiled = torch.compile(step, fullgraph=True, dynamic=False)
+            # static shapes but for the attended cache length (`_compiled_step`)
+            self.compiled = torch.compile(step, fullgraph=True, dynamic=None)
+            self._keys = torch.arange(self.cache.max_len, device=self.device)
 
     # ---------------------------------------------------------------------------------- state
 
@@ -412,9 +429,14 @@ class DecodeEngine:
                 cache = self.row_caches[row.slot]
                 self._set_logits(row.slot, self._forward(feed[row.slot : row.slot + 1], cache))
 
-    def _fixed_step(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits (max_rows, V) of one token per row at positions pos (max_rows,): compiled."""
-        return self._forward(idx, self.cache.fixed_step(pos))
+    def _fixed_step(self, idx: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Logits (max_rows, V) of one token per row at positions pos (max_rows,) attending to
+        cache positions `keys` (0..S-1): compiled."""
+        return self._forward(idx, self.cache.fixed_step(pos, keys))
+
+    def _compile_settings(self) -> dict[str, Any]:
+        extra = CPU_COMPILE_SETTINGS if self.device.type == "cpu" else {}
+        return {**COMPILE_SETTINGS, **extra}
 
     def _compiled_step(self, tokens: list[int]) -> torch.Tensor:
         """The compiled step for the first n rows (`tokens`); the free rows ride along at position
@@ -424,18 +446,28 @@ class DecodeEngine:
         pos = self.cache.lengths.clone()
         pos[n:] = 0
         idx, pos = idx.to(self.device), pos.to(self.device)
+        # attention reads the cache up to the longest row (>= 2 positions: Dynamo specialises a
+        # length of 1), through one graph whatever that length (`keys` marked dynamic below)
+        keys = self._keys[: max(int(self.cache.lengths[:n].max()) + 1, 2)]
         if self.compile_seconds is not None:
-            logits = self.compiled(idx, pos)
+            # Guards are not evaluated: after its compile the step is only ever called as here
+            # (the same tensors' shapes, dtypes and devices, a span within the dynamic range,
+            # this engine's cache and frozen model, no_grad), so they could not fail; this
+            # saves their evaluation, a few tenths of a millisecond a step on a CPU. A step that
+            # would need a recompile fails instead of compiling anew.
+            with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
+                logits = self.compiled(idx, pos, keys)
         else:
+            torch._dynamo.mark_dynamic(keys, 0, min=2, max=len(self._keys) - 1)
             t0 = time.perf_counter()
             try:
                 # a step that would need more recompiles than Dynamo keeps fails instead of
                 # running eagerly behind the caller's back
                 with (
                     torch._dynamo.config.patch(fail_on_recompile_limit_hit=True),
-                    torch._inductor.config.patch(COMPILE_SETTINGS),
+                    torch._inductor.config.patch(self._compile_settings()),
                 ):
-                    logits = self.compiled(idx, pos)
+                    logits = self.compiled(idx, pos, keys)
             except Exception as e:  # Dynamo / Inductor / the C++ compiler
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise ConfigError(

@@ -131,9 +131,9 @@ class KVCache:
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
 
-    def fixed_step(self, pos: torch.Tensor) -> FixedStep:
+    def fixed_step(self, pos: torch.Tensor, keys: torch.Tensor | None = None) -> FixedStep:
         """A one-token step over all rows with static shapes (see `FixedStep`): what compiles."""
-        return FixedStep(self, pos)
+        return FixedStep(self, pos, keys)
 
 
 class FixedStep(KVCache):
@@ -141,17 +141,20 @@ class FixedStep(KVCache):
 
     Row b's new token sits at position pos[b] (B,), a device tensor, so no length reaches Python
     and nothing depends on its value but the data: the key/value is written there in place and
-    attention reads all max_len positions of the row, masked to 0..pos[b]. Shares the cache's
-    memory; `lengths` is left to the caller (the positions of rows not in use must still lie
-    inside the window, e.g. 0).
+    attention reads the first S positions of every row, masked to 0..pos[b]. S is the length of
+    `keys` (0..S-1, S > max(pos)): all max_len positions when it is None; a caller that marks its
+    length dynamic (`torch._dynamo.mark_dynamic`) gets one graph for every S, which reads only
+    the part of the cache in use (at batch 8 and a full window the cache outweighs a small
+    model's weights). Shares the cache's memory; `lengths` is left to the caller (the positions
+    of rows not in use must still lie inside the window, e.g. 0).
     """
 
-    def __init__(self, cache: KVCache, pos: torch.Tensor) -> None:
+    def __init__(self, cache: KVCache, pos: torch.Tensor, keys: torch.Tensor | None = None) -> None:
         self.k, self.v, self.lengths = cache.k, cache.v, cache.lengths
-        s = self.max_len
-        self.start, self.keys = None, s
+        if keys is None:
+            keys = torch.arange(self.max_len, device=pos.device)  # (S,)
+        self.start, self.keys = None, keys.shape[0]
         self.positions = pos[:, None]  # (B, 1)
-        keys = torch.arange(s, device=pos.device)  # (S,)
         self.mask = (keys <= self.positions)[:, None, None]  # (B, 1, 1, S)
 
     def begin(self, t: int, device: torch.device) -> None:
@@ -161,7 +164,7 @@ class FixedStep(KVCache):
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, 1, hs) at each row's position; return all max_len positions.
+        """Store k, v (B, Hkv, 1, hs) at each row's position; return the first S positions.
 
         One indexed write into the whole (L, B, Hkv, max_len, hs) tensor, which the compiler
         makes an in-place update (a write through a per-layer view would copy the cache).
@@ -172,21 +175,23 @@ class FixedStep(KVCache):
         where = (torch.tensor(layer, device=k.device), rows, heads, self.positions)  # -> (B, Hkv)
         self.k.index_put_(where, k[:, :, 0].to(self.k.dtype))
         self.v.index_put_(where, v[:, :, 0].to(self.v.dtype))
-        return self.k[layer].to(k.dtype), self.v[layer].to(v.dtype)
+        s = self.keys
+        return self.k[layer, :, :, :s].to(k.dtype), self.v[layer, :, :, :s].to(v.dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One query per head, q (B, H, 1, hs), over all max_len keys k/v (B, Hkv, S, hs), masked.
+        """One query per head, q (B, H, 1, hs), over the first S keys k/v (B, Hkv, S, hs), masked.
 
-        Written out as matmul-softmax-matmul rather than SDPA so that the compiler fuses the
-        scaling, mask and softmax into one kernel around the two small products (SDPA would be an
-        opaque call); the softmax runs in float32. Query head h reads key/value head h // G.
+        Written out as products and sums rather than SDPA or matmuls, so that the compiler fuses
+        the scores, mask, softmax and weighted sum into one pass over the keys and values (SDPA
+        would be an opaque call; a matmul over a cache slice would make the graph depend on the
+        slice's strides); the softmax runs in float32. Query head h reads key/value head h // G.
         """
         b, h, _, hs = q.shape
         g = h // k.shape[1]
-        q = q.reshape(b, h // g, g, hs)  # (B, Hkv, G, hs): one key/value head's G query heads
-        att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(hs))  # (B, Hkv, G, S)
+        q = q.reshape(b, h // g, g, 1, hs)  # (B, Hkv, G, 1, hs): a key/value head's G query heads
+        att = (q * k[:, :, None]).sum(-1).float() * (1.0 / math.sqrt(hs))  # (B, Hkv, G, S)
         att = att.masked_fill(~self.mask, float("-inf")).softmax(dim=-1)  # mask (B, 1, 1, S)
-        y = att.to(v.dtype) @ v  # (B, Hkv, G, hs)
+        y = (att.to(v.dtype)[..., None] * v[:, :, None]).sum(-2)  # (B, Hkv, G, hs)
         return y.reshape(b, h, 1, hs)
 
     def advance(self, t: int) -> None:
@@ -409,14 +414,21 @@ class GPT(nn.Module):
         batch_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        max_len: int | None = None,
     ) -> KVCache:
-        """An empty KV cache for up to block_size tokens (default: the model's device/dtype)."""
+        """An empty KV cache for up to block_size tokens (default: the model's device/dtype).
+
+        `max_len` > block_size leaves spare positions that are never filled (a compiled step
+        reads a slice of the cache that is then never the whole of it, see `FixedStep`).
+        """
+        if max_len is not None and max_len < self.block_size:
+            raise ValueError(f"max_len = {max_len}: expected >= block_size ({self.block_size})")
         w = self.wte.weight
         return KVCache(
             len(self.blocks),
             batch_size,
             self.n_kv_head,
-            self.block_size,
+            self.block_size if max_len is None else max_len,
             self.head_size,
             device=w.device if device is None else device,
             dtype=w.dtype if dtype is None else dtype,

@@ -71,3 +71,35 @@ def test_a_failing_compile_is_an_error_not_a_fallback(monkeypatch: pytest.Monkey
         "compile: torch.compile of the decode step failed (RuntimeError: C++ compile failed: "
         "cc1plus not found); decode without compiling"
     )
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 1])  # multi-head and grouped-query attention
+def test_fixed_step_reads_only_the_span_it_is_given(n_kv_head: int) -> None:
+    """The compiled step attends to the cache up to the longest row (`keys` 0..S-1): the same
+    logits and cache as attending to the whole window, where the positions past S are masked."""
+    model = tiny_gpt(12, n_layer=2, n_kv_head=n_kv_head, positions="rope").eval()
+    lengths = torch.tensor([5, 9, 0])  # rows of different lengths; the last one is free
+    outs = []
+    for keys in (torch.arange(16), torch.arange(10)):  # the whole window, or up to row 1's end
+        cache = model.new_cache(3, max_len=model.block_size + 1)
+        torch.manual_seed(1)  # stale values past each row's end must not count
+        cache.k.normal_(), cache.v.normal_()
+        before = cache.k.clone()
+        cache.lengths[:] = lengths
+        with torch.no_grad():
+            step = cache.fixed_step(lengths.clone(), keys)
+            logits, _ = model(torch.tensor([[3], [4], [5]]), cache=step)  # (3, 1, V)
+        written = (cache.k != before).any(dim=(2, 4))  # (L, B, max_len)
+        assert written.nonzero()[:, 1:].unique(dim=0).tolist() == [[0, 5], [1, 9], [2, 0]]
+        outs.append((logits, cache.k, cache.v))
+    (a, ka, va), (b, kb, vb) = outs
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(kb, ka)  # layer 1's keys follow layer 0's attention
+    torch.testing.assert_close(vb, va)
+
+
+def test_a_cache_shorter_than_the_window_is_refused() -> None:
+    model = tiny_gpt(12, block_size=16)
+    assert model.new_cache(1, max_len=17).max_len == 17
+    with pytest.raises(ValueError, match=r"max_len = 15: expected >= block_size \(16\)"):
+        model.new_cache(1, max_len=15)
