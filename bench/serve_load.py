@@ -105,8 +105,10 @@ def prefill_bound(
 
     from craft.engine import DecodeEngine, Request
     from craft.sampling import SamplingParams
+    from craft.serving.server import model_threads
     from craft.training.checkpoint import load_model
 
+    threads = threads or model_threads("cpu")  # as `craft serve` picks them
     if threads:
         torch.set_num_threads(threads)
     model, tok, _ = load_model(export, device="cpu", dtype=torch.float32)  # as `craft serve`
@@ -482,7 +484,8 @@ def markdown(result: dict[str, Any]) -> str:
         "# Serving load: `craft serve` with 1, 8 and 32 concurrent clients",
         "",
         *conditions(m, result.get("load_avg_end")),
-        f"- server torch threads: {result['server_threads'] or 'default'}",
+        f"- server torch threads: {result['server_threads'] or 'craft serve default'} "
+        f"({result.get('model_threads', '-')} for the model)",
         *(
             [
                 "- servers compared (rounds alternate between them): "
@@ -752,6 +755,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_chars": args.prompt_chars,
         "max_batch": args.max_batch,
         "prefill_bound": bounds,
+        "model_threads": next(iter(bounds.values()))["threads"] if bounds else None,
         "models": models,
         "note": args.note,  # conditions the machine record cannot show; none when not given
     }

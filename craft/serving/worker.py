@@ -122,9 +122,11 @@ class BatchWorker:
         *,
         max_batch_size: int,
         max_queue: int,
+        threads: int | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.threads = threads  # torch threads of the model's forward (None: torch's default)
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self.engine = DecodeEngine(model, max_batch_size)
         self.device = self.engine.device
@@ -168,6 +170,8 @@ class BatchWorker:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.threads is not None:  # per thread: OpenMP's setting is the calling thread's
+            torch.set_num_threads(self.threads)
         while not self.stopping:
             try:
                 self._admit()

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+import torch
+
 from craft.data.tokenizers import CharTokenizer
 from craft.generation import generate
 from craft.sampling import SamplingParams
@@ -96,3 +98,42 @@ def test_first_token_goes_out_before_the_next_forward() -> None:
     # The seed contract holds for the row that joined a busy batch.
     text = "".join(ev.text for ev in rec.events(late))
     assert text == generate(model, tok, "fox ", max_new_tokens=6, temperature=1.0, seed=2)[0]
+
+
+def test_the_model_runs_with_the_workers_thread_count() -> None:
+    """The forward runs in the worker thread with the thread count the server chose for it."""
+    tok = CharTokenizer(sorted(set(TEXT)))
+    model = tiny_gpt(tok.vocab_size, block_size=64).eval()
+    want = torch.get_num_threads() + 1  # differs from the default whatever the machine
+    worker = BatchWorker(model, tok, max_batch_size=2, max_queue=2, threads=want)
+    seen: list[int] = []
+    add_many = worker.engine.add_many
+
+    def traced_add(requests):
+        seen.append(torch.get_num_threads())
+        return add_many(requests)
+
+    worker.engine.add_many = traced_add
+    rec = Recorder()
+    job = Job([tok.encode("the ")], 1, SAMPLE, 2, 1, [], rec)  # type: ignore[arg-type]
+    worker.start()
+    try:
+        assert worker.submit(job)
+        rec.wait(job, lambda evs: any(ev.finish for ev in evs))
+    finally:
+        worker.stop()
+    assert seen == [want]
+
+
+def test_server_leaves_one_core_to_the_event_loop(monkeypatch) -> None:
+    from craft.serving import server
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert server.model_threads("cpu") == 5
+    assert server.model_threads("cpu", requested=6) == 6  # --threads
+    assert server.model_threads("cuda") is None  # the GPU computes: torch's default
+    monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: {0})
+    assert server.model_threads("cpu") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert server.model_threads("cpu") is None  # the operator's setting stands
