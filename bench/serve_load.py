@@ -93,8 +93,21 @@ def write_model(recipe: str, out: Path) -> Path:
     )
 
 
+def server_threads(env: dict[str, str], requested: int | None) -> int:
+    """The torch threads a server started with `env` (a variant's) runs its model with: its
+    OMP_NUM_THREADS, else `--server-threads`, else what `craft serve` picks on this machine
+    (a variant that runs other code with another default should set OMP_NUM_THREADS)."""
+    import torch
+
+    from craft.serving.server import model_threads
+
+    if env.get("OMP_NUM_THREADS"):
+        return int(env["OMP_NUM_THREADS"])
+    return requested or model_threads("cpu") or torch.get_num_threads()
+
+
 def prefill_bound(
-    export: Path, prompt_chars: int, counts: list[int], threads: int | None, repeats: int
+    export: Path, prompt_chars: int, counts: list[int], threads: int, repeats: int
 ) -> dict[str, Any]:
     """The server's prefill (`DecodeEngine.add_many`) of N prompts of `prompt_chars` tokens, one
     forward, for each N in `counts`: spread over `repeats` alternating repetitions, in ms.
@@ -105,12 +118,9 @@ def prefill_bound(
 
     from craft.engine import DecodeEngine, Request
     from craft.sampling import SamplingParams
-    from craft.serving.server import model_threads
     from craft.training.checkpoint import load_model
 
-    threads = threads or model_threads("cpu")  # as `craft serve` picks them
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     model, tok, _ = load_model(export, device="cpu", dtype=torch.float32)  # as `craft serve`
     engine = DecodeEngine(model, max(counts))
     text = "The quick brown fox jumps over the lazy dog. " * (prompt_chars // 8 + 2)
@@ -129,7 +139,7 @@ def prefill_bound(
             if i:
                 times[n].append(dt * 1e3)
     return {
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "prompt_tokens": len(prompts[0]),
         "ms": {str(n): spread(v) for n, v in times.items()},
     }
@@ -484,8 +494,9 @@ def markdown(result: dict[str, Any]) -> str:
         "# Serving load: `craft serve` with 1, 8 and 32 concurrent clients",
         "",
         *conditions(m, result.get("load_avg_end")),
-        f"- server torch threads: {result['server_threads'] or 'craft serve default'} "
-        f"({result.get('model_threads', '-')} for the model)",
+        f"- server torch threads: {result['server_threads'] or 'craft serve default'} ("
+        + ", ".join(f"{k}: {v}" for k, v in result.get("model_threads", {}).items())
+        + " for the model)",
         *(
             [
                 "- servers compared (rounds alternate between them): "
@@ -517,7 +528,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     bounds = result.get("prefill_bound", {})
     if bounds:
-        counts = sorted({int(n) for b in bounds.values() for n in b["ms"]})
+        counts = sorted({int(n) for bt in bounds.values() for b in bt.values() for n in b["ms"]})
         lines += [
             "",
             "Prefill of N prompts as one forward (the server's `DecodeEngine.add_many`, "
@@ -533,7 +544,7 @@ def markdown(result: dict[str, Any]) -> str:
             + " |",
             "|---|---:|---:|" + "---:|" * (2 * len(counts) - 1),
         ]
-        for model, b in bounds.items():
+        for model, b in ((m, b) for m, bt in bounds.items() for b in bt.values()):
             one = b["ms"]["1"]["median"]
             lines.append(
                 f"| {model} | {b['threads']} | {b['prompt_tokens']} | "
@@ -570,7 +581,11 @@ def markdown(result: dict[str, Any]) -> str:
                 ratio += f" ({min(pairs):.2f}–{max(pairs):.2f})"
             bound = None
             if r["arrivals"] == "lockstep" and r is not base:
-                bound = lockstep_bound(bounds.get(model), r["clients"], _med(base, "ttft_p95_s"))
+                by_threads = bounds.get(model, {})
+                b = by_threads.get(str(r.get("model_threads")))
+                if b is None and len(by_threads) == 1:
+                    b = next(iter(by_threads.values()))
+                bound = lockstep_bound(b, r["clients"], _med(base, "ttft_p95_s"))
             verdict = "-"
             if r["clients"] == 8 and base["clients"] == 1:  # the goal is relative to one client
                 ok = speed >= 3.0 and ttft < 2.0
@@ -688,22 +703,24 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_info(torch.device("cpu"))
     models: dict[str, list[dict[str, Any]]] = {}
     breakdowns: list[dict[str, Any]] = []
-    bounds: dict[str, dict[str, Any]] = {}
+    bounds: dict[str, dict[str, dict[str, Any]]] = {}  # model -> torch threads -> bound
     spans: dict[str, float] = {}
     counts = [int(c) for c in args.clients.split(",")]
+    threads = {name: server_threads(env, args.server_threads) for name, env in variants.items()}
     with tempfile.TemporaryDirectory(prefix="craft-serve-bench-") as tmp:
         for recipe in args.recipes.split(","):
             export = write_model(recipe, Path(tmp))
-            # before any server starts: this process alone, with the server's threads
-            bounds[recipe] = b = prefill_bound(
-                export, args.prompt_chars, [1, 8, 32], args.server_threads, args.prefill_repeats
-            )
-            print(
-                f"{recipe}: prefill of 1/8/32 prompts "
-                + "/".join(f"{v['median']:.1f}" for v in b["ms"].values())
-                + f" ms ({b['threads']} threads); serving {export}",
-                flush=True,
-            )
+            # before any server starts: this process alone, with each server's threads
+            for t in sorted(set(threads.values())):
+                bounds.setdefault(recipe, {})[str(t)] = b = prefill_bound(
+                    export, args.prompt_chars, [1, 8, 32], t, args.prefill_repeats
+                )
+                print(
+                    f"{recipe}: prefill of 1/8/32 prompts "
+                    + "/".join(f"{v['median']:.1f}" for v in b["ms"].values())
+                    + f" ms ({t} threads)",
+                    flush=True,
+                )
             servers: dict[str, Server] = {}
             traces: dict[str, Path] = {}
             try:
@@ -740,6 +757,8 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     print_breakdown(f"{recipe} [{name}, {a}]", c, bd)
             models[recipe] = [summarize(k, rs) for k, rs in rounds.items()]
+            for row in models[recipe]:
+                row["model_threads"] = threads[row["variant"]]
     result = {
         "benchmark": "serve_load",
         "command": shlex.join(["python", "bench/serve_load.py", *(argv or sys.argv[1:])]),
@@ -755,7 +774,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_chars": args.prompt_chars,
         "max_batch": args.max_batch,
         "prefill_bound": bounds,
-        "model_threads": next(iter(bounds.values()))["threads"] if bounds else None,
+        "model_threads": threads,
         "models": models,
         "note": args.note,  # conditions the machine record cannot show; none when not given
     }

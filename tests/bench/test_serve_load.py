@@ -53,6 +53,7 @@ def _row(variant: str, arrivals: str, clients: int, tps: float, p95: float) -> d
         "clients": clients,
         "requests": 4 * clients,
         "errors": 0,
+        "model_threads": 1,
         "rounds": [{"ttft_p95_s": p95}],
         "tokens_per_s": s(tps),
         "ttft_p50_s": s(p95),
@@ -73,14 +74,17 @@ def test_each_pattern_is_judged_against_its_own_one_client_row() -> None:
         "max_tokens": 64,
         "max_batch": 32,
         "span_s": {"m": 0.5},
-        "prefill_bound": {
+        "prefill_bound": {  # model -> torch threads -> prefill times
             "m": {
-                "threads": 2,
-                "prompt_tokens": 32,
-                "ms": {
-                    k: {"median": v, "min": v, "max": v, "n": 1}
-                    for k, v in {"1": 10.0, "8": 30.0}.items()
-                },
+                str(threads): {
+                    "threads": threads,
+                    "prompt_tokens": 32,
+                    "ms": {
+                        k: {"median": v * threads, "min": v * threads, "max": v * threads, "n": 1}
+                        for k, v in {"1": 10.0, "8": 30.0 / threads}.items()
+                    },
+                }
+                for threads in (1, 2)
             }
         },
         "models": {
@@ -100,7 +104,9 @@ def test_each_pattern_is_judged_against_its_own_one_client_row() -> None:
     assert lock8.endswith("x>=3 and p95<2x: NO (bound >= 2x) |")
     # staggered: 50 / 30 ms against its own one-client row, no lock-step bound
     assert "| 1.67 |" in stag8 and "| - |" in stag8 and stag8.endswith("p95<2x: yes |")
-    assert "| 10.0 (10.0–10.0) | 30.0 (30.0–30.0) | 3.00 |" in text
+    # the bound of the rows' own thread count (1): with 2 threads it would be 1.00
+    assert "| m | 1 | 32 | 10.0 (10.0–10.0) | 30.0 (30.0–30.0) | 3.00 |" in text
+    assert "| m | 2 | 32 | 20.0 (20.0–20.0) | 30.0 (30.0–30.0) | 1.50 |" in text
 
 
 def test_variants_parse_and_bad_ones_are_refused() -> None:
