@@ -85,12 +85,12 @@ def test_first_token_goes_out_before_the_next_forward() -> None:
         worker.stop()
     with rec.lock:
         log = list(rec.log)
-    joined = log.index(("prefill", 1), 1)  # the second prefill: `late`'s
+    joined = max(i for i, e in enumerate(log) if e == ("prefill", 1))  # the last: `late`'s
     kinds = [kind for kind, _ in log[joined:]]
     # Its first token is handed off before any forward runs; from then on every step hands its
     # tokens on (one call for the whole batch) before the forward that follows it.
     assert kinds[:4] == ["prefill", "handoff", "advance", "handoff"], kinds[:6]
-    assert "advance" not in [k for k, _ in log[: log.index(("prefill", 1))]]
+    assert "advance" not in [k for k, _ in log[: log.index(("prefill", 1), 1)]]  # warm-up, busy
     first = log[joined + 1][1]
     assert {j for j, _ in first} == {busy, late}
     steps = [k for k in kinds[1:] if k in ("handoff", "advance")]
@@ -122,7 +122,7 @@ def test_the_model_runs_with_the_workers_thread_count() -> None:
         rec.wait(job, lambda evs: any(ev.finish for ev in evs))
     finally:
         worker.stop()
-    assert seen == [want]
+    assert len(seen) == 2 and set(seen) == {want}  # the warm-up and the job
 
 
 def test_server_leaves_one_core_to_the_event_loop(monkeypatch) -> None:
@@ -137,3 +137,29 @@ def test_server_leaves_one_core_to_the_event_loop(monkeypatch) -> None:
     assert server.model_threads("cpu") == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert server.model_threads("cpu") is None  # the operator's setting stands
+
+
+def test_start_returns_after_a_warm_up_forward_that_leaves_no_trace() -> None:
+    """The first forward loads kernel backends (seconds): the worker runs one before serving."""
+    tok = CharTokenizer(sorted(set(TEXT)))
+    model = tiny_gpt(tok.vocab_size, block_size=64).eval()
+    worker = BatchWorker(model, tok, max_batch_size=2, max_queue=2)
+    calls: list[int] = []
+    forward = model.forward
+
+    def traced_forward(*args, **kwargs):
+        calls.append(args[0].shape[1])  # tokens per row
+        return forward(*args, **kwargs)
+
+    model.forward = traced_forward
+    rec = Recorder()
+    job = Job([tok.encode("fox ")], 1, SAMPLE, 5, 3, [], rec)  # type: ignore[arg-type]
+    worker.start()
+    try:
+        assert calls == [1] and worker.engine.active == 0  # warmed up, no row left behind
+        assert worker.submit(job)
+        rec.wait(job, lambda evs: any(ev.finish for ev in evs))
+    finally:
+        worker.stop()
+    text = "".join(ev.text for ev in rec.events(job))
+    assert text == generate(model, tok, "fox ", max_new_tokens=5, temperature=1.0, seed=3)[0]
