@@ -168,6 +168,7 @@ class Server:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            cwd=export.parent,  # not the repository: `-m` puts the cwd before PYTHONPATH
         )
         line = self.proc.stdout.readline()
         if not line.startswith("serving"):
