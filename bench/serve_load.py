@@ -19,8 +19,8 @@ Two arrival patterns (`--arrivals`, both by default), each judged against its ow
   stop sequence), so concurrent requests are admitted together, finish on the same decode step
   and come back together: each round is a series of near-simultaneous arrivals;
 - staggered: the clients start at seeded random offsets within one single-client request's
-  duration (measured on the warm-up request; the earliest offset is moved to 0, where the round's
-  clock starts), and each request's max_tokens is drawn, seeded per round, client and request,
+  duration (the shorter of the two warm-up requests; the earliest offset is moved to 0, where the
+  round's clock starts), and each request's max_tokens is drawn, seeded per round, client and request,
   uniformly from [max_tokens/2, 3*max_tokens/2] (the same mean), so requests do not all end on
   one step: the traffic a real server sees.
 
