@@ -47,6 +47,14 @@ def register(app: typer.Typer) -> None:
             show_default=False,
         ),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+        threads: int | None = typer.Option(
+            None,
+            "--threads",
+            min=1,
+            help="Torch threads of the model (default on the CPU: OMP_NUM_THREADS if set, else "
+            "all cores but one, left to the HTTP event loop).",
+            show_default=False,
+        ),
     ) -> None:
         """Serve a checkpoint over the OpenAI HTTP API (completions, chat, streaming)."""
         from craft.cli.errors import run_guarded
@@ -69,6 +77,7 @@ def register(app: typer.Typer) -> None:
                 model_name=model_name,
                 chat_template=chat_template,
                 log_level=log_level,
+                threads=threads,
             )
 
         run_guarded(run)

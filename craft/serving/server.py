@@ -62,6 +62,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def model_threads(device_type: str, requested: int | None = None) -> int | None:
+    """Torch threads for the model's forward: `requested`, else on the CPU all usable cores but
+    one unless OMP_NUM_THREADS says otherwise; None leaves torch's default.
+
+    The event loop (HTTP, tokenizing, streaming) runs while the model computes. With as many
+    threads as cores, every parallel op waits for whichever of its threads the event loop (or
+    any other process) has preempted; one core left free avoids that (bench/serve_load.py
+    compares the two with `--variant`).
+    """
+    if requested is not None:
+        return requested
+    if device_type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 def read_api_key(var: str | None) -> str | None:
     if var is None:
         return None
@@ -85,6 +105,7 @@ def serve(
     model_name: str | None = None,
     chat_template: Path | None = None,
     log_level: str = "info",
+    threads: int | None = None,
 ) -> None:
     """Serve `checkpoint` until interrupted (Ctrl-C / SIGTERM).
 
@@ -94,6 +115,8 @@ def serve(
     uvicorn = _uvicorn()
     if max_batch_size < 1 or max_queue < 1 or max_tokens_limit < 1:
         raise ConfigError("--max-batch-size, --max-queue and --max-tokens-limit must be >= 1")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: expected >= 1")
     api_key = read_api_key(api_key_env)
     template = None
     if chat_template is not None:
@@ -116,16 +139,21 @@ def serve(
         from craft.serving.worker import BatchWorker
         from craft.training.checkpoint import load_model
 
-        model, tokenizer, cfg = load_model(
-            checkpoint, device=resolve_device(device), dtype=resolve_dtype(dtype)
-        )
+        dev = resolve_device(device)
+        model, tokenizer, cfg = load_model(checkpoint, device=dev, dtype=resolve_dtype(dtype))
         if template is None and getattr(tokenizer, "chat_template", None):
             try:
                 template = compile_template(tokenizer.chat_template)
             except ValueError as e:
                 raise ConfigError(f"{checkpoint}: the tokenizer's {e}") from None
         name = model_name or cfg.run.name
-        worker = BatchWorker(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+        worker = BatchWorker(
+            model,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            threads=model_threads(dev.type, threads),
+        )
         block = getattr(model, "block_size", None)
         state = app_mod.ServerState(
             worker=worker,
@@ -147,7 +175,8 @@ def serve(
         bound = sock.getsockname()
         sys.stdout.write(
             f"serving {name!r} on http://{host}:{bound[1]} (batch {max_batch_size}, "
-            f"device {worker.device.type}, {'API key required' if api_key else 'no API key'})\n"
+            f"device {worker.device.type}, threads {worker.threads or 'default'}, "
+            f"{'API key required' if api_key else 'no API key'})\n"
         )
         sys.stdout.flush()
         config = uvicorn.Config(

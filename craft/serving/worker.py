@@ -122,9 +122,11 @@ class BatchWorker:
         *,
         max_batch_size: int,
         max_queue: int,
+        threads: int | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.threads = threads  # torch threads of the model's forward (None: torch's default)
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self.engine = DecodeEngine(model, max_batch_size)
         self.device = self.engine.device
@@ -135,9 +137,12 @@ class BatchWorker:
         self.work = 0  # tokens through the model so far (prefill and decode): traces use it
         self.texts: dict[Row, tuple[Job, int, _Text]] = {}
         self.thread = threading.Thread(target=self._run, name="craft-decode", daemon=True)
+        self.ready = threading.Event()  # set once the warm-up forward has run
 
     def start(self) -> None:
+        """Start the worker; returns once its warm-up forward has run."""
         self.thread.start()
+        self.ready.wait()
 
     def stop(self) -> None:
         self.stopping = True
@@ -168,6 +173,14 @@ class BatchWorker:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.threads is not None:  # per thread: OpenMP's setting is the calling thread's
+            torch.set_num_threads(self.threads)
+        try:
+            self._warm_up()
+        except Exception:  # a model that cannot run fails each request with its error
+            log.exception("the warm-up forward failed")
+        finally:
+            self.ready.set()
         while not self.stopping:
             try:
                 self._admit()
@@ -182,6 +195,13 @@ class BatchWorker:
             except Exception as e:  # a fault fails the requests in flight, not the server
                 log.exception("decoding failed")
                 self._fail_all(e)
+
+    def _warm_up(self) -> None:
+        """One forward of a one-token prompt, so that the first request does not pay for what
+        the first forward loads (kernel backends, thread pool: seconds on a CPU)."""
+        rows = self.engine.add_many([Request([0], SamplingParams(temperature=0.0), [None], 1)])
+        for row in rows[0]:
+            self.engine.cancel(row)
 
     def _admit(self) -> None:
         """Start every queued job the batch has room for, prefilling their prompts together."""

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+import torch
+
 from craft.data.tokenizers import CharTokenizer
 from craft.generation import generate
 from craft.sampling import SamplingParams
@@ -83,12 +85,12 @@ def test_first_token_goes_out_before_the_next_forward() -> None:
         worker.stop()
     with rec.lock:
         log = list(rec.log)
-    joined = log.index(("prefill", 1), 1)  # the second prefill: `late`'s
+    joined = max(i for i, e in enumerate(log) if e == ("prefill", 1))  # the last: `late`'s
     kinds = [kind for kind, _ in log[joined:]]
     # Its first token is handed off before any forward runs; from then on every step hands its
     # tokens on (one call for the whole batch) before the forward that follows it.
     assert kinds[:4] == ["prefill", "handoff", "advance", "handoff"], kinds[:6]
-    assert "advance" not in [k for k, _ in log[: log.index(("prefill", 1))]]
+    assert "advance" not in [k for k, _ in log[: log.index(("prefill", 1), 1)]]  # warm-up, busy
     first = log[joined + 1][1]
     assert {j for j, _ in first} == {busy, late}
     steps = [k for k in kinds[1:] if k in ("handoff", "advance")]
@@ -96,3 +98,68 @@ def test_first_token_goes_out_before_the_next_forward() -> None:
     # The seed contract holds for the row that joined a busy batch.
     text = "".join(ev.text for ev in rec.events(late))
     assert text == generate(model, tok, "fox ", max_new_tokens=6, temperature=1.0, seed=2)[0]
+
+
+def test_the_model_runs_with_the_workers_thread_count() -> None:
+    """The forward runs in the worker thread with the thread count the server chose for it."""
+    tok = CharTokenizer(sorted(set(TEXT)))
+    model = tiny_gpt(tok.vocab_size, block_size=64).eval()
+    want = torch.get_num_threads() + 1  # differs from the default whatever the machine
+    worker = BatchWorker(model, tok, max_batch_size=2, max_queue=2, threads=want)
+    seen: list[int] = []
+    add_many = worker.engine.add_many
+
+    def traced_add(requests):
+        seen.append(torch.get_num_threads())
+        return add_many(requests)
+
+    worker.engine.add_many = traced_add
+    rec = Recorder()
+    job = Job([tok.encode("the ")], 1, SAMPLE, 2, 1, [], rec)  # type: ignore[arg-type]
+    worker.start()
+    try:
+        assert worker.submit(job)
+        rec.wait(job, lambda evs: any(ev.finish for ev in evs))
+    finally:
+        worker.stop()
+    assert len(seen) == 2 and set(seen) == {want}  # the warm-up and the job
+
+
+def test_server_leaves_one_core_to_the_event_loop(monkeypatch) -> None:
+    from craft.serving import server
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert server.model_threads("cpu") == 5
+    assert server.model_threads("cpu", requested=6) == 6  # --threads
+    assert server.model_threads("cuda") is None  # the GPU computes: torch's default
+    monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: {0})
+    assert server.model_threads("cpu") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert server.model_threads("cpu") is None  # the operator's setting stands
+
+
+def test_start_returns_after_a_warm_up_forward_that_leaves_no_trace() -> None:
+    """The first forward loads kernel backends (seconds): the worker runs one before serving."""
+    tok = CharTokenizer(sorted(set(TEXT)))
+    model = tiny_gpt(tok.vocab_size, block_size=64).eval()
+    worker = BatchWorker(model, tok, max_batch_size=2, max_queue=2)
+    calls: list[int] = []
+    forward = model.forward
+
+    def traced_forward(*args, **kwargs):
+        calls.append(args[0].shape[1])  # tokens per row
+        return forward(*args, **kwargs)
+
+    model.forward = traced_forward
+    rec = Recorder()
+    job = Job([tok.encode("fox ")], 1, SAMPLE, 5, 3, [], rec)  # type: ignore[arg-type]
+    worker.start()
+    try:
+        assert calls == [1] and worker.engine.active == 0  # warmed up, no row left behind
+        assert worker.submit(job)
+        rec.wait(job, lambda evs: any(ev.finish for ev in evs))
+    finally:
+        worker.stop()
+    text = "".join(ev.text for ev in rec.events(job))
+    assert text == generate(model, tok, "fox ", max_new_tokens=5, temperature=1.0, seed=3)[0]
