@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from time_to_target import loss_figure, target_arguments  # noqa: E402
+from time_to_target import loss_figure, target_arguments, target_doc  # noqa: E402
 from train_throughput import run_child  # noqa: E402
 
 
@@ -119,8 +119,6 @@ def main(argv: list[str] | None = None) -> None:
     args.lr = args.lr or [1e-3, 1.5e-3, 2e-3, 3e-3]
     args.warmup = args.warmup or [50, 100]
 
-    import shlex
-
     import torch
 
     from craft.bench.hardware import load_avg, machine_info
@@ -157,11 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     stem = f"{Path(args.recipe).stem}_schedule_sweep"
     out = Path(args.out)
     doc: dict[str, Any] = {
-        "benchmark": "schedule_sweep",
-        "command": shlex.join(["python", "bench/schedule_sweep.py", *(argv or sys.argv[1:])]),
-        "recipe": args.recipe,
-        "target": args.target,
-        "eval_every": args.eval_every,
+        **target_doc("schedule_sweep", args, argv),
         "overrides": args.set,
         "machine": machine,
         "load_avg_end": load_avg(),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -316,6 +317,17 @@ def target_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=50)
 
 
+def target_doc(benchmark: str, args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """The head of a time-to-target results document: what ran, on what, towards what."""
+    return {
+        "benchmark": benchmark,
+        "command": shlex.join(["python", f"bench/{benchmark}.py", *(argv or sys.argv[1:])]),
+        "recipe": args.recipe,
+        "target": args.target,
+        "eval_every": args.eval_every,
+    }
+
+
 def loss_figure(
     path: Path,
     lines: list[tuple[list[float], list[float], dict[str, Any]]],
@@ -410,7 +422,6 @@ def main(argv: list[str] | None = None) -> None:
             )
         print(json.dumps(res))
         return
-    import shlex
 
     import torch
 
@@ -445,11 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         bound = craft_t["median"] / plain["missed"]["time_spent_s"]["median"]
     out = Path(args.out)
     doc: dict[str, Any] = {
-        "benchmark": "time_to_target",
-        "command": shlex.join(["python", "bench/time_to_target.py", *(argv or sys.argv[1:])]),
-        "recipe": args.recipe,
-        "target": args.target,
-        "eval_every": args.eval_every,
+        **target_doc("time_to_target", args, argv),
         "repeats": args.repeats,
         "overrides": args.set,
         "plain_overrides": args.plain_set,
