@@ -13,9 +13,13 @@ in flight) both drive a `DecodeEngine`:
 every further sample of the same prompt. `step` samples the pending logits of every row (each row
 with its own parameters and generator, see `craft.sampling`), retires finished rows, and runs one
 forward pass over all remaining rows to get their next logits; a server runs its two halves,
-`sample` and `advance`, apart, so that tokens go out before the forward pass. Rows live in slots 0..n-1 of one
-batched cache; a retired row's slot is taken by the last row (its cache row is copied), so the
-batch stays contiguous.
+`sample` and `advance`, apart, so that tokens go out before the forward pass, and adds requests
+with `add_many(..., defer=True)`: their prompts are prefilled by the next `advance`, in the same
+forward as every other row's next token (a cache's `packed_step`: rows taking different numbers
+of tokens, packed as one sequence), so a new request never stalls the batch for a forward of its
+own; rows whose window is full are refilled in that forward too. Rows live in slots 0..n-1 of
+one batched cache; a retired row's slot is taken by the last row (its cache row is copied), so
+the batch stays contiguous.
 
 Models: a GPT's KV cache and an RNN's state implement the row operations the batch needs
 (`rows(i, j)`, `copy_row(src, dst)`, `reset()`). A model whose cache lacks them is decoded with
@@ -61,6 +65,8 @@ class Row:
     finish_reason: str | None = None  # "stop" (eos) | "length" | "cancelled"
     slot: int = -1
     cached: int = 0  # tokens held by the row's cache
+    pending: bool = False  # added with `defer`: the next `advance` prefills it
+    source: Row | None = None  # a pending further sample: copies this row's prefill
 
     @property
     def done(self) -> bool:
@@ -149,6 +155,14 @@ class DecodeEngine:
                 self.mode, self.cache = "batched", cache
             else:
                 self.mode = "per_row"
+        # packed steps: a forward in which rows take different numbers of tokens (`add_many`
+        # with `defer`, and refilled windows, ride along with the other rows' decoding step)
+        self.packed = (
+            self.mode == "batched"
+            and not compile
+            and callable(getattr(self.cache, "packed_step", None))
+        )
+        self._deferred = 0  # rows added with `defer` that await their prefill
         self.compiled: Any = None
         self.compile_seconds: float | None = None  # the first compiled step, compile included
         if compile:
@@ -201,12 +215,16 @@ class DecodeEngine:
             raise TypeError("the model returned no logits; generation needs them (targets=None)")
         return logits[:, -1, :]
 
-    def _set_logits(self, slot: int, logits: torch.Tensor) -> None:
+    def _logits_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """The (max_rows, V) float32 buffer of next-token logits, allocated on first use."""
         if self.logits is None:
             self.logits = torch.empty(
                 self.max_rows, logits.shape[-1], device=logits.device, dtype=torch.float32
             )
-        self.logits[slot : slot + logits.shape[0]] = logits
+        return self.logits
+
+    def _set_logits(self, slot: int, logits: torch.Tensor) -> None:
+        self._logits_of(logits)[slot : slot + logits.shape[0]] = logits
 
     def _fill(self, slot: int, ids: list[int]) -> torch.Tensor | None:
         """Start slot's cache afresh from `ids`; their last logits (None for no ids)."""
@@ -246,9 +264,16 @@ class DecodeEngine:
         return self.add_many([request])[0]
 
     @torch.no_grad()
-    def add_many(self, requests: Sequence[Request]) -> list[list[Row]]:
-        """`add` for several requests at once: prompts of equal length share one prefill forward."""
-        if self._unfed:
+    def add_many(self, requests: Sequence[Request], *, defer: bool = False) -> list[list[Row]]:
+        """`add` for several requests at once: prompts of equal length share one prefill forward.
+
+        `defer` (an engine with packed steps, `self.packed`): run no forward now; the next
+        `advance` prefills the prompts in the same forward as the other rows' next token. Rows
+        can then be added at any time, also between `sample` and `advance`.
+        """
+        if defer and not self.packed:
+            raise ValueError("deferred prefill needs packed steps (a GPT's cache, not compiled)")
+        if self._unfed and not defer:
             raise RuntimeError("rows can be added only after advance()")
         total = sum(len(r.generators) for r in requests)
         if total > self.free:
@@ -284,6 +309,13 @@ class DecodeEngine:
                     if self.mode == "per_row":
                         self.row_caches.append(self.model.new_cache(1, self.device, self.dtype))
                     rows[i].append(row)
+        if defer:
+            for group in rows:
+                for row in group:
+                    row.pending, row.source = True, group[0] if row is not group[0] else None
+                    self.cache.lengths[row.slot] = 0
+                    self._deferred += 1
+            return rows
         try:
             self._prefill([rows[i][0] for i in order])
             for group in rows:
@@ -333,6 +365,9 @@ class DecodeEngine:
 
     def _retire(self, row: Row) -> None:
         """Free row's slot: the last row moves into it (cache row, logits and all)."""
+        if row.pending:
+            row.pending = False
+            self._deferred -= 1
         slot, last = row.slot, len(self.slots) - 1
         if slot != last:
             moved = self.slots[last]
@@ -374,6 +409,8 @@ class DecodeEngine:
         A server calls it, hands the tokens on, then calls `advance`, so a token never waits
         for the forward that prepares the next one. Until `advance`, rows cannot be added.
         """
+        if self._deferred:
+            raise RuntimeError("rows added with defer await advance()")
         if self._unfed:
             raise RuntimeError("sample() called twice without advance()")
         n = len(self.slots)
@@ -399,7 +436,7 @@ class DecodeEngine:
     @torch.no_grad()
     def advance(self) -> None:
         """The second half of `step`: one forward pass gives every row its next logits."""
-        if self._unfed and self.slots:
+        if (self._unfed or self._deferred) and self.slots:
             self._advance()
         self._unfed = False
 
@@ -409,6 +446,12 @@ class DecodeEngine:
         if self.mode == "recompute":
             for row in self.slots:
                 self._set_logits(row.slot, self._fill(row.slot, row.context))
+            return
+        if self.packed and (
+            self._deferred
+            or (self.block is not None and any(r.cached >= self.block for r in self.slots))
+        ):
+            self._advance_packed()
             return
         for row in self.slots:  # a full cache restarts from the most recent tokens
             if self.block is not None and row.cached >= self.block:
@@ -428,6 +471,42 @@ class DecodeEngine:
             for row in self.slots:
                 cache = self.row_caches[row.slot]
                 self._set_logits(row.slot, self._forward(feed[row.slot : row.slot + 1], cache))
+
+    def _advance_packed(self) -> None:
+        """One packed forward: each sampled row's newest token, each deferred prompt (further
+        samples of a prompt copy its first row afterwards) and each full row's refilled window
+        (its most recent `keep` tokens, from position 0)."""
+        singles: list[tuple[Row, int, list[int]]] = []
+        longer: list[tuple[Row, int, list[int]]] = []
+        copies: list[Row] = []
+        for row in self.slots:
+            if row.pending:
+                if row.source is not None and row.source.slot >= 0:
+                    copies.append(row)
+                else:
+                    longer.append((row, 0, row.context))
+            elif self._unfed:
+                if self.block is not None and row.cached >= self.block:
+                    longer.append((row, 0, row.context[-self.keep :]))
+                else:
+                    singles.append((row, row.cached, row.context[-1:]))
+        segments = singles + longer
+        step = self.cache.packed_step([(r.slot, st, len(t)) for r, st, t in segments])
+        idx = torch.tensor([[t for _, _, ts in segments for t in ts]], device=self.device)
+        out = self.model(idx, cache=step, last_only=True)[0]  # (1, R, V)
+        if out is None:
+            raise TypeError("the model returned no logits; generation needs them (targets=None)")
+        slots = torch.tensor([r.slot for r, _, _ in segments], device=self.device)
+        self._logits_of(out)[slots] = out[0].float()
+        for r, st, ts in segments:
+            r.cached, r.pending = st + len(ts), False
+        for row in copies:
+            self.cache.copy_row(row.source.slot, row.slot)
+            self.logits[row.slot] = self.logits[row.source.slot]
+            row.cached, row.pending = row.source.cached, False
+        for row in self.slots:
+            row.source = None
+        self._deferred = 0
 
     def _fixed_step(self, idx: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Logits (max_rows, V) of one token per row at positions pos (max_rows,) attending to

@@ -13,6 +13,7 @@ Shapes: B batch, T tokens, C d_model, H query heads, Hkv key/value heads, hs hea
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ class KVCache:
         self.positions: torch.Tensor | None = None  # (B, T) new positions of ragged rows
         self.mask: torch.Tensor | None = None  # (B, 1, T, S) keys each query may see (ragged)
         self.keys = 0  # S: keys the attention of this step reads
+        self.last: torch.Tensor | None = None  # a packed step's last token of each row
 
     @property
     def batch_size(self) -> int:
@@ -135,6 +137,11 @@ class KVCache:
         """A one-token step over all rows with static shapes (see `FixedStep`): what compiles."""
         return FixedStep(self, pos, keys)
 
+    def packed_step(self, segments: Sequence[tuple[int, int, int]]) -> PackedStep:
+        """A forward of different numbers of new tokens per row, packed as one sequence (see
+        `PackedStep`); `segments` are (row, first position, tokens)."""
+        return PackedStep(self, segments)
+
 
 class FixedStep(KVCache):
     """One decoding step over a whole `KVCache` whose shapes never change, for `torch.compile`.
@@ -196,6 +203,106 @@ class FixedStep(KVCache):
 
     def advance(self, t: int) -> None:
         pass
+
+
+class PackedStep(KVCache):
+    """One forward over rows that each take a different number of new tokens, packed as one
+    sequence (batch 1) so that every linear layer runs once over all of them.
+
+    `segments` are (row, start, count): the row's next `count` tokens at positions start..,
+    in the order they appear in the packed input; single-token segments (decoding rows) come
+    first, rows with more tokens (a new prompt, a refilled window) after them. A server uses it
+    to prefill a newly arrived prompt in the same forward as the other rows' decoding step, so
+    that neither waits for a forward of its own. Attention: the single-token rows in one masked
+    call over their cache rows, each longer segment causally over its own row. `last` holds the
+    packed index of each segment's last token (the logits the caller needs). Shares the cache's
+    memory; `advance` sets each row's length to start + count.
+    """
+
+    def __init__(self, cache: KVCache, segments: Sequence[tuple[int, int, int]]) -> None:
+        self.k, self.v, self.lengths = cache.k, cache.v, cache.lengths
+        device = self.k.device
+        singles = 0
+        for i, (_, _, count) in enumerate(segments):
+            if count < 1:
+                raise ValueError(f"segment {i} has {count} tokens: expected >= 1")
+            if count == 1 and singles < i:
+                raise ValueError("single-token segments must come before longer ones")
+            singles += count == 1
+        self.segments = list(segments)
+        self.singles = singles
+        rows = [r for r, _, c in segments for _ in range(c)]
+        pos = [s + j for _, s, c in segments for j in range(c)]
+        self.rows = torch.tensor(rows, device=device)  # (N,) row of each packed token
+        self.positions = torch.tensor(pos, device=device)[None]  # (1, N)
+        offsets, n = [], 0
+        for _, _, c in segments:
+            n += c
+            offsets.append(n - 1)
+        self.last = torch.tensor(offsets, device=device)  # (R,) each segment's last token
+        self.start = None
+        self.mask = True  # type: ignore[assignment]  # not None: attention goes through `attend`
+        self.keys = max(s + c for _, s, c in segments)
+        self.layer = 0
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    def begin(self, t: int, device: torch.device) -> None:
+        if t != self.positions.shape[1]:
+            raise ValueError(f"packed step of {self.positions.shape[1]} tokens got {t}")
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (1, Hkv, N, hs) at each token's row and position; `attend` reads them."""
+        hkv = k.shape[1]
+        heads = torch.arange(hkv, device=k.device)[None, :]  # (1, Hkv)
+        where = (self.rows[:, None], heads, self.positions[0][:, None])  # -> (N, Hkv)
+        self.k[layer].index_put_(where, k[0].transpose(0, 1).to(self.k.dtype))
+        self.v[layer].index_put_(where, v[0].transpose(0, 1).to(self.v.dtype))
+        self.layer = layer
+        return k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Queries q (1, H, N, hs) over each token's own row in the cache -> (1, H, N, hs)."""
+        kc, vc = self.k[self.layer], self.v[self.layer]  # (B, Hkv, max_len, hs)
+        h, hkv = q.shape[1], kc.shape[1]
+        out = []
+        d = self.singles
+        if d:
+            rows = [r for r, _, _ in self.segments[:d]]
+            s = max(st for _, st, _ in self.segments[:d]) + 1
+            if rows == list(range(rows[0], rows[0] + d)):  # adjacent rows: a view, no copy
+                kd, vd = kc[rows[0] : rows[0] + d, :, :s], vc[rows[0] : rows[0] + d, :, :s]
+            else:
+                kd, vd = kc[self.rows[:d], :, :s], vc[self.rows[:d], :, :s]  # (d, Hkv, S, hs)
+            pos = self.positions[0, :d]
+            mask = (torch.arange(s, device=q.device) <= pos[:, None])[:, None, None]  # (d,1,1,S)
+            qd = q[0, :, :d].transpose(0, 1)[:, :, None]  # (d, H, 1, hs)
+            y = ragged_attention(qd, kd.to(q.dtype), vd.to(q.dtype), mask)  # (d, H, 1, hs)
+            out.append(y[:, :, 0].transpose(0, 1)[None])  # (1, H, d, hs)
+        off = d
+        for r, st, c in self.segments[d:]:
+            ks = kc[r : r + 1, :, : st + c].to(q.dtype)  # (1, Hkv, st + c, hs)
+            vs = vc[r : r + 1, :, : st + c].to(q.dtype)
+            qs = q[:, :, off : off + c]  # (1, H, c, hs)
+            if st == 0:
+                y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=h != hkv)
+            else:  # bottom-right causal: query j sees keys 0..st + j
+                keep = (
+                    torch.arange(st + c, device=q.device)
+                    <= st + torch.arange(c, device=q.device)[:, None]
+                )  # (c, st + c)
+                y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep, enable_gqa=h != hkv)
+            out.append(y)
+            off += c
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+    def advance(self, t: int) -> None:
+        for r, st, c in self.segments:
+            self.lengths[r] = st + c
 
 
 class Norm(nn.Module):
@@ -480,7 +587,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(t)
         if last_only and targets is None:
-            x = x[:, -1:]  # (B, 1, C)
+            last = getattr(cache, "last", None)  # a packed step: each row's last token
+            x = x[:, -1:] if last is None else x[:, last]  # (B, 1, C) or (1, R, C)
         x = self.ln_f(x)  # (B, T, C)
 
         if targets is None:

@@ -32,6 +32,7 @@ from starlette.routing import Route
 from craft.errors import TokenizerError
 from craft.serving import protocol as P
 from craft.serving.chat import render
+from craft.serving.engine_process import EngineProcess
 from craft.serving.trace import Marks, Tracer
 from craft.serving.worker import BatchWorker, Event, Job
 
@@ -44,7 +45,7 @@ MAX_BODY_BYTES = 1 << 20
 class ServerState:
     """What the routes need: the worker, the tokenizer and the limits."""
 
-    worker: BatchWorker
+    worker: BatchWorker | EngineProcess  # the model's decoding, here or in its own process
     tokenizer: Any
     model_name: str
     context: int | None  # the model's block_size (None: unbounded)
@@ -155,6 +156,14 @@ def _submit(state: ServerState, job: Job, entered: float) -> None:
     if state.tracer is not None:
         job.marks = Marks(enter=entered)
         job.mark("submit", work_submit=state.worker.work)
+    dead = getattr(state.worker, "dead", None)
+    if dead:
+        raise P.ApiError(
+            503,
+            f"the model is not available ({dead}); the server must be restarted",
+            type="server_error",
+            code="engine_unavailable",
+        )
     if not state.worker.submit(job):
         raise P.ApiError(
             503,

@@ -135,26 +135,30 @@ def serve(
         from craft.generation import resolve_device, resolve_dtype
         from craft.serving import app as app_mod
         from craft.serving.chat import compile_template
+        from craft.serving.engine_process import EngineProcess
         from craft.serving.trace import from_env as trace_from_env
-        from craft.serving.worker import BatchWorker
         from craft.training.checkpoint import load_model
 
         dev = resolve_device(device)
-        model, tokenizer, cfg = load_model(checkpoint, device=dev, dtype=resolve_dtype(dtype))
+        # loaded here to check it and to get its tokenizer and window; the engine process loads
+        # the model again for decoding, and this copy is released
+        model, tokenizer, cfg = load_model(checkpoint, device="cpu", dtype=resolve_dtype(dtype))
+        block = getattr(model, "block_size", None)
+        del model
         if template is None and getattr(tokenizer, "chat_template", None):
             try:
                 template = compile_template(tokenizer.chat_template)
             except ValueError as e:
                 raise ConfigError(f"{checkpoint}: the tokenizer's {e}") from None
         name = model_name or cfg.run.name
-        worker = BatchWorker(
-            model,
-            tokenizer,
+        worker = EngineProcess(
+            str(checkpoint),
+            device=str(dev),
+            dtype=dtype,
+            threads=model_threads(dev.type, threads),
             max_batch_size=max_batch_size,
             max_queue=max_queue,
-            threads=model_threads(dev.type, threads),
         )
-        block = getattr(model, "block_size", None)
         state = app_mod.ServerState(
             worker=worker,
             tokenizer=tokenizer,
@@ -175,7 +179,7 @@ def serve(
         bound = sock.getsockname()
         sys.stdout.write(
             f"serving {name!r} on http://{host}:{bound[1]} (batch {max_batch_size}, "
-            f"device {worker.device.type}, threads {worker.threads or 'default'}, "
+            f"device {worker.device_type}, threads {worker.threads or 'default'}, "
             f"{'API key required' if api_key else 'no API key'})\n"
         )
         sys.stdout.flush()

@@ -2,18 +2,21 @@
 
 Requests (`Job`s) wait in a bounded queue. Each turn of the worker's loop:
 
-1. admit as many queued jobs as the batch has free rows for (a job's rows are admitted together)
-   and prefill their prompts, shortest first, equal lengths in one forward;
-2. sample one token for every row (`DecodeEngine.sample`): a new row's first token comes straight
-   from its prefill logits;
-3. turn the tokens into text (the tokenizer's incremental decoder, stop sequences) and hand every
-   job's new text to the event loop in one call for the whole batch;
-4. only then run the batched forward that prepares the next tokens (`DecodeEngine.advance`).
+1. admit as many queued jobs as the batch has free rows for (a job's rows are admitted together);
+2. run one forward pass (`DecodeEngine.advance`) that gives every row its next logits: the
+   newest token of every decoding row, and the whole prompt of every newly admitted row, packed
+   into one sequence (`DecodeEngine.add_many(defer=True)`, a GPT's packed steps); a row whose
+   window is full recomputes it in the same forward;
+3. sample one token for every row (`DecodeEngine.sample`);
+4. turn the tokens into text (the tokenizer's incremental decoder, stop sequences) and hand every
+   job's new text to the event loop in one call for the whole batch.
 
 So a request's first token waits for the forward in flight when it arrived (the one thing a
-single model thread cannot interrupt), its prefill and a sample, never for a further decode
-step, and every token reaches its client before the next forward starts. A job whose client went
-away is cancelled before the next sample. Greedy or seeded rows decode
+single model thread cannot interrupt) and for one more forward, the one that prefills it along
+with the other rows' next token; no row ever waits for a forward of another request's prompt
+alone. Every token reaches its client before the next forward starts. A model without packed
+steps (an RNN) prefills new prompts in a forward of their own before the step's sample. A job
+whose client went away is cancelled before the next forward. Greedy or seeded rows decode
 exactly as `craft generate` would (see craft/sampling.py): the batch does not change a row's
 draws.
 """
@@ -25,6 +28,7 @@ import collections
 import logging
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,11 +79,12 @@ class Job:
         return len(self.prompts) * self.n
 
     def send(self, item: list[Event] | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        self.loop.call_soon_threadsafe(_deliver, [(self, item)])
 
 
-def _deliver(batch: list[tuple[Job, list[Event]]]) -> None:
-    """On the event loop: every job's events of one step (one wake-up for the whole batch)."""
+def _deliver(batch: list[tuple[Job, list[Event] | BaseException]]) -> None:
+    """On the event loop: every job's events of one step (one wake-up for the whole batch), or
+    the error that ended a job."""
     for job, events in batch:
         job.queue.put_nowait(events)
 
@@ -136,8 +141,13 @@ class BatchWorker:
         self.stopping = False
         self.work = 0  # tokens through the model so far (prefill and decode): traces use it
         self.texts: dict[Row, tuple[Job, int, _Text]] = {}
+        self.prefilling: list[Job] = []  # admitted, their prompts in the next forward (packed)
         self.thread = threading.Thread(target=self._run, name="craft-decode", daemon=True)
         self.ready = threading.Event()  # set once the warm-up forward has run
+        # called (worker thread) when the number of active rows changed without a step's events
+        # (rows cancelled, the batch drained): an engine process reports its load with it
+        self.on_load: Callable[[], None] | None = None
+        self._reported = 0
 
     def start(self) -> None:
         """Start the worker; returns once its warm-up forward has run."""
@@ -185,13 +195,24 @@ class BatchWorker:
             try:
                 self._admit()
                 self._drop_cancelled()
+                if self.on_load is not None and self.engine.active != self._reported:
+                    self._reported = self.engine.active
+                    self.on_load()
                 if not self.engine.active:
                     self.wake.wait(timeout=0.5)
                     self.wake.clear()
                     continue
-                self._emit(self.engine.sample())
-                self.work += self.engine.active
-                self.engine.advance()
+                if self.engine.packed:  # new prompts ride along with the others' next token
+                    self.work += self.engine.active
+                    self.engine.advance()
+                    for job in self.prefilling:
+                        job.mark("prefill")
+                    self.prefilling.clear()
+                    self._emit(self.engine.sample())
+                else:
+                    self._emit(self.engine.sample())
+                    self.work += self.engine.active
+                    self.engine.advance()
             except Exception as e:  # a fault fails the requests in flight, not the server
                 log.exception("decoding failed")
                 self._fail_all(e)
@@ -199,7 +220,10 @@ class BatchWorker:
     def _warm_up(self) -> None:
         """One forward of a one-token prompt, so that the first request does not pay for what
         the first forward loads (kernel backends, thread pool: seconds on a CPU)."""
-        rows = self.engine.add_many([Request([0], SamplingParams(temperature=0.0), [None], 1)])
+        rows = self.engine.add_many(
+            [Request([0], SamplingParams(temperature=0.0), [None], 1)], defer=self.engine.packed
+        )
+        self.engine.advance()
         for row in rows[0]:
             self.engine.cancel(row)
 
@@ -242,13 +266,18 @@ class BatchWorker:
                 )
                 owners.append((job, prompt))
         self.work += sum(len(r.prompt) for r in requests)
-        for (job, prompt), rows in zip(owners, self.engine.add_many(requests), strict=True):
+        defer = self.engine.packed
+        added = self.engine.add_many(requests, defer=defer)
+        for (job, prompt), rows in zip(owners, added, strict=True):
             for row in rows:
                 decoder = self.tokenizer.decoder()
                 decoder.push(prompt)  # the prompt is context: word boundaries of the first piece
                 self.texts[row] = (job, row.index, _Text(decoder, job.stops))
             job.rows.extend(rows)
-            job.mark("prefill")
+            if defer:
+                self.prefilling.append(job)
+            else:
+                job.mark("prefill")
 
     def _drop_cancelled(self) -> None:
         for row in [r for r, (job, _, _) in self.texts.items() if job.cancelled]:
@@ -289,5 +318,6 @@ class BatchWorker:
         for row in list(self.texts):
             self.engine.cancel(row)
         self.texts.clear()
+        self.prefilling.clear()
         for job in jobs:
             job.send(error)

@@ -177,3 +177,57 @@ def test_sample_then_advance_is_step_and_rows_join_only_after_advance() -> None:
     engine.step()
     engine.step()
     assert late.tokens == _alone(model, [1], 2, SAMPLE, 9)
+
+
+@pytest.mark.parametrize("name", ["gpt", "gpt-rope-gqa"])
+def test_prompts_added_between_the_halves_ride_along_and_decode_as_alone(name: str) -> None:
+    """`add_many(defer=True)` between `sample` and `advance`: the next forward prefills the new
+    prompts with the other rows' next token (and refills full windows: block 12); every row
+    decodes as alone, a further sample copies its first row, a row cancelled before its prefill
+    frees its slot, and nothing is sampled before the prefill."""
+    model = _models()[name].eval()
+    engine = DecodeEngine(model, 6)
+    assert engine.packed
+    (first,) = engine.add_many([Request([1, 2, 3], SAMPLE, [row_generator(1, 0)], 20)])[0]
+    joins = {  # step -> (prompt, max_new_tokens, seed, samples)
+        2: ([5, 6, 7, 8, 9, 10, 11], 15, 3, 2),
+        5: ([4], 9, 4, 1),
+        9: ([2, 2, 3, 1, 4, 4, 5, 9, 1, 2, 3, 6, 7], 8, 5, 1),  # longer than the window
+    }
+    added: list[tuple[list[int], int, int, list]] = []
+    dropped = None
+    for step in range(40):
+        if not engine.active:
+            break
+        engine.sample()
+        if step in joins:
+            prompt, n, seed, k = joins[step]
+            gens = [row_generator(seed, j) for j in range(k)]
+            (rows,) = engine.add_many([Request(prompt, SAMPLE, gens, n)], defer=True)
+            added.append((prompt, n, seed, rows))
+            with pytest.raises(RuntimeError, match="await advance"):
+                engine.sample()
+        if step == 6:  # a request cancelled before its prefill ran
+            (gone,) = engine.add_many([Request([3], SAMPLE, [row_generator(8, 0)], 5)], defer=True)
+            dropped = gone[0]
+            engine.cancel(dropped)
+        engine.advance()
+    assert not engine.active and dropped is not None
+    assert dropped.tokens == [] and dropped.finish_reason == "cancelled"
+    assert first.tokens == _alone(model, [1, 2, 3], 20, SAMPLE, 1)
+    for prompt, n, seed, rows in added:
+        assert rows[0].tokens == _alone(model, prompt, n, SAMPLE, seed)
+        for j, row in enumerate(rows[1:], start=1):
+            other = DecodeEngine(model, 1)
+            (alone,) = other.add(prompt, SAMPLE, [row_generator(seed, j)], max_new_tokens=n)
+            while other.active:
+                other.step()
+            assert row.tokens == alone.tokens
+
+
+def test_deferred_prefill_needs_packed_steps() -> None:
+    model = _models()["lstm"].eval()
+    engine = DecodeEngine(model, 2)
+    assert not engine.packed
+    with pytest.raises(ValueError, match="packed steps"):
+        engine.add_many([Request([1], SAMPLE, [None], 3)], defer=True)

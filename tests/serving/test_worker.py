@@ -1,8 +1,9 @@
 """The batching worker's order of work, observed through what it calls, not through timings.
 
-A token is handed to the event loop before the forward pass that prepares the next one, so a
-request that joins a busy batch gets its first token straight from its prefill, never after a
-further decode step; the hand-off is one call per step for the whole batch.
+A token is handed to the event loop before the forward pass that prepares the next one; a
+request that joins a busy batch is prefilled in the batch's next forward (a GPT's packed step)
+or in one of its own (an RNN), and gets its first token right after it; the hand-off is one call
+per step for the whole batch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from craft.data.tokenizers import CharTokenizer
 from craft.generation import generate
 from craft.sampling import SamplingParams
 from craft.serving.worker import BatchWorker, Event, Job
-from tests.generation._fakes import tiny_gpt
+from tests.generation._fakes import tiny_gpt, tiny_rnn
 
 TEXT = "the quick brown fox jumps over the lazy dog\n"
 SAMPLE = SamplingParams(temperature=1.0)
@@ -50,24 +51,34 @@ class Recorder:
             time.sleep(0.01)
 
 
-def test_first_token_goes_out_before_the_next_forward() -> None:
-    tok = CharTokenizer(sorted(set(TEXT)))
-    model = tiny_gpt(tok.vocab_size, block_size=64).eval()
+def _traced_worker(model, tok) -> tuple[BatchWorker, Recorder]:
+    """A worker whose engine records each add, each advance (rows, rows awaiting their prefill)
+    and each forward of the model, in the order they run."""
     worker = BatchWorker(model, tok, max_batch_size=4, max_queue=4)
     rec = Recorder()
     engine = worker.engine
-    add_many, advance = engine.add_many, engine.advance
+    add_many, advance, forward = engine.add_many, engine.advance, model.forward
 
-    def traced_add(requests):
-        rows = add_many(requests)
-        rec.add("prefill", len(requests))
+    def traced_add(requests, **kw):
+        rows = add_many(requests, **kw)
+        rec.add("add", len(requests))
         return rows
 
     def traced_advance() -> None:
-        rec.add("advance", engine.active)
+        rec.add("advance", (engine.active, engine._deferred))
         advance()
 
-    engine.add_many, engine.advance = traced_add, traced_advance
+    def traced_forward(*a, **kw):
+        rec.add("forward")
+        return forward(*a, **kw)
+
+    engine.add_many, engine.advance, model.forward = traced_add, traced_advance, traced_forward
+    return worker, rec
+
+
+def _join_busy_batch(model, tok) -> tuple[list[tuple[str, Any]], Job, Job]:
+    """A request (`late`) joins a batch in mid-decode; returns the log from its admission on."""
+    worker, rec = _traced_worker(model, tok)
 
     def job(prompt: str, max_tokens: int, seed: int) -> Job:
         ids = tok.encode(prompt)
@@ -85,19 +96,39 @@ def test_first_token_goes_out_before_the_next_forward() -> None:
         worker.stop()
     with rec.lock:
         log = list(rec.log)
-    joined = max(i for i, e in enumerate(log) if e == ("prefill", 1))  # the last: `late`'s
-    kinds = [kind for kind, _ in log[joined:]]
-    # Its first token is handed off before any forward runs; from then on every step hands its
-    # tokens on (one call for the whole batch) before the forward that follows it.
-    assert kinds[:4] == ["prefill", "handoff", "advance", "handoff"], kinds[:6]
-    assert "advance" not in [k for k, _ in log[: log.index(("prefill", 1), 1)]]  # warm-up, busy
-    first = log[joined + 1][1]
-    assert {j for j, _ in first} == {busy, late}
-    steps = [k for k in kinds[1:] if k in ("handoff", "advance")]
-    assert all(a != b for a, b in itertools.pairwise(steps)), steps
     # The seed contract holds for the row that joined a busy batch.
     text = "".join(ev.text for ev in rec.events(late))
     assert text == generate(model, tok, "fox ", max_new_tokens=6, temperature=1.0, seed=2)[0]
+    return log, busy, late
+
+
+def test_a_new_prompt_rides_along_with_the_batchs_next_forward() -> None:
+    """A GPT's packed steps: the prompt of a request that joins a busy batch is prefilled in the
+    same forward as the other rows' next token, and its first token goes out right after it."""
+    tok = CharTokenizer(sorted(set(TEXT)))
+    log, busy, late = _join_busy_batch(tiny_gpt(tok.vocab_size, block_size=64).eval(), tok)
+    joined = max(i for i, e in enumerate(log) if e == ("add", 1))  # the last: `late`'s
+    kinds = [kind for kind, _ in log[joined:]]
+    # one advance of both rows (one awaiting its prefill), one forward, then the hand-off of
+    # both rows' tokens; from then on every forward is followed by its hand-off
+    assert kinds[:4] == ["add", "advance", "forward", "handoff"], kinds[:6]
+    assert log[joined + 1][1] == (2, 1)
+    assert {j for j, _ in log[joined + 3][1]} == {busy, late}
+    steps = [k for k in kinds[1:] if k in ("handoff", "forward")]
+    assert all(a != b for a, b in itertools.pairwise(steps)), steps
+
+
+def test_first_token_goes_out_before_the_next_forward_without_packed_steps() -> None:
+    """A model without packed steps (an RNN): a joining request is prefilled in a forward of its
+    own and gets its first token straight from it, never after a further decode step."""
+    tok = CharTokenizer(sorted(set(TEXT)))
+    log, busy, late = _join_busy_batch(tiny_rnn(tok.vocab_size).eval(), tok)
+    joined = max(i for i, e in enumerate(log) if e == ("add", 1))
+    kinds = [kind for kind, _ in log[joined:]]
+    assert kinds[:3] == ["add", "handoff", "advance"], kinds[:6]
+    assert {j for j, _ in log[joined + 1][1]} == {busy, late}
+    steps = [k for k in kinds[1:] if k in ("handoff", "advance")]
+    assert all(a != b for a, b in itertools.pairwise(steps)), steps
 
 
 def test_the_model_runs_with_the_workers_thread_count() -> None:
@@ -109,9 +140,9 @@ def test_the_model_runs_with_the_workers_thread_count() -> None:
     seen: list[int] = []
     add_many = worker.engine.add_many
 
-    def traced_add(requests):
+    def traced_add(requests, **kw):
         seen.append(torch.get_num_threads())
-        return add_many(requests)
+        return add_many(requests, **kw)
 
     worker.engine.add_many = traced_add
     rec = Recorder()

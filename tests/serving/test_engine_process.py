@@ -1,0 +1,174 @@
+"""The engine process: decoding in a process of its own, and what happens when either side dies."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from craft.config import from_dict, to_toml
+from craft.data.tokenizers import CharTokenizer
+from craft.generation import generate
+from craft.sampling import SamplingParams
+from craft.serving.engine_process import EngineError, EngineProcess
+from craft.serving.worker import Job
+from craft.training.builders import build_model
+from craft.training.checkpoint import load_model, write_export
+
+TEXT = "the quick brown fox jumps over the lazy dog\n"
+
+
+class Loop:
+    """Stands in for a job's event loop: keeps what the engine hands over."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Job, Any]] = []
+        self.lock = threading.Lock()
+
+    def call_soon_threadsafe(self, fn: Any, batch: list[tuple[Job, Any]]) -> None:
+        with self.lock:
+            self.items.extend(batch)
+
+    def of(self, job: Job) -> list[Any]:
+        with self.lock:
+            return [item for j, item in self.items if j is job]
+
+    def wait(self, job: Job, done: Any, timeout: float = 120.0) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while not done(self.of(job)):
+            assert time.monotonic() < deadline, f"no progress: {self.of(job)[-3:]}"
+            time.sleep(0.01)
+        return self.of(job)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tok = CharTokenizer(sorted(set(TEXT)))
+    gpt = {"type": "gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32}
+    cfg = from_dict(
+        {
+            "run": {"name": "tiny"},
+            "model": gpt,
+            "data": {"type": "random"},
+            "tokenizer": {"type": "char"},
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg, tok.vocab_size)
+    out = tmp_path_factory.mktemp("engine") / "export"
+    write_export(
+        out, model_state=model.state_dict(), config_toml=to_toml(cfg), tokenizer=tok, step=1
+    )
+    return out
+
+
+def _job(tok: Any, prompt: str, max_tokens: int, seed: int, loop: Loop) -> Job:
+    return Job([tok.encode(prompt)], 1, SamplingParams(1.0), max_tokens, seed, [], loop)  # type: ignore[arg-type]
+
+
+def _finished(items: list[Any]) -> bool:
+    return any(isinstance(i, BaseException) or any(e.finish for e in i) for i in items)
+
+
+def test_engine_process_decodes_as_craft_generate_and_fails_jobs_when_it_dies(export: Path) -> None:
+    model, tok, _ = load_model(export)
+    engine = EngineProcess(
+        str(export), device="cpu", dtype="float32", threads=1, max_batch_size=4, max_queue=2
+    )
+    engine.start()
+    loop = Loop()
+    try:
+        job = _job(tok, "the ", 12, 3, loop)
+        assert engine.submit(job)
+        items = loop.wait(job, _finished)
+        text = "".join(e.text for i in items for e in i)
+        assert text == generate(model, tok, "the ", max_new_tokens=12, temperature=1.0, seed=3)[0]
+        assert engine.load == {"active_rows": 0, "queued_requests": 0}
+        busy = _job(tok, "fox ", 1_000_000, 1, loop)  # runs until the engine dies
+        assert engine.submit(busy)
+        loop.wait(busy, lambda items: len(items) >= 2)
+        os.kill(engine.proc.pid, signal.SIGKILL)
+        items = loop.wait(busy, _finished)
+        assert isinstance(items[-1], EngineError) and "exited (code -9)" in str(items[-1])
+        assert engine.dead is not None
+        assert not engine.submit(_job(tok, "the ", 2, 1, loop))  # the server answers 503
+    finally:
+        engine.stop()
+
+
+def _fresh(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _children(pid: int) -> list[int]:
+    """The engine processes started by process `pid`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            with contextlib.suppress(OSError):  # the engine, not multiprocessing's tracker
+                if b"spawn_main" in (entry / "cmdline").read_bytes():
+                    out.append(int(entry.name))
+    return out
+
+
+def _gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc for the engine process")
+def test_engine_process_ends_with_the_server_and_a_dead_engine_is_a_503(tmp_path: Path) -> None:
+    from tests.serving.test_server import Server
+
+    server = Server(_fresh(tmp_path / "a"))
+    try:
+        (child,) = _children(server.proc.pid)
+        os.kill(child, signal.SIGKILL)
+        assert _gone(child)
+        time.sleep(0.5)
+        status, err = server.http("POST", "/v1/completions", {"model": "tiny", "prompt": "a"})
+        assert status == 503 and err["error"]["code"] == "engine_unavailable"
+        assert "exited" in err["error"]["message"]
+    finally:
+        server.close()
+    # the server killed outright: its engine process notices the closed pipe and exits
+    server = Server(_fresh(tmp_path / "b"))
+    (child,) = _children(server.proc.pid)
+    server.proc.kill()
+    server.proc.wait()
+    assert _gone(child)
+    # Ctrl-C reaches the whole process group: the server stops its engine, no traceback
+    server = Server(_fresh(tmp_path / "c"))
+    (child,) = _children(server.proc.pid)
+    os.kill(server.proc.pid, signal.SIGINT)
+    os.kill(child, signal.SIGINT)
+    try:
+        assert server.proc.wait(timeout=30) == 130  # interrupted, as without an engine process
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        raise
+    assert _gone(child)
+    assert "Traceback" not in server.proc.stderr.read()
