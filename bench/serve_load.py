@@ -6,8 +6,9 @@
 For each model shape (random weights, tinyshakespeare's 65-character vocabulary; serving speed
 does not depend on the weights) the script writes an exported model to a temporary directory,
 starts `python -m craft serve` on 127.0.0.1 with a free port, and for each client count runs that
-many closed-loop clients, each a process of its own with httpx's streaming client and a kept-alive
-connection: each sends `--requests` streaming completions one after another (its own prompt of
+many closed-loop clients, each a process of its own with a kept-alive `http.client` connection
+(the standard library's: light, because the clients share the server's cores; each client's CPU
+time is measured and reported as `clients' CPU`, in cores): each sends `--requests` streaming completions one after another (its own prompt of
 `--prompt-chars` characters, temperature 1, a distinct seed per request) and records the time to
 the first text chunk (TTFT) and the tokens received. Aggregate tokens/s = all completion tokens /
 wall time of the round. Every request is bounded and every round ends by itself; the server is
@@ -191,9 +192,8 @@ def clock() -> float:
     return now(torch.device("cpu"))
 
 
-def one_request(
-    client: Any, port: int, prompt: str, max_tokens: int, seed: int, trace: bool = False
-) -> dict:
+def one_request(conn: Any, prompt: str, max_tokens: int, seed: int, trace: bool = False) -> dict:
+    """One streamed completion over the kept-alive `http.client` connection `conn`."""
     body = {
         "model": "bench",
         "prompt": prompt,
@@ -204,29 +204,25 @@ def one_request(
         "stream_options": {"include_usage": True},
     }
     marks: dict[str, float] = {}
-
-    def on_http(event: str, info: dict) -> None:  # httpcore's trace extension
-        if event == "http11.send_request_headers.complete":  # the route starts on the headers
-            marks["written_out"] = clock()
-
-    ext = {"trace": on_http} if trace else None
     t0 = clock()
     first = None
     tokens = 0
     rid = None
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    with client.stream("POST", url, json=body, extensions=ext) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0]["text"] and first is None:
-                first = clock() - t0
-                rid = chunk.get("id")
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    if trace:  # headers and body are written: the route starts on the headers
+        marks["written_out"] = clock()
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
+    while line := r.readline():  # server-sent events, one `data:` line each
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("choices") and chunk["choices"][0]["text"] and first is None:
+            first = clock() - t0
+            rid = chunk.get("id")
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
     total = clock() - t0
     ttft = first if first is not None else total
     return {"ttft": ttft, "seconds": total, "tokens": tokens, "id": rid, "t0": t0, **marks}
@@ -243,28 +239,37 @@ def client_process(
     out: Any,
 ) -> None:
     """One client: connects, says it is ready, and on `start` waits its offset, then sends its
-    requests one by one (`plan`: the offset in seconds and each request's max_tokens)."""
+    requests one by one (`plan`: the offset in seconds and each request's max_tokens). Reports
+    its results, errors and the CPU seconds it used while sending and reading them."""
+    import http.client
     import time
-
-    import httpx
 
     results: list[dict] = []
     errors: list[str] = []
-    with httpx.Client(timeout=args.timeout) as client:
-        client.get(f"http://127.0.0.1:{port}/health").raise_for_status()  # connected
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
+    try:
+        conn.request("GET", "/health")
+        health = conn.getresponse()
+        health.read()
+        if health.status != 200:
+            raise RuntimeError(f"/health: HTTP {health.status}")
         ready.put(c)
         start.wait()
         offset, max_tokens = plan
         if offset > 0:
             time.sleep(offset)
+        cpu0 = time.process_time()
         for i, mt in enumerate(max_tokens):
             try:
                 seed = 1000 * c + i
-                results.append(one_request(client, port, prompt, mt, seed, args.trace))
+                results.append(one_request(conn, prompt, mt, seed, args.trace))
             except Exception as e:  # recorded, and the round goes on
                 errors.append(f"{type(e).__name__}: {e}")
                 break
-    out.put((results, errors))
+        cpu = time.process_time() - cpu0
+    finally:
+        conn.close()
+    out.put((results, errors, cpu))
 
 
 def plans(
@@ -334,10 +339,12 @@ def run_round(
             ready.get(timeout=args.timeout)
         t0 = clock()
         start.set()
+        cpu = 0.0
         for _ in procs:
-            res, errs = out.get(timeout=args.timeout * args.requests)
+            res, errs, used = out.get(timeout=args.timeout * args.requests)
             results += res
             errors += errs
+            cpu += used
         wall = clock() - t0
     finally:
         for p in procs:
@@ -366,13 +373,15 @@ def run_round(
         if results
         else float("nan"),
         "request_s_min": min((r["seconds"] for r in results), default=float("nan")),
+        # CPU the load generator itself took from the machine the server runs on
+        "clients_cpu_cores": cpu / wall,
     }
     if args.trace:
         row["trace_requests"] = results
     print(
         f"  {arrivals:>9}, {clients:>2} clients: {row['tokens_per_s']:.0f} tokens/s, TTFT p50 "
-        f"{row['ttft_p50_s'] * 1e3:.0f} ms p95 {row['ttft_p95_s'] * 1e3:.0f} ms"
-        + (f", {len(errors)} errors" if errors else ""),
+        f"{row['ttft_p50_s'] * 1e3:.0f} ms p95 {row['ttft_p95_s'] * 1e3:.0f} ms, clients' CPU "
+        f"{row['clients_cpu_cores']:.2f} cores" + (f", {len(errors)} errors" if errors else ""),
         flush=True,
     )
     return row
@@ -453,7 +462,13 @@ def print_breakdown(model: str, clients: int, b: dict[str, Any]) -> None:
 def summarize(key: tuple[str, str, int], rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Median (min-max) over the rounds of one (variant, arrivals, client count); rounds kept."""
     variant, arrivals, clients = key
-    keys = ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "per_request_tokens_per_s_median")
+    keys = (
+        "tokens_per_s",
+        "ttft_p50_s",
+        "ttft_p95_s",
+        "per_request_tokens_per_s_median",
+        "clients_cpu_cores",
+    )
     row: dict[str, Any] = {
         "variant": variant,
         "arrivals": arrivals,
@@ -463,7 +478,7 @@ def summarize(key: tuple[str, str, int], rounds: list[dict[str, Any]]) -> dict[s
     row["requests"] = sum(r["requests"] for r in rounds)
     row["errors"] = sum(len(r["errors"]) for r in rounds)
     for k in keys:
-        vals = [r[k] for r in rounds if r[k] == r[k]]  # NaN: a round without results
+        vals = [r[k] for r in rounds if k in r and r[k] == r[k]]  # NaN: a round without results
         row[k] = spread(vals) if vals else None
     return row
 
@@ -511,9 +526,11 @@ def markdown(result: dict[str, Any]) -> str:
         ),
         f"- command: `{result['command']}`",
         f"- rounds per row: {result['repeats']}; median (min–max) over the rounds",
-        f"- each client: {result['requests']} streaming requests in a row, prompt "
+        f"- each client: a process of its own with a kept-alive `http.client` connection, "
+        f"{result['requests']} streaming requests in a row, prompt "
         f"{result['prompt_chars']} characters, temperature 1, no stop sequence; server "
-        f"--max-batch-size {result['max_batch']}",
+        f"--max-batch-size {result['max_batch']}; the clients run on the server's machine, and "
+        "the CPU they take from it (all clients, in cores: CPU seconds / wall time) is a column",
         "- arrivals `lockstep`: all clients start at once and every request asks for "
         f"max_tokens {result['max_tokens']}, so concurrent requests are admitted together, "
         "finish on the same step and come back together",
@@ -559,8 +576,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| model |{' server |' if many else ''} arrivals | clients | requests "
         "| tokens/s (all clients) | x one client | TTFT p50 ms | TTFT p95 ms "
         "| p95 / one client's (per round) | lock-step bound: prefill(N)/prefill(1), TTFT "
-        "| per-request tok/s (median) | expected |",
-        f"|---|{'---|' if many else ''}---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| per-request tok/s (median) | clients' CPU, cores | expected |",
+        f"|---|{'---|' if many else ''}---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for model, rows in result["models"].items():
         bases = {(r["variant"], r["arrivals"]): r for r in rows if r["clients"] == 1}
@@ -600,13 +617,14 @@ def markdown(result: dict[str, Any]) -> str:
                 return fmt_spread({k: v * 1e3 for k, v in r[key].items() if k != "n"}, ".0f")
 
             tps = fmt_spread(r["tokens_per_s"], ".0f") if r.get("tokens_per_s") else "-"
+            cpu = f"{_med(r, 'clients_cpu_cores'):.2f}" if r.get("clients_cpu_cores") else "-"
             server = f" {r['variant']} |" if many else ""
             lines.append(
                 f"| {model} |{server} {r['arrivals']} "
                 f"| {r['clients']} | {r['requests']} | {tps} "
                 f"| {speed:.2f} | {ms('ttft_p50_s')} | {ms('ttft_p95_s')} | {ratio} "
                 f"| {'-' if bound is None else f'{bound[0]:.2f}, {bound[1]:.2f}'} "
-                f"| {_med(r, 'per_request_tokens_per_s_median'):.0f} | {verdict} |"
+                f"| {_med(r, 'per_request_tokens_per_s_median'):.0f} | {cpu} | {verdict} |"
             )
     for b in result.get("ttft_breakdown", []):
         who = f"{b['model']}, {b['clients']} clients, {b['arrivals']} arrivals"

@@ -12,6 +12,7 @@ seeded with `sample_seed(s, i)`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,40 +97,55 @@ def sample_rows(
     generator, which picks token j with probability p_j), the draw torch.multinomial makes for
     one sample. The filters run once per distinct parameter set, batched over its rows. A row
     whose logits hold NaN or +inf (a broken or overflowing model) gets token -1, so the caller
-    learns of it with the same host synchronisation that reads the tokens.
+    learns of it with the same host synchronisation that reads the tokens: its winning score
+    (the largest logit, or the largest p / E) is then NaN or +inf, which no sound row's is.
     """
-    logits = logits.float()
-    broken = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)  # (B,)
-    return _sample_rows(logits, params, generators).masked_fill_(broken, -1)
+    tok, score = _sample_rows(logits.float(), params, generators)
+    return torch.where(score < math.inf, tok, -1)
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _race(
+    logits: torch.Tensor, p: SamplingParams, generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """p / E of every token (R, V), E ~ Exp(1) drawn from each row's own generator."""
+    if p.temperature != 1.0:
+        logits = logits / p.temperature
+    probs = torch.softmax(filter_logits(logits, p.top_k, p.top_p), dim=-1)
+    race = torch.empty_like(probs)
+    if len(generators) == 1:
+        race.exponential_(generator=generators[0])
+    else:
+        for j, gen in enumerate(generators):
+            race[j].exponential_(generator=gen)
+    return probs / race.clamp_min_(_TINY)
 
 
 def _sample_rows(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B,), each row's winning score (B,)): one max over the rows of each parameter set."""
+    first = params[0]
+    if all(p == first for p in params):  # the usual case: one parameter set for the batch
+        if first.greedy:
+            score, tok = logits.max(dim=-1)
+        else:
+            score, tok = _race(logits, first, generators).max(dim=-1)
+        return tok, score
     groups: dict[SamplingParams, list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault(p, []).append(i)
-    n = logits.shape[0]
-    out = torch.argmax(logits, dim=-1) if len(groups) > 1 or params[0].greedy else None  # (B,)
-    tiny = torch.finfo(torch.float32).tiny
+    score, tok = logits.max(dim=-1)  # greedy rows keep these
     for p, rows in groups.items():
         if p.greedy:
             continue
-        every = len(rows) == n
-        sub = logits if every else logits[rows]  # (R, V)
-        if p.temperature != 1.0:
-            sub = sub / p.temperature
-        probs = torch.softmax(filter_logits(sub, p.top_k, p.top_p), dim=-1)
-        race = torch.empty_like(probs)
-        for j, r in enumerate(rows):
-            race[j].exponential_(generator=generators[r])
-        tok = (probs / race.clamp_min_(tiny)).argmax(dim=-1)  # (R,)
-        if every:
-            return tok
-        out[rows] = tok
-    return out
+        s, t = _race(logits[rows], p, [generators[r] for r in rows]).max(dim=-1)
+        tok[rows], score[rows] = t, s
+    return tok, score
 
 
 def sample_seed(seed: int, index: int) -> int:

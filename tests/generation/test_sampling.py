@@ -236,7 +236,8 @@ def test_sample_rows_all_greedy_and_broken_rows() -> None:
     logits[2, 0] = float("inf")
     logits[3, 2] = float("-inf")  # a masked token: not broken
     g = torch.Generator().manual_seed(0)
-    for params in (greedy, [SamplingParams()] * 4):
+    mixed = [greedy[0], SamplingParams(top_k=3), greedy[0], SamplingParams(temperature=0.7)]
+    for params in (greedy, [SamplingParams()] * 4, mixed, mixed[::-1]):
         out = sample_rows(logits, params, [g] * 4)
         assert out[1] == out[2] == -1 and out[0] >= 0 and out[3] >= 0 and out[3] != 2
     half = sample_rows(logits.half(), [SamplingParams()] * 4, [g] * 4)  # any float dtype
