@@ -244,6 +244,33 @@ class PackedStep(KVCache):
         self.mask = True  # type: ignore[assignment]  # not None: attention goes through `attend`
         self.keys = max(s + c for _, s, c in segments)
         self.layer = 0
+        # what every layer's attention reads, worked out once for the step
+        self.heads: torch.Tensor | None = None  # (1, Hkv), on the first update
+        self.single_rows: slice | torch.Tensor = slice(0, 0)
+        self.single_keys = 0
+        self.single_mask: torch.Tensor | None = None
+        if singles:
+            first = [r for r, _, _ in segments[:singles]]
+            adjacent = first == list(range(first[0], first[0] + singles))
+            # adjacent rows are read through a view; others are gathered
+            self.single_rows = (
+                slice(first[0], first[0] + singles) if adjacent else self.rows[:singles]
+            )
+            self.single_keys = max(st for _, st, _ in segments[:singles]) + 1
+            keys = torch.arange(self.single_keys, device=device)
+            pos = self.positions[0, :singles, None]  # (d, 1)
+            self.single_mask = (keys <= pos)[:, None, None]  # (d, 1, 1, S): a row's own keys
+        self.longer: list[tuple[int, int, int, int, torch.Tensor | None]] = []
+        off = singles
+        for r, st, c in segments[singles:]:
+            keep = None
+            if st:  # bottom-right causal: query j sees keys 0..st + j
+                keep = (
+                    torch.arange(st + c, device=device)
+                    <= st + torch.arange(c, device=device)[:, None]
+                )
+            self.longer.append((r, st, c, off, keep))  # keep (c, st + c)
+            off += c
 
     @property
     def batch_size(self) -> int:
@@ -257,9 +284,9 @@ class PackedStep(KVCache):
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (1, Hkv, N, hs) at each token's row and position; `attend` reads them."""
-        hkv = k.shape[1]
-        heads = torch.arange(hkv, device=k.device)[None, :]  # (1, Hkv)
-        where = (self.rows[:, None], heads, self.positions[0][:, None])  # -> (N, Hkv)
+        if self.heads is None:
+            self.heads = torch.arange(k.shape[1], device=k.device)[None, :]  # (1, Hkv)
+        where = (self.rows[:, None], self.heads, self.positions[0][:, None])  # -> (N, Hkv)
         self.k[layer].index_put_(where, k[0].transpose(0, 1).to(self.k.dtype))
         self.v[layer].index_put_(where, v[0].transpose(0, 1).to(self.v.dtype))
         self.layer = layer
@@ -268,36 +295,24 @@ class PackedStep(KVCache):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Queries q (1, H, N, hs) over each token's own row in the cache -> (1, H, N, hs)."""
         kc, vc = self.k[self.layer], self.v[self.layer]  # (B, Hkv, max_len, hs)
-        h, hkv = q.shape[1], kc.shape[1]
+        gqa = q.shape[1] != kc.shape[1]
         out = []
         d = self.singles
         if d:
-            rows = [r for r, _, _ in self.segments[:d]]
-            s = max(st for _, st, _ in self.segments[:d]) + 1
-            if rows == list(range(rows[0], rows[0] + d)):  # adjacent rows: a view, no copy
-                kd, vd = kc[rows[0] : rows[0] + d, :, :s], vc[rows[0] : rows[0] + d, :, :s]
-            else:
-                kd, vd = kc[self.rows[:d], :, :s], vc[self.rows[:d], :, :s]  # (d, Hkv, S, hs)
-            pos = self.positions[0, :d]
-            mask = (torch.arange(s, device=q.device) <= pos[:, None])[:, None, None]  # (d,1,1,S)
+            s = self.single_keys
+            kd = kc[self.single_rows, :, :s].to(q.dtype)  # (d, Hkv, S, hs)
+            vd = vc[self.single_rows, :, :s].to(q.dtype)
             qd = q[0, :, :d].transpose(0, 1)[:, :, None]  # (d, H, 1, hs)
-            y = ragged_attention(qd, kd.to(q.dtype), vd.to(q.dtype), mask)  # (d, H, 1, hs)
+            y = ragged_attention(qd, kd, vd, self.single_mask)  # (d, H, 1, hs)
             out.append(y[:, :, 0].transpose(0, 1)[None])  # (1, H, d, hs)
-        off = d
-        for r, st, c in self.segments[d:]:
+        for r, st, c, off, keep in self.longer:
             ks = kc[r : r + 1, :, : st + c].to(q.dtype)  # (1, Hkv, st + c, hs)
             vs = vc[r : r + 1, :, : st + c].to(q.dtype)
             qs = q[:, :, off : off + c]  # (1, H, c, hs)
-            if st == 0:
-                y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=h != hkv)
-            else:  # bottom-right causal: query j sees keys 0..st + j
-                keep = (
-                    torch.arange(st + c, device=q.device)
-                    <= st + torch.arange(c, device=q.device)[:, None]
-                )  # (c, st + c)
-                y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep, enable_gqa=h != hkv)
+            y = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=keep, is_causal=keep is None, enable_gqa=gqa
+            )
             out.append(y)
-            off += c
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
     def advance(self, t: int) -> None:
