@@ -12,18 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from craft.config import from_dict, to_toml
-from craft.data.tokenizers import CharTokenizer
 from craft.generation import generate
 from craft.sampling import SamplingParams
 from craft.serving.engine_process import EngineError, EngineProcess
 from craft.serving.worker import Job
-from craft.training.builders import build_model
-from craft.training.checkpoint import load_model, write_export
-
-TEXT = "the quick brown fox jumps over the lazy dog\n"
+from craft.training.checkpoint import load_model
+from tests.serving.test_server import Server, write_tiny_export
 
 
 class Loop:
@@ -51,23 +46,7 @@ class Loop:
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tok = CharTokenizer(sorted(set(TEXT)))
-    gpt = {"type": "gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32}
-    cfg = from_dict(
-        {
-            "run": {"name": "tiny"},
-            "model": gpt,
-            "data": {"type": "random"},
-            "tokenizer": {"type": "char"},
-        }
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg, tok.vocab_size)
-    out = tmp_path_factory.mktemp("engine") / "export"
-    write_export(
-        out, model_state=model.state_dict(), config_toml=to_toml(cfg), tokenizer=tok, step=1
-    )
-    return out
+    return write_tiny_export(tmp_path_factory.mktemp("engine") / "export")
 
 
 def _job(tok: Any, prompt: str, max_tokens: int, seed: int, loop: Loop) -> Job:
@@ -141,8 +120,6 @@ def _gone(pid: int, timeout: float = 30.0) -> bool:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc for the engine process")
 def test_engine_process_ends_with_the_server_and_a_dead_engine_is_a_503(tmp_path: Path) -> None:
-    from tests.serving.test_server import Server
-
     server = Server(_fresh(tmp_path / "a"))
     try:
         (child,) = _children(server.proc.pid)

@@ -36,28 +36,29 @@ BATCH, QUEUE = 8, 32
 LONG = 1_000_000  # tokens: a request that runs until it is cancelled
 
 
+def write_tiny_export(out: Path) -> Path:
+    """A 2-layer GPT with a character tokenizer, exported to `out` (the model named "tiny")."""
+    tok = CharTokenizer(sorted(set(TEXT)))
+    gpt = {"type": "gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32}
+    cfg = from_dict(
+        {
+            "run": {"name": "tiny"},
+            "model": gpt,
+            "data": {"type": "random"},
+            "tokenizer": {"type": "char"},
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg, tok.vocab_size)
+    write_export(
+        out, model_state=model.state_dict(), config_toml=to_toml(cfg), tokenizer=tok, step=1
+    )
+    return out
+
+
 class Server:
     def __init__(self, root: Path) -> None:
-        tok = CharTokenizer(sorted(set(TEXT)))
-        gpt = {"type": "gpt", "n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32}
-        cfg = from_dict(
-            {
-                "run": {"name": "tiny"},
-                "model": gpt,
-                "data": {"type": "random"},
-                "tokenizer": {"type": "char"},
-            }
-        )
-        torch.manual_seed(0)
-        model = build_model(cfg, tok.vocab_size)
-        self.export = root / "export"
-        write_export(
-            self.export,
-            model_state=model.state_dict(),
-            config_toml=to_toml(cfg),
-            tokenizer=tok,
-            step=1,
-        )
+        self.export = write_tiny_export(root / "export")
         (root / "chat.jinja").write_text(TEMPLATE, encoding="utf-8")
         self.model, self.tok, _ = load_model(self.export)
         env = {**os.environ, "CRAFT_TEST_KEY": KEY, "OMP_NUM_THREADS": "1", "CRAFT_DEBUG": "0"}
