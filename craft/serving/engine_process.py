@@ -321,7 +321,10 @@ class EngineProcess:
             self.active, self.work = msg.get("active", self.active), msg.get("work", self.work)
             if msg["op"] == "events":
                 self._dispatch(msg["jobs"])
-        code = self.proc.exitcode if self.proc is not None else None
+        code = None
+        if self.proc is not None:
+            self.proc.join(10)  # the pipe closed as it exited: reap it for its exit code
+            code = self.proc.exitcode
         self.dead = "stopped" if self.stopping else f"the engine process exited (code {code})"
         if not self.stopping:
             log.error("%s; requests in flight fail", self.dead)
