@@ -51,6 +51,7 @@ class _Link:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.lock = threading.Lock()
+        self.jobs: dict[int, Job] = {}  # the jobs in flight, by the server's id
         self.ids: dict[Job, int] = {}
         self.left: dict[int, int] = {}  # choices of each job not finished yet
         self.marked: set[int] = set()
@@ -90,9 +91,13 @@ class _Link:
         w = self.worker
         self.send({"op": "events", "jobs": entries, "active": w.engine.active, "work": w.work})
 
+    def track(self, jid: int, job: Job) -> None:
+        self.jobs[jid], self.ids[job], self.left[jid] = job, jid, job.size
+
     def forget(self, job: Job) -> None:
         jid = self.ids.pop(job, None)
         if jid is not None:
+            self.jobs.pop(jid, None)
             self.left.pop(jid, None)
             self.marked.discard(jid)
 
@@ -125,7 +130,6 @@ def engine_main(conn: Any, spec: dict[str, Any]) -> None:
     worker.on_load = link.load
     worker.start()
     link.send({"op": "ready", "device": worker.device.type, "threads": worker.threads})
-    jobs: dict[int, Job] = {}
     try:
         while True:
             try:
@@ -146,19 +150,16 @@ def engine_main(conn: Any, spec: dict[str, Any]) -> None:
                 )
                 if msg["trace"]:
                     job.marks = Marks()
-                link.ids[job], link.left[msg["id"]] = msg["id"], job.size
-                jobs[msg["id"]] = job
+                link.track(msg["id"], job)
                 if not worker.submit(job):
                     link.call_soon_threadsafe(_deliver, [(job, EngineError("request queue full"))])
             elif op == "cancel":
-                job = jobs.pop(msg["id"], None)
+                job = link.jobs.get(msg["id"])
                 if job is not None:
                     worker.cancel(job)
                     link.forget(job)
             elif op == "stop":
                 break
-            for jid in [j for j in jobs if j not in link.left]:  # finished jobs
-                del jobs[jid]
     finally:
         worker.stop()
 
