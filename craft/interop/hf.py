@@ -570,6 +570,20 @@ def check_vocab(tokenizer: Any, vocab_size: int, where: str) -> None:
         )
 
 
+def _config_and_tokenizer(
+    pre: Pretrained, model_cfg: GPTConfig | None = None
+) -> tuple[GPTConfig, Any]:
+    """The model config (`model_cfg` or the imported one) and the tokenizer (None without
+    tokenizer.json), checked to fit each other."""
+    try:
+        cfg = model_cfg or GPTConfig(**pre.values)
+    except ValueError as e:
+        raise CheckpointError(f"{pre.where}: not usable as a Craft GPT: {e}") from None
+    tokenizer = pre.tokenizer() if pre.has_tokenizer() else None
+    check_vocab(tokenizer, cfg.vocab_size or pre.values["vocab_size"], str(pre.files.dir))
+    return cfg, tokenizer
+
+
 def load_pretrained(
     source: str | Path, *, model_cfg: GPTConfig | None = None
 ) -> tuple[torch.nn.Module, Any, GPTConfig]:
@@ -578,14 +592,8 @@ def load_pretrained(
     `model_cfg` replaces the imported model config (it must keep every weight shape).
     """
     pre = open_pretrained(source)
-    try:
-        cfg = model_cfg or GPTConfig(**pre.values)
-    except ValueError as e:
-        raise CheckpointError(f"{pre.where}: not usable as a Craft GPT: {e}") from None
-    tokenizer = pre.tokenizer() if pre.has_tokenizer() else None
-    vocab = cfg.vocab_size or pre.values["vocab_size"]
-    check_vocab(tokenizer, vocab, str(pre.files.dir))
-    model = empty_gpt(cfg, vocab)
+    cfg, tokenizer = _config_and_tokenizer(pre, model_cfg)
+    model = empty_gpt(cfg, cfg.vocab_size or pre.values["vocab_size"])
     pre.load_into(model)
     model.eval()
     return model, tokenizer, cfg
@@ -653,9 +661,23 @@ def craft_config(model_cfg: GPTConfig, tokenizer_source: str | None) -> Any:
 def load_for_inference(source: str | Path) -> tuple[torch.nn.Module, Any, Any]:
     """(model in eval mode, tokenizer, Craft config) of an HF directory or Hub id."""
     model, tokenizer, cfg = load_pretrained(source)
+    _need_tokenizer(tokenizer, source)
+    return model, tokenizer, craft_config(cfg, str(source))
+
+
+def inspect_pretrained(source: str | Path) -> tuple[Any, Any]:
+    """(tokenizer, Craft config) of what `load_for_inference(source)` loads, with the weight
+    files' headers read (readable, every shard present) but no weight read or model built."""
+    pre = open_pretrained(source)
+    cfg, tokenizer = _config_and_tokenizer(pre)
+    _need_tokenizer(tokenizer, source)
+    pre.check_weights()
+    return tokenizer, craft_config(cfg, str(source))
+
+
+def _need_tokenizer(tokenizer: Any, source: str | Path) -> None:
     if tokenizer is None:
         raise CheckpointError(
             f"{source}: has no tokenizer.json; generating or evaluating text needs the "
             "model's tokenizer next to its weights"
         )
-    return model, tokenizer, craft_config(cfg, str(source))

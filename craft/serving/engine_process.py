@@ -12,7 +12,8 @@ pipe (nothing is pickled after the start):
 
     server -> engine   {"op": "submit", "id", "prompts", "n", "sampling", "max_tokens", "seed",
                         "stops", "trace"} | {"op": "cancel", "id"} | {"op": "stop"}
-    engine -> server   {"op": "ready", "device", "threads"} | {"op": "failed", "message"}
+    engine -> server   {"op": "ready", "device", "threads", "block"}
+                       | {"op": "failed", "message", "error"?}
                        | {"op": "events", "jobs": [[id, events | null, error, marks?], ...],
                           "active", "work"} | {"op": "load", "active", "work"}
 
@@ -32,7 +33,8 @@ import signal
 import threading
 from typing import Any
 
-from craft.errors import ConfigError
+from craft import errors
+from craft.errors import ConfigError, CraftError
 from craft.serving.worker import Event, Job, _deliver
 
 log = logging.getLogger("craft.serving")
@@ -105,31 +107,38 @@ class _Link:
 def engine_main(conn: Any, spec: dict[str, Any]) -> None:
     """The engine process: load the model, run a `BatchWorker`, serve the pipe until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
-    from craft.generation import resolve_dtype
-    from craft.sampling import SamplingParams
-    from craft.serving.trace import Marks
-    from craft.serving.worker import BatchWorker
-    from craft.training.checkpoint import load_model
-
     link = _Link(conn)
     try:
-        model, tokenizer, _ = load_model(
-            spec["checkpoint"], device=spec["device"], dtype=resolve_dtype(spec["dtype"])
-        )
+        from craft.generation import resolve_device, resolve_dtype
+        from craft.sampling import SamplingParams
+        from craft.serving.server import model_threads
+        from craft.serving.trace import Marks
+        from craft.serving.worker import BatchWorker
+        from craft.training.checkpoint import load_model
+
+        device = resolve_device(spec["device"])
+        dtype = resolve_dtype(spec["dtype"])
+        model, tokenizer, _ = load_model(spec["checkpoint"], device=device, dtype=dtype)
         worker = BatchWorker(
             model,
             tokenizer,
             max_batch_size=spec["max_batch_size"],
             max_queue=spec["max_queue"],
-            threads=spec["threads"],
+            threads=model_threads(device.type, spec["threads"]),
         )
+    except CraftError as e:  # e.g. weights the server's header check could not see (NaN)
+        link.send({"op": "failed", "message": str(e), "error": type(e).__name__})
+        return
     except Exception as e:
         link.send({"op": "failed", "message": f"{type(e).__name__}: {e}"})
         return
     link.worker = worker
     worker.on_load = link.load
     worker.start()
-    link.send({"op": "ready", "device": worker.device.type, "threads": worker.threads})
+    block = getattr(model, "block_size", None)
+    link.send(
+        {"op": "ready", "device": worker.device.type, "threads": worker.threads, "block": block}
+    )
     try:
         while True:
             try:
@@ -180,7 +189,7 @@ class EngineProcess:
         *,
         device: str,
         dtype: str,
-        threads: int | None,
+        threads: int | None,  # as asked for (None: `model_threads` decides in the engine)
         max_batch_size: int,
         max_queue: int,
     ) -> None:
@@ -204,6 +213,8 @@ class EngineProcess:
         self.lock = threading.Lock()
         self.next_id = itertools.count()
         self.dead: str | None = None  # why the engine process is gone
+        self.ready = False  # the model is loaded and the reader runs
+        self.block_size: int | None = None  # the model's window (None: any length), once ready
         self.stopping = False
         self.proc: Any = None
         self.conn: Any = None
@@ -213,6 +224,11 @@ class EngineProcess:
 
     def start(self, timeout: float = 600.0) -> None:
         """Spawn the engine process; returns once its model is loaded and warmed up."""
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the engine process, which imports torch and loads the model meanwhile."""
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
@@ -220,13 +236,21 @@ class EngineProcess:
         )
         self.proc.start()
         child.close()
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Wait for the spawned engine process's model; its load error is raised here."""
         msg = self._first_message(timeout)
         if msg["op"] != "ready":
             self.proc.join(10)
+            kind = getattr(errors, str(msg.get("error")), None)
+            if isinstance(kind, type) and issubclass(kind, CraftError):
+                raise kind(msg["message"])  # as the same load would fail in one process
             raise ConfigError(f"the engine process failed to start: {msg['message']}")
         self.device_type, self.threads = msg["device"], msg["threads"]
+        self.block_size = msg["block"]
         self.reader = threading.Thread(target=self._read, name="craft-engine-reader", daemon=True)
         self.reader.start()
+        self.ready = True
 
     def _first_message(self, timeout: float) -> dict[str, Any]:
         waited = 0.0
@@ -245,6 +269,8 @@ class EngineProcess:
 
     def stop(self) -> None:
         self.stopping = True
+        if self.proc is not None and not self.ready:  # still loading: it reads no messages
+            self.proc.terminate()
         with contextlib.suppress(OSError, ValueError):  # the engine process is gone already
             self._send({"op": "stop"})
         if self.proc is not None:

@@ -131,39 +131,38 @@ def serve(
         except ValueError as e:
             raise ConfigError(f"--chat-template {chat_template}: {e}") from None
     sock = bind(host, port)  # before the slow load: a taken port fails at once
+    from craft.serving.engine_process import EngineProcess
+
+    # the engine process imports torch and loads the model while this one checks the
+    # checkpoint from its files' headers and sets up HTTP; a load error is raised by wait_ready
+    worker = EngineProcess(
+        str(checkpoint),
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+    )
     try:
-        from craft.generation import resolve_device, resolve_dtype
+        worker.spawn()
         from craft.serving import app as app_mod
         from craft.serving.chat import compile_template
-        from craft.serving.engine_process import EngineProcess
         from craft.serving.trace import from_env as trace_from_env
-        from craft.training.checkpoint import load_model
+        from craft.training.checkpoint import inspect_model
 
-        dev = resolve_device(device)
-        # loaded here to check it and to get its tokenizer and window; the engine process loads
-        # the model again for decoding, and this copy is released
-        model, tokenizer, cfg = load_model(checkpoint, device="cpu", dtype=resolve_dtype(dtype))
-        block = getattr(model, "block_size", None)
-        del model
+        tokenizer, cfg = inspect_model(checkpoint)  # only the engine process loads the weights
         if template is None and getattr(tokenizer, "chat_template", None):
             try:
                 template = compile_template(tokenizer.chat_template)
             except ValueError as e:
                 raise ConfigError(f"{checkpoint}: the tokenizer's {e}") from None
         name = model_name or cfg.run.name
-        worker = EngineProcess(
-            str(checkpoint),
-            device=str(dev),
-            dtype=dtype,
-            threads=model_threads(dev.type, threads),
-            max_batch_size=max_batch_size,
-            max_queue=max_queue,
-        )
+        worker.wait_ready()
         state = app_mod.ServerState(
             worker=worker,
             tokenizer=tokenizer,
             model_name=name,
-            context=block,
+            context=worker.block_size,
             max_tokens_limit=max_tokens_limit,
             default_max_tokens=min(DEFAULT_MAX_TOKENS, max_tokens_limit),
             api_key=api_key,
@@ -175,7 +174,6 @@ def serve(
             log.warning(
                 "listening on %s without an API key: anyone who can reach it may use it", host
             )
-        worker.start()
         bound = sock.getsockname()
         sys.stdout.write(
             f"serving {name!r} on http://{host}:{bound[1]} (batch {max_batch_size}, "
@@ -190,9 +188,7 @@ def serve(
             lifespan="off",
             timeout_graceful_shutdown=5,  # open streams are cut after 5 s on Ctrl-C / SIGTERM
         )
-        try:
-            uvicorn.Server(config).run(sockets=[sock])
-        finally:
-            worker.stop()
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        worker.stop()
         sock.close()

@@ -105,6 +105,7 @@ __all__ = [
     "config_hash",
     "export_model",
     "find_resume",
+    "inspect_model",
     "is_complete",
     "later_state",
     "latest_checkpoint",
@@ -325,6 +326,38 @@ def read_trainer_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     return read_tensors(path, "trainer state tensors") if path.exists() else {}
 
 
+def inspect_model(path: str | Path, *, trust_imports: bool = False) -> tuple[Any, Any]:
+    """(tokenizer, config) of what `load_model(path)` loads, with the weights file's header
+    read and its parameter count checked against the config; no weight read, no model built.
+
+    A server checks a checkpoint with it in milliseconds and leaves the weights to the process
+    that decodes, whose `load_model` checks every name, shape and value.
+    """
+    from craft.interop.hf import inspect_pretrained, is_hf_source
+
+    if is_hf_source(path):
+        return inspect_pretrained(path)
+    cfg, tokenizer, _ = _open_model_dir(path, trust_imports)
+    return tokenizer, cfg
+
+
+def _open_model_dir(path: str | Path, trust_imports: bool) -> tuple[Any, Any, Path]:
+    """(config, tokenizer, weights file) of a Craft model directory, the config checked against
+    the weights file's header."""
+    from craft.data.tokenizers import load_tokenizer
+
+    ck = resolve_checkpoint(path)
+    cfg = read_config(ck, trust_imports=trust_imports)
+    tok_dir = inside(ck, "tokenizer", what="checkpoint tokenizer", error=CheckpointError)
+    if not tok_dir.is_dir():
+        raise CheckpointError(f"{ck}: has no tokenizer/ (trained on random tokens); cannot load it")
+    tokenizer = load_tokenizer(tok_dir)
+    weights = inside(ck, "model.safetensors", what="model weights", error=CheckpointError)
+    vocab = getattr(cfg.model, "vocab_size", None) or tokenizer.vocab_size
+    check_weights_fit(cfg, vocab, weights)
+    return cfg, tokenizer, weights
+
+
 def load_model(
     path: str | Path,
     *,
@@ -339,7 +372,6 @@ def load_model(
     are imported only with `trust_imports`, and the config is checked against the weights file
     before the model is built.
     """
-    from craft.data.tokenizers import load_tokenizer
     from craft.interop.hf import is_hf_source, load_for_inference
     from craft.training.builders import build_model
 
@@ -347,15 +379,7 @@ def load_model(
         model, tokenizer, cfg = load_for_inference(path)
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
         return model, tokenizer, cfg
-    ck = resolve_checkpoint(path)
-    cfg = read_config(ck, trust_imports=trust_imports)
-    tok_dir = inside(ck, "tokenizer", what="checkpoint tokenizer", error=CheckpointError)
-    if not tok_dir.is_dir():
-        raise CheckpointError(f"{ck}: has no tokenizer/ (trained on random tokens); cannot load it")
-    tokenizer = load_tokenizer(tok_dir)
-    weights = inside(ck, "model.safetensors", what="model weights", error=CheckpointError)
-    vocab = getattr(cfg.model, "vocab_size", None) or tokenizer.vocab_size
-    check_weights_fit(cfg, vocab, weights)
+    cfg, tokenizer, weights = _open_model_dir(path, trust_imports)
     model = build_model(cfg, tokenizer.vocab_size, fused_loss=False)
     load_weights_into(model, weights)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

@@ -269,6 +269,23 @@ def test_truncated_weights(craft_cli, gpt2_copy: Path) -> None:
     _one_line_error(_generate(craft_cli, gpt2_copy), "damaged")
 
 
+def test_inspect_model_reads_an_hf_directory_as_loading_does(zoo, tmp_path, monkeypatch) -> None:
+    """What `craft serve` checks in its own process: tokenizer, config, the weight headers of
+    every shard; no weight read, no model built."""
+    from craft.errors import CheckpointError
+    from craft.training.checkpoint import inspect_model
+
+    d = Path(shutil.copytree(zoo["llama"], tmp_path / "m"))
+    _, tok, cfg = load_model(d)
+    monkeypatch.setattr("craft.interop.hf.empty_gpt", None)  # building would fail
+    tokenizer, config = inspect_model(d)
+    assert config == cfg and tokenizer.vocab_size == tok.vocab_size
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    (d / sorted(set(index["weight_map"].values()))[-1]).unlink()
+    with pytest.raises(CheckpointError, match="which is missing from"):
+        inspect_model(d)
+
+
 def test_tokenizer_larger_than_the_embedding(craft_cli, text, gpt2_copy: Path) -> None:
     hf_models.save_tokenizer(hf_models.train_bpe(text[:100_000], 400), gpt2_copy)
     _one_line_error(_generate(craft_cli, gpt2_copy), "400 ids", "embedding of 300 rows")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from craft.config import from_dict, to_toml
@@ -51,6 +52,12 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
         out, model_state=model.state_dict(), config_toml=to_toml(cfg), tokenizer=tok, step=3
     )
     return out
+
+
+@pytest.fixture(params=["load_model", "inspect_model"])
+def load(request: pytest.FixtureRequest):
+    """Both ways in: loading the model, and checking it without reading its weights (a server)."""
+    return getattr(ckpt, request.param)
 
 
 @pytest.fixture
@@ -138,7 +145,7 @@ def test_resume_imports_only_what_the_recipe_imports(evil) -> None:
     assert ckpt.read_config(evil, trusted=["json"]).imports == ["json"]
 
 
-def test_config_of_a_huge_model_is_refused_before_building_it(evil, monkeypatch) -> None:
+def test_config_of_a_huge_model_is_refused_before_building_it(evil, monkeypatch, load) -> None:
     model = {"type": "gpt", "n_layer": 200, "n_head": 64, "d_model": 8192, "block_size": 16}
     _edit_config(evil, model=model)
 
@@ -147,32 +154,32 @@ def test_config_of_a_huge_model_is_refused_before_building_it(evil, monkeypatch)
 
     monkeypatch.setattr("craft.training.builders.build_model", never)
     with pytest.raises(CheckpointError, match=r"holds [\d,]+ parameters, but .* describes"):
-        ckpt.load_model(evil)
+        load(evil)
 
 
-def test_plugin_models_are_compared_on_the_meta_device(evil, monkeypatch) -> None:
+def test_plugin_models_are_compared_on_the_meta_device(evil, monkeypatch, load) -> None:
     from craft.models import flops
 
     monkeypatch.setattr(flops, "param_counts", lambda cfg, vocab: None)  # as for a plugin model
-    ckpt.load_model(evil)  # the genuine shapes pass
+    load(evil)  # the genuine shapes pass
     _edit_config(evil, model={"type": "gpt", "n_layer": 3, "n_head": 2, "d_model": 16})
     with pytest.raises(CheckpointError, match="do not belong together"):
-        ckpt.load_model(evil)
+        load(evil)
 
 
 @pytest.mark.parametrize("aliases", ["not json", '{"x": "missing"}', "[1, 2]", '{"a": 3}'])
-def test_malformed_alias_metadata_is_a_one_line_error(evil, capsys, aliases: str) -> None:
+def test_malformed_alias_metadata_is_a_one_line_error(evil, capsys, load, aliases: str) -> None:
     weights = evil / "model.safetensors"
     save_file(load_file(str(weights)), str(weights), {"format": "pt", ckpt.ALIASES_KEY: aliases})
     fix_complete(evil)
     with pytest.raises(CheckpointError, match=r"craft\.aliases"):
-        ckpt.load_model(evil)
+        load(evil)
     res = run_craft(["generate", "--checkpoint", str(evil), "--prompt", "a"], capsys)
     assert res.code == 2 and res.err.startswith("error: ") and "Traceback" not in res.err
     assert len(res.err.strip().splitlines()) == 1
 
 
-def test_marker_paths_outside_the_checkpoint_are_never_probed(evil, tmp_path) -> None:
+def test_marker_paths_outside_the_checkpoint_are_never_probed(evil, tmp_path, load) -> None:
     secret = Canary(tmp_path / "private" / "shadow.txt")
     for rel, why in ((str(secret.path), "absolute path"), ("../../private/shadow.txt", "'..'")):
         marker = json.loads((evil / ckpt.MARKER).read_text())
@@ -180,13 +187,15 @@ def test_marker_paths_outside_the_checkpoint_are_never_probed(evil, tmp_path) ->
         (evil / ckpt.MARKER).write_text(json.dumps(marker))
         assert ckpt.read_marker(evil) is None
         with pytest.raises(CheckpointError, match=f"lists a file that.*{why}"):
-            ckpt.load_model(evil)
+            load(evil)
         fix_complete(evil)
     assert secret.untouched()
 
 
 @pytest.mark.parametrize("part", ["tokenizer", "config.toml", "model.safetensors"])
-def test_symlinks_leading_out_of_a_checkpoint_are_refused(evil, export, tmp_path, part) -> None:
+def test_symlinks_leading_out_of_a_checkpoint_are_refused(
+    evil, export, tmp_path, part, load
+) -> None:
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(export, elsewhere)
     target = evil / part
@@ -194,7 +203,7 @@ def test_symlinks_leading_out_of_a_checkpoint_are_refused(evil, export, tmp_path
     target.symlink_to(elsewhere / part)
     fix_complete(evil)
     with pytest.raises(CheckpointError, match="points outside"):
-        ckpt.load_model(evil)
+        load(evil)
 
 
 def test_replacing_an_export_keeps_what_craft_did_not_write(export, tmp_path) -> None:
@@ -269,3 +278,38 @@ def test_resume_path_imports_only_what_the_recipe_imports(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"\('json'\).*recipe's imports"):
         train(again, resume=str(first.last_checkpoint))
     assert train(again, resume="auto").step == 3  # your own run, found in your output_dir
+
+
+def test_inspect_model_reads_no_weights_and_agrees_with_load_model(export, monkeypatch) -> None:
+    _, tok, cfg = ckpt.load_model(export)
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("inspect_model read weight values or built the model")
+
+    monkeypatch.setattr("craft.training.weights.load_file", never)
+    monkeypatch.setattr("craft.training.builders.build_model", never)
+    tokenizer, config = ckpt.inspect_model(export)
+    assert tokenizer.vocab_size == tok.vocab_size and config == cfg
+
+
+def test_a_truncated_weights_file_is_refused_from_the_header(evil, load) -> None:
+    weights = evil / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    fix_complete(evil)
+    with pytest.raises(CheckpointError, match="cannot read model weights"):
+        load(evil)
+
+
+def test_non_finite_weights_are_seen_by_loading_only(evil) -> None:
+    """The header check cannot see values: NaN weights pass `inspect_model` (a server then
+    reports them from the process that loads the weights) and are refused by `load_model`."""
+    weights = evil / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata()  # kept: it names the tied weights
+    state = {k: v.fill_(float("nan")) for k, v in load_file(str(weights)).items()}
+    save_file(state, str(weights), meta)
+    fix_complete(evil)
+    ckpt.inspect_model(evil)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        ckpt.load_model(evil)

@@ -149,3 +149,66 @@ def test_engine_process_ends_with_the_server_and_a_dead_engine_is_a_503(tmp_path
         raise
     assert _gone(child)
     assert "Traceback" not in server.proc.stderr.read()
+
+
+@pytest.mark.parametrize("fault", ["nan", "renamed", "truncated"])
+def test_a_bad_checkpoint_stops_serve_with_one_line(export: Path, tmp_path: Path, fault) -> None:
+    """The server process checks the checkpoint from its headers; what only loading sees (NaN
+    weights, a tensor under another name) comes back from the engine process as the same
+    one-line error `load_model` gives."""
+    import shutil
+    import sys
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from craft.errors import CheckpointError
+    from tests.security._helpers import fix_complete
+
+    bad = Path(shutil.copytree(export, tmp_path / "bad"))
+    weights = bad / "model.safetensors"
+    if fault != "truncated":
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata()
+        state = load_file(str(weights))
+        if fault == "nan":
+            state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+        else:
+            state = {k.replace("ln_f", "ln_x"): v for k, v in state.items()}
+        save_file(state, str(weights), meta)
+    else:
+        weights.write_bytes(weights.read_bytes()[:-64])
+    fix_complete(bad)
+    with pytest.raises(CheckpointError) as expected:
+        load_model(bad)
+    env = {**os.environ, "CRAFT_DEBUG": "0", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "craft", "serve", "--checkpoint", str(bad), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert res.returncode == 2 and res.stdout == "", (res.stdout, res.stderr)
+    assert res.stderr.strip().splitlines() == [f"error: {expected.value}"]
+
+
+def test_an_absent_cuda_stops_serve_with_one_line(export: Path) -> None:
+    """The device is resolved in the engine process; its error still comes back as one line,
+    exit code 2."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env = {**os.environ, "CRAFT_DEBUG": "0", "OMP_NUM_THREADS": "1"}
+    args = ["serve", "--checkpoint", str(export), "--port", "0", "--device", "cuda"]
+    res = subprocess.run(
+        [sys.executable, "-m", "craft", *args], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: device = 'cuda': CUDA is not available on this machine"
+    ]
