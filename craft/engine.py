@@ -40,7 +40,7 @@ from __future__ import annotations
 import inspect
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,8 @@ import torch
 
 from craft.errors import ConfigError, GenerationError
 from craft.sampling import SamplingParams, sample_rows
+
+Segment = tuple["Row", int, list[int]]  # a row's tokens in a packed forward, from a position
 
 
 @dataclass(eq=False)
@@ -163,6 +165,8 @@ class DecodeEngine:
             and callable(getattr(self.cache, "packed_step", None))
         )
         self._deferred = 0  # rows added with `defer` that await their prefill
+        # prompts may join a forward between blocks (`advance(admit=...)`, `GPT.forward`'s join)
+        self._joinable = self.packed and "join" in params
         self.compiled: Any = None
         self.compile_seconds: float | None = None  # the first compiled step, compile included
         if compile:
@@ -434,13 +438,19 @@ class DecodeEngine:
         return out
 
     @torch.no_grad()
-    def advance(self) -> None:
-        """The second half of `step`: one forward pass gives every row its next logits."""
+    def advance(self, admit: Callable[[], None] | None = None) -> None:
+        """The second half of `step`: one forward pass gives every row its next logits.
+
+        `admit` (a server's): called before each block of the forward (a model whose forward
+        takes `join`, with packed steps); the prompts it adds with `add_many(..., defer=True)`
+        join the forward there, running the blocks before on their own, so a request that
+        arrives while a forward runs gets its first token from that forward.
+        """
         if (self._unfed or self._deferred) and self.slots:
-            self._advance()
+            self._advance(admit if self._joinable else None)
         self._unfed = False
 
-    def _advance(self) -> None:
+    def _advance(self, admit: Callable[[], None] | None) -> None:
         """Feed every active row its newest token; leaves the next logits in `self.logits`."""
         n = len(self.slots)
         if self.mode == "recompute":
@@ -451,7 +461,7 @@ class DecodeEngine:
             self._deferred
             or (self.block is not None and any(r.cached >= self.block for r in self.slots))
         ):
-            self._advance_packed()
+            self._advance_packed(admit)
             return
         for row in self.slots:  # a full cache restarts from the most recent tokens
             if self.block is not None and row.cached >= self.block:
@@ -466,24 +476,25 @@ class DecodeEngine:
         )[:, None]  # (n, 1)
         if self.mode == "batched":
             cache = self.cache if n == self.max_rows else self.cache.rows(0, n)
-            self._set_logits(0, self._forward(feed, cache))
+            if admit is not None and n < self.max_rows:
+                flight = [(r, r.cached - 1, r.context[-1:]) for r in self.slots]
+                self._joined_forward(feed, cache, flight, admit)
+            else:
+                self._set_logits(0, self._forward(feed, cache))
         else:
             for row in self.slots:
                 cache = self.row_caches[row.slot]
                 self._set_logits(row.slot, self._forward(feed[row.slot : row.slot + 1], cache))
 
-    def _advance_packed(self) -> None:
+    def _advance_packed(self, admit: Callable[[], None] | None = None) -> None:
         """One packed forward: each sampled row's newest token, each deferred prompt (further
         samples of a prompt copy its first row afterwards) and each full row's refilled window
         (its most recent `keep` tokens, from position 0)."""
-        singles: list[tuple[Row, int, list[int]]] = []
-        longer: list[tuple[Row, int, list[int]]] = []
-        copies: list[Row] = []
+        singles: list[Segment] = []
+        longer: list[Segment] = []
         for row in self.slots:
             if row.pending:
-                if row.source is not None and row.source.slot >= 0:
-                    copies.append(row)
-                else:
+                if row.source is None or row.source.slot < 0:
                     longer.append((row, 0, row.context))
             elif self._unfed:
                 if self.block is not None and row.cached >= self.block:
@@ -493,18 +504,54 @@ class DecodeEngine:
         segments = singles + longer
         step = self.cache.packed_step([(r.slot, st, len(t)) for r, st, t in segments])
         idx = torch.tensor([[t for _, _, ts in segments for t in ts]], device=self.device)
-        out = self.model(idx, cache=step, last_only=True)[0]  # (1, R, V)
+        self._joined_forward(idx, step, segments, admit)
+
+    def _joined_forward(
+        self,
+        idx: torch.Tensor,
+        cache: Any,
+        flight: list[Segment],
+        admit: Callable[[], None] | None,
+    ) -> None:
+        """The forward of `flight` (rows, first positions, tokens) as idx (1, N) over a packed
+        step, or as a decoding step (n, 1), which prompts `admit` adds may join; sets the logits
+        of every row in it, then of the further samples, which copy their first row."""
+        joined = False
+
+        def join(layer: int) -> tuple[torch.Tensor, Any, Any] | None:
+            nonlocal joined
+            admit()  # type: ignore[misc]
+            inside = {id(r) for r, _, _ in flight}
+            new = [
+                (r, 0, r.context)
+                for r in self.slots
+                if r.pending and id(r) not in inside and (r.source is None or r.source.slot < 0)
+            ]
+            if not new:
+                return None
+            joined = True
+            flight.extend(new)
+            alone = self.cache.packed_step([(r.slot, 0, len(t)) for r, _, t in new])
+            step = self.cache.packed_step([(r.slot, st, len(t)) for r, st, t in flight])
+            ids = torch.tensor([[t for _, _, ts in new for t in ts]], device=self.device)
+            return ids, alone, step
+
+        extra = {"join": join} if admit is not None else {}
+        out = self.model(idx, cache=cache, last_only=True, **extra)[0]  # (1, R, V) or (n, 1, V)
         if out is None:
             raise TypeError("the model returned no logits; generation needs them (targets=None)")
-        slots = torch.tensor([r.slot for r, _, _ in segments], device=self.device)
+        if idx.shape[0] > 1 and not joined:  # a decoding step (n, 1) that nothing joined
+            self._set_logits(0, out[:, -1])
+            return
+        slots = torch.tensor([r.slot for r, _, _ in flight], device=self.device)
         self._logits_of(out)[slots] = out[0].float()
-        for r, st, ts in segments:
+        for r, st, ts in flight:
             r.cached, r.pending = st + len(ts), False
-        for row in copies:
-            self.cache.copy_row(row.source.slot, row.slot)
-            self.logits[row.slot] = self.logits[row.source.slot]
-            row.cached, row.pending = row.source.cached, False
         for row in self.slots:
+            if row.pending:  # a further sample: its first row is prefilled now
+                self.cache.copy_row(row.source.slot, row.slot)
+                self.logits[row.slot] = self.logits[row.source.slot]
+                row.cached, row.pending = row.source.cached, False
             row.source = None
         self._deferred = 0
 

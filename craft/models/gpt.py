@@ -13,7 +13,7 @@ Shapes: B batch, T tokens, C d_model, H query heads, Hkv key/value heads, hs hea
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -211,7 +211,8 @@ class PackedStep(KVCache):
 
     `segments` are (row, start, count): the row's next `count` tokens at positions start..,
     in the order they appear in the packed input; single-token segments (decoding rows) come
-    first, rows with more tokens (a new prompt, a refilled window) after them. A server uses it
+    first, rows with more tokens (a new prompt, a refilled window) after them (a single-token
+    segment after a longer one attends as the longer ones do). A server uses it
     to prefill a newly arrived prompt in the same forward as the other rows' decoding step, so
     that neither waits for a forward of its own. Attention: the single-token rows in one masked
     call over their cache rows, each longer segment causally over its own row. `last` holds the
@@ -222,13 +223,12 @@ class PackedStep(KVCache):
     def __init__(self, cache: KVCache, segments: Sequence[tuple[int, int, int]]) -> None:
         self.k, self.v, self.lengths = cache.k, cache.v, cache.lengths
         device = self.k.device
-        singles = 0
         for i, (_, _, count) in enumerate(segments):
             if count < 1:
                 raise ValueError(f"segment {i} has {count} tokens: expected >= 1")
-            if count == 1 and singles < i:
-                raise ValueError("single-token segments must come before longer ones")
-            singles += count == 1
+        singles = 0  # the leading single-token segments (later ones attend as the longer do)
+        while singles < len(segments) and segments[singles][2] == 1:
+            singles += 1
         self.segments = list(segments)
         self.singles = singles
         rows = [r for r, _, c in segments for _ in range(c)]
@@ -562,11 +562,14 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        join: Join | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) int64 -> logits (B, T, V) (None when the loss is fused) and the mean loss.
 
         `last_only` (without targets): logits of the last position only, (B, 1, V), which is all a
         decoding step needs (the output layer is the largest matmul of a small model's step).
+        `join` (decoding with a cache, see `Join`): new sequences may join this forward between
+        blocks; the logits are then those of the packed step it returned, (1, R, V).
         """
         b, t = idx.shape
         start: int | None = 0
@@ -583,21 +586,10 @@ class GPT(nn.Module):
         elif t > self.block_size:
             raise ValueError(f"sequence of {t} tokens exceeds block_size {self.block_size}")
 
-        if start is not None:
-            pos = torch.arange(start, start + t, device=idx.device)  # (T,)
-        else:
-            pos = cache.positions  # (B, T)
-        x = self.wte(idx)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(pos)  # + (T, C) or (B, T, C)
-        x = self.drop(x)
-        rope = None
-        if self.rope_cos is not None:
-            if start is not None:
-                rope = (self.rope_cos[start : start + t], self.rope_sin[start : start + t])
-            else:  # (B, 1, T, hs/2): one table row per row and position
-                rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
+        x, rope = self._embed(idx, start, cache)  # (B, T, C)
         for layer, block in enumerate(self.blocks):
+            if join is not None and (joined := join(layer)) is not None:
+                x, rope, cache = self._join(x, layer, *joined)  # (1, N, C), the packed step
             x = block(x, rope, cache, layer)  # (B, T, C)
         if cache is not None:
             cache.advance(t)
@@ -618,6 +610,51 @@ class GPT(nn.Module):
         # When training, a fused loss kernel may reuse the logits' memory for their gradient, so
         # they are not handed back; under no_grad (eval) they are intact and returned.
         return (None if torch.is_grad_enabled() else logits), loss
+
+    def _embed(
+        self, idx: torch.Tensor, start: int | None, cache: KVCache | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Token (+ position) embedding of idx (B, T) and the RoPE tables of its positions: from
+        `start` on, or (start None) each row's own, `cache.positions` (B, T)."""
+        t = idx.shape[1]
+        if start is not None:
+            pos = torch.arange(start, start + t, device=idx.device)  # (T,)
+        else:
+            pos = cache.positions  # type: ignore[union-attr]  # (B, T)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)  # + (T, C) or (B, T, C)
+        return self.drop(x), self._rope(start, t, pos)
+
+    def _rope(
+        self, start: int | None, t: int, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin of positions start..start+t-1 (T, hs/2), or (start None) of each row's own
+        positions pos (B, T) -> (B, 1, T, hs/2); None without RoPE."""
+        if self.rope_cos is None:
+            return None
+        if start is not None:
+            return self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        return self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
+
+    def _join(
+        self, x: torch.Tensor, layer: int, idx: torch.Tensor, alone: PackedStep, step: PackedStep
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, PackedStep]:
+        """New tokens idx (1, T') through blocks 0..layer-1 on their own (`alone`), then packed
+        after the tokens in flight, x (B, 1, C) or (1, N, C), for the remaining blocks (`step`)."""
+        alone.begin(idx.shape[1], idx.device)
+        y, rope = self._embed(idx, None, alone)  # (1, T', C)
+        for i in range(layer):
+            y = self.blocks[i](y, rope, alone, i)
+        x = torch.cat([x.reshape(1, -1, x.shape[-1]), y], dim=1)  # (1, N, C)
+        step.begin(x.shape[1], x.device)
+        return x, self._rope(None, x.shape[1], step.positions), step
+
+
+# GPT.forward's `join`: called before each block (its index) of a decoding step; returns None, or
+# the new tokens idx (1, T') to join there with `alone`, a packed step of their rows only, and
+# `step`, the packed step of the tokens in flight (first, in their order) and the new ones.
+Join = Callable[[int], "tuple[torch.Tensor, PackedStep, PackedStep] | None"]
 
 
 def build(cfg: GPTConfig, vocab_size: int, *, fused_loss: bool = False, kernels: Any = None) -> GPT:

@@ -204,7 +204,8 @@ class BatchWorker:
                     continue
                 if self.engine.packed:  # new prompts ride along with the others' next token
                     self.work += self.engine.active
-                    self.engine.advance()
+                    # requests arriving meanwhile join this forward between its blocks
+                    self.engine.advance(admit=self._admit)
                     for job in self.prefilling:
                         job.mark("prefill")
                     self.prefilling.clear()

@@ -231,3 +231,57 @@ def test_deferred_prefill_needs_packed_steps() -> None:
     assert not engine.packed
     with pytest.raises(ValueError, match="packed steps"):
         engine.add_many([Request([1], SAMPLE, [None], 3)], defer=True)
+
+
+@pytest.mark.parametrize("name", ["gpt", "gpt-rope-gqa"])
+def test_prompts_joining_a_forward_between_blocks_decode_as_alone(name: str) -> None:
+    """`advance(admit=...)`: prompts added while the forward runs join it before the next block,
+    into a decoding step (batched rows) or a packed step (a deferred prompt, a refill of the
+    12-token window); several joins in one forward, a 1-token prompt, a further sample and a
+    prompt longer than the window all decode as alone, and get logits from that forward."""
+    model = _models()[name].eval()
+    engine = DecodeEngine(model, 8)
+    (first,) = engine.add_many([Request([1, 2, 3], SAMPLE, [row_generator(1, 0)], 24)])[0]
+    arrivals = {  # (step, block) -> [(prompt, max_new_tokens, seed, samples)]
+        (1, 1): [([5, 6, 7, 8, 9], 15, 3, 2), ([4], 9, 4, 1)],  # into a decoding step
+        (4, 0): [([7, 7, 1], 6, 6, 1)],
+        (4, 1): [([2, 2, 3, 1, 4, 4, 5, 9, 1, 2, 3, 6, 7], 8, 5, 1)],  # a second join
+        (9, 1): [([9, 3], 5, 7, 1)],  # step 9 also refills `first`'s full window
+    }
+    deferred = {4: ([8, 1], 7, 9, 1)}  # added before the forward: a packed step in flight
+    added: list[tuple[list[int], int, int, list]] = []
+    now = {"step": -1}
+    seen_blocks: list[int] = []
+
+    def admit() -> None:
+        seen_blocks.append(len(seen_blocks))
+        for prompt, n, seed, k in arrivals.get((now["step"], len(seen_blocks) - 1), []):
+            gens = [row_generator(seed, j) for j in range(k)]
+            (rows,) = engine.add_many([Request(prompt, SAMPLE, gens, n)], defer=True)
+            added.append((prompt, n, seed, rows))
+
+    for step in range(60):
+        if not engine.active:
+            break
+        engine.sample()
+        now["step"] = step
+        if step in deferred:
+            prompt, n, seed, k = deferred[step]
+            gens = [row_generator(seed, j) for j in range(k)]
+            (rows,) = engine.add_many([Request(prompt, SAMPLE, gens, n)], defer=True)
+            added.append((prompt, n, seed, rows))
+        seen_blocks.clear()
+        rows_fed = engine.active
+        engine.advance(admit=admit)
+        assert seen_blocks == ([0, 1] if rows_fed else [])  # asked before each block
+        assert engine._deferred == 0 and not any(r.pending for r in engine.slots)
+    assert not engine.active and len(added) == 6
+    assert first.tokens == _alone(model, [1, 2, 3], 24, SAMPLE, 1)
+    for prompt, n, seed, rows in added:
+        assert rows[0].tokens == _alone(model, prompt, n, SAMPLE, seed), prompt
+        for j, row in enumerate(rows[1:], start=1):
+            other = DecodeEngine(model, 1)
+            (alone,) = other.add(prompt, SAMPLE, [row_generator(seed, j)], max_new_tokens=n)
+            while other.active:
+                other.step()
+            assert row.tokens == alone.tokens

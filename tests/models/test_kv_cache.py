@@ -101,7 +101,57 @@ def test_packed_step_matches_separate_recompute(cfg: dict, single_rows: tuple[in
 
 def test_packed_step_refuses_bad_segments() -> None:
     cache = _model().new_cache(2)
-    with pytest.raises(ValueError, match="single-token segments must come before"):
-        cache.packed_step([(0, 0, 3), (1, 2, 1)])
     with pytest.raises(ValueError, match="has 0 tokens"):
         cache.packed_step([(0, 0, 0)])
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("in_flight", ["batched", "packed"])
+@torch.no_grad()
+def test_sequences_joining_between_blocks_match_separate_recompute(
+    cfg: dict, layer: int, in_flight: str
+) -> None:
+    """New prompts (5 tokens, and 1 token: a single after a longer segment) join a decoding
+    forward before block `layer`: every row's logits and cache are as if recomputed alone."""
+    model = _model(**cfg, n_layer=3).double()
+    g = torch.Generator().manual_seed(3)
+    stored = {0: 6, 1: 3, 2: 0}  # rows 0, 1 decode; row 2 a prompt of the packed step in flight
+    fed = {0: 1, 1: 1, 2: 4}
+    new = {3: 5, 4: 1}  # the rows joining
+    rows = [0, 1] if in_flight == "batched" else [0, 1, 2]
+    lengths = {r: stored[r] + fed[r] for r in rows} | new
+    seqs = {r: torch.randint(0, 11, (n,), generator=g) for r, n in lengths.items()}
+    cache = model.new_cache(5)
+    cache.k.fill_(7.0)  # stale values where no row has written must never be read
+    cache.v.fill_(-3.0)
+    for r in (0, 1):
+        model(seqs[r][None, : stored[r]], cache=cache.rows(r, r + 1))
+    flight = [(r, stored[r], fed[r]) for r in rows]
+    joined = [(r, 0, n) for r, n in new.items()]
+    calls = []
+
+    def join(at: int):
+        calls.append(at)
+        if at != layer:
+            return None
+        idx = torch.cat([seqs[r] for r, _, _ in joined])[None]  # (1, 6)
+        return idx, cache.packed_step(joined), cache.packed_step(flight + joined)
+
+    if in_flight == "batched":
+        idx = torch.stack([seqs[r][-1:] for r in rows])  # (2, 1)
+        logits, _ = model(idx, cache=cache.rows(0, 2), last_only=True, join=join)
+    else:
+        idx = torch.cat([seqs[r][stored[r] :] for r in rows])[None]  # (1, 6)
+        logits, _ = model(idx, cache=cache.packed_step(flight), last_only=True, join=join)
+    order = rows + list(new)
+    assert logits.shape == (1, len(order), 11) and calls == [0, 1, 2]  # asked before each block
+    assert cache.lengths.tolist() == [len(seqs[r]) if r in seqs else 0 for r in range(5)]
+    for i, r in enumerate(order):
+        ref, _ = model(seqs[r][None])  # (1, T, V), no cache
+        torch.testing.assert_close(logits[0, i], ref[0, -1], rtol=1e-10, atol=1e-10)
+        alone = model.new_cache(1)
+        model(seqs[r][None], cache=alone)
+        n = len(seqs[r])
+        torch.testing.assert_close(cache.k[:, r, :, :n], alone.k[:, 0, :, :n], rtol=0, atol=1e-12)
+        torch.testing.assert_close(cache.v[:, r, :, :n], alone.v[:, 0, :, :n], rtol=0, atol=1e-12)

@@ -1,9 +1,9 @@
 """The batching worker's order of work, observed through what it calls, not through timings.
 
 A token is handed to the event loop before the forward pass that prepares the next one; a
-request that joins a busy batch is prefilled in the batch's next forward (a GPT's packed step)
-or in one of its own (an RNN), and gets its first token right after it; the hand-off is one call
-per step for the whole batch.
+request that joins a busy batch is prefilled in the forward running when it arrives (a GPT: it
+joins between blocks) or in one of its own (an RNN), and gets its first token right after it;
+the hand-off is one call per step for the whole batch.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def _traced_worker(model, tok) -> tuple[BatchWorker, Recorder]:
         rec.add("add", len(requests))
         return rows
 
-    def traced_advance() -> None:
+    def traced_advance(**kw) -> None:
         rec.add("advance", (engine.active, engine._deferred))
-        advance()
+        advance(**kw)
 
     def traced_forward(*a, **kw):
         rec.add("forward")
@@ -76,8 +76,11 @@ def _traced_worker(model, tok) -> tuple[BatchWorker, Recorder]:
     return worker, rec
 
 
-def _join_busy_batch(model, tok) -> tuple[list[tuple[str, Any]], Job, Job]:
-    """A request (`late`) joins a batch in mid-decode; returns the log from its admission on."""
+def _join_busy_batch(
+    model, tok, *, mid_forward: bool = False
+) -> tuple[list[tuple[str, Any]], Job, Job]:
+    """A request (`late`) joins a batch in mid-decode; returns the log from its admission on.
+    `mid_forward` (a GPT): it arrives while the batch's forward runs its first block."""
     worker, rec = _traced_worker(model, tok)
 
     def job(prompt: str, max_tokens: int, seed: int) -> Job:
@@ -85,11 +88,27 @@ def _join_busy_batch(model, tok) -> tuple[list[tuple[str, Any]], Job, Job]:
         return Job([ids], 1, SAMPLE, max_tokens, seed, [], rec)  # type: ignore[arg-type]
 
     busy, late = job("the ", 10_000, 1), job("fox ", 6, 2)
+    armed = threading.Event()
+    if mid_forward:
+        block = model.blocks[0]
+        first_block = block.forward
+
+        def arriving(*a, **kw):
+            if armed.is_set():
+                armed.clear()
+                rec.add("arrives")
+                assert worker.submit(late)
+            return first_block(*a, **kw)
+
+        block.forward = arriving
     worker.start()
     try:
         assert worker.submit(busy)
         rec.wait(busy, lambda evs: len(evs) >= 3)  # a batch in mid-decode...
-        assert worker.submit(late)  # ...that a second request joins
+        if mid_forward:  # ...that a second request joins
+            armed.set()
+        else:
+            assert worker.submit(late)
         rec.wait(late, lambda evs: any(ev.finish for ev in evs))
     finally:
         worker.cancel(busy)
@@ -102,18 +121,20 @@ def _join_busy_batch(model, tok) -> tuple[list[tuple[str, Any]], Job, Job]:
     return log, busy, late
 
 
-def test_a_new_prompt_rides_along_with_the_batchs_next_forward() -> None:
-    """A GPT's packed steps: the prompt of a request that joins a busy batch is prefilled in the
-    same forward as the other rows' next token, and its first token goes out right after it."""
+def test_a_request_arriving_during_a_forward_joins_it() -> None:
+    """A GPT: a request that arrives while the batch's forward runs is admitted before the next
+    block, its prompt runs the blocks before on its own and then joins the batch, and its first
+    token goes out with that forward's hand-off, never a forward later."""
     tok = CharTokenizer(sorted(set(TEXT)))
-    log, busy, late = _join_busy_batch(tiny_gpt(tok.vocab_size, block_size=64).eval(), tok)
-    joined = max(i for i, e in enumerate(log) if e == ("add", 1))  # the last: `late`'s
-    kinds = [kind for kind, _ in log[joined:]]
-    # one advance of both rows (one awaiting its prefill), one forward, then the hand-off of
-    # both rows' tokens; from then on every forward is followed by its hand-off
-    assert kinds[:4] == ["add", "advance", "forward", "handoff"], kinds[:6]
-    assert log[joined + 1][1] == (2, 1)
-    assert {j for j, _ in log[joined + 3][1]} == {busy, late}
+    model = tiny_gpt(tok.vocab_size, block_size=64).eval()
+    log, busy, late = _join_busy_batch(model, tok, mid_forward=True)
+    arrived = log.index(("arrives", None))
+    kinds = [kind for kind, _ in log[arrived - 2 :]]
+    # the forward of `busy` alone is in flight when `late` arrives; `late` is added within it,
+    # and the forward's hand-off carries both rows' tokens
+    assert kinds[:5] == ["advance", "forward", "arrives", "add", "handoff"], kinds[:7]
+    assert log[arrived - 2][1] == (1, 0)
+    assert {j for j, _ in log[arrived + 2][1]} == {busy, late}
     steps = [k for k in kinds[1:] if k in ("handoff", "forward")]
     assert all(a != b for a, b in itertools.pairwise(steps)), steps
 
