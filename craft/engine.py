@@ -17,7 +17,8 @@ forward pass over all remaining rows to get their next logits; a server runs its
 with `add_many(..., defer=True)`: their prompts are prefilled by the next `advance`, in the same
 forward as every other row's next token (a cache's `packed_step`: rows taking different numbers
 of tokens, packed as one sequence), so a new request never stalls the batch for a forward of its
-own; rows whose window is full are refilled in that forward too. Rows live in slots 0..n-1 of
+own; rows whose window is full are refilled in that forward too. `advance(admit=...)` goes
+further: prompts added while the forward runs join it between blocks (a GPT's `join`). Rows live in slots 0..n-1 of
 one batched cache; a retired row's slot is taken by the last row (its cache row is copied), so
 the batch stays contiguous.
 
