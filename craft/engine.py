@@ -443,9 +443,10 @@ class DecodeEngine:
         """The second half of `step`: one forward pass gives every row its next logits.
 
         `admit` (a server's): called before each block of the forward (a model whose forward
-        takes `join`, with packed steps); the prompts it adds with `add_many(..., defer=True)`
-        join the forward there, running the blocks before on their own, so a request that
-        arrives while a forward runs gets its first token from that forward.
+        takes `join`, with packed steps) until it adds rows; the prompts it adds with
+        `add_many(..., defer=True)` join the forward there, running the blocks before on their
+        own, so a request that arrives while a forward runs gets its first token from that
+        forward. Requests arriving after that join wait for the next forward.
         """
         if (self._unfed or self._deferred) and self.slots:
             self._advance(admit if self._joinable else None)
@@ -515,12 +516,18 @@ class DecodeEngine:
         admit: Callable[[], None] | None,
     ) -> None:
         """The forward of `flight` (rows, first positions, tokens) as idx (1, N) over a packed
-        step, or as a decoding step (n, 1), which prompts `admit` adds may join; sets the logits
-        of every row in it, then of the further samples, which copy their first row."""
+        step, or as a decoding step (n, 1), which the prompts `admit` adds before one of its
+        blocks join; sets the logits of every row in it, then of the further samples, which
+        copy their first row."""
         joined = False
 
         def join(layer: int) -> tuple[torch.Tensor, Any, Any] | None:
+            # once per forward: every later joiner would delay the rows in flight (the ones
+            # that joined before included) by its prompt's run through the blocks before, so
+            # later arrivals wait for the next forward, which packs them from the first block
             nonlocal joined
+            if joined:
+                return None
             admit()  # type: ignore[misc]
             inside = {id(r) for r, _, _ in flight}
             new = [

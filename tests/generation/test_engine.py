@@ -235,47 +235,57 @@ def test_deferred_prefill_needs_packed_steps() -> None:
 
 @pytest.mark.parametrize("name", ["gpt", "gpt-rope-gqa"])
 def test_prompts_joining_a_forward_between_blocks_decode_as_alone(name: str) -> None:
-    """`advance(admit=...)`: prompts added while the forward runs join it before the next block,
-    into a decoding step (batched rows) or a packed step (a deferred prompt, a refill of the
-    12-token window); several joins in one forward, a 1-token prompt, a further sample and a
-    prompt longer than the window all decode as alone, and get logits from that forward."""
+    """`advance(admit=...)`: prompts that arrive while the forward runs join it before the next
+    block, into a decoding step (batched rows) or a packed step (a deferred prompt, a refill of
+    the 12-token window), once per forward: later arrivals, and those during the last block,
+    wait for the next forward. A 1-token prompt, a further sample and a prompt longer than the
+    window all decode as alone."""
     model = _models()[name].eval()
     engine = DecodeEngine(model, 8)
     (first,) = engine.add_many([Request([1, 2, 3], SAMPLE, [row_generator(1, 0)], 24)])[0]
-    arrivals = {  # (step, block) -> [(prompt, max_new_tokens, seed, samples)]
-        (1, 1): [([5, 6, 7, 8, 9], 15, 3, 2), ([4], 9, 4, 1)],  # into a decoding step
-        (4, 0): [([7, 7, 1], 6, 6, 1)],
-        (4, 1): [([2, 2, 3, 1, 4, 4, 5, 9, 1, 2, 3, 6, 7], 8, 5, 1)],  # a second join
-        (9, 1): [([9, 3], 5, 7, 1)],  # step 9 also refills `first`'s full window
+    arrivals = {  # (step, block running when they arrive; -1: none yet) -> requests
+        (1, 0): [([5, 6, 7, 8, 9], 15, 3, 2), ([4], 9, 4, 1)],  # join a decoding step
+        (4, -1): [([7, 7, 1], 6, 6, 1)],  # join the packed step of a deferred prompt
+        (4, 0): [([2, 2, 3, 1, 4, 4, 5, 9, 1, 2, 3, 6, 7], 8, 5, 1)],  # a second: waits
+        (9, 0): [([9, 3], 5, 7, 1)],  # step 9 also refills `first`'s full window
+        (12, 1): [([3, 1], 4, 2, 1)],  # during the last block: the next forward
     }
     deferred = {4: ([8, 1], 7, 9, 1)}  # added before the forward: a packed step in flight
+    now = {"step": -1, "block": -1}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: now.__setitem__("block", i))
+    queue = sorted(arrivals.items())
     added: list[tuple[list[int], int, int, list]] = []
-    now = {"step": -1}
-    seen_blocks: list[int] = []
+    admitted_at: dict[tuple[int, int], int] = {}  # arrival -> (step, block it joined before)
+    joins_per_step: dict[int, int] = {}
+
+    def add(prompt, n, seed, k) -> list:
+        gens = [row_generator(seed, j) for j in range(k)]
+        return engine.add_many([Request(prompt, SAMPLE, gens, n)], defer=True)[0]
 
     def admit() -> None:
-        seen_blocks.append(len(seen_blocks))
-        for prompt, n, seed, k in arrivals.get((now["step"], len(seen_blocks) - 1), []):
-            gens = [row_generator(seed, j) for j in range(k)]
-            (rows,) = engine.add_many([Request(prompt, SAMPLE, gens, n)], defer=True)
-            added.append((prompt, n, seed, rows))
+        due = [(at, reqs) for at, reqs in queue if at <= (now["step"], now["block"])]
+        if due:
+            joins_per_step[now["step"]] = joins_per_step.get(now["step"], 0) + 1
+        for at, reqs in due:
+            queue.remove((at, reqs))
+            admitted_at[at] = (now["step"], now["block"] + 1)
+            added.extend((p, n, seed, add(p, n, seed, k)) for p, n, seed, k in reqs)
 
     for step in range(60):
-        if not engine.active:
+        if not engine.active and not queue:
             break
         engine.sample()
-        now["step"] = step
+        now["step"], now["block"] = step, -1
         if step in deferred:
             prompt, n, seed, k = deferred[step]
-            gens = [row_generator(seed, j) for j in range(k)]
-            (rows,) = engine.add_many([Request(prompt, SAMPLE, gens, n)], defer=True)
-            added.append((prompt, n, seed, rows))
-        seen_blocks.clear()
-        rows_fed = engine.active
+            added.append((prompt, n, seed, add(prompt, n, seed, k)))
         engine.advance(admit=admit)
-        assert seen_blocks == ([0, 1] if rows_fed else [])  # asked before each block
         assert engine._deferred == 0 and not any(r.pending for r in engine.slots)
-    assert not engine.active and len(added) == 6
+    assert not engine.active and not queue and len(added) == 7
+    assert admitted_at == {(1, 0): (1, 1), (4, -1): (4, 0), (4, 0): (5, 0), (9, 0): (9, 1),
+                           (12, 1): (13, 0)}  # fmt: skip
+    assert set(joins_per_step.values()) == {1}
     assert first.tokens == _alone(model, [1, 2, 3], 24, SAMPLE, 1)
     for prompt, n, seed, rows in added:
         assert rows[0].tokens == _alone(model, prompt, n, SAMPLE, seed), prompt
