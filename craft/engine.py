@@ -18,9 +18,9 @@ with `add_many(..., defer=True)`: their prompts are prefilled by the next `advan
 forward as every other row's next token (a cache's `packed_step`: rows taking different numbers
 of tokens, packed as one sequence), so a new request never stalls the batch for a forward of its
 own; rows whose window is full are refilled in that forward too. `advance(admit=...)` goes
-further: prompts added while the forward runs join it between blocks (a GPT's `join`). Rows live in slots 0..n-1 of
-one batched cache; a retired row's slot is taken by the last row (its cache row is copied), so
-the batch stays contiguous.
+further: prompts added while the forward runs join it between blocks (a GPT's `join`). Rows live
+in slots 0..n-1 of one batched cache; a retired row's slot is taken by the last row (its cache row
+is copied), so the batch stays contiguous.
 
 Models: a GPT's KV cache and an RNN's state implement the row operations the batch needs
 (`rows(i, j)`, `copy_row(src, dst)`, `reset()`). A model whose cache lacks them is decoded with
@@ -528,7 +528,10 @@ class DecodeEngine:
             nonlocal joined
             if joined:
                 return None
+            waiting = self._deferred
             admit()  # type: ignore[misc]
+            if self._deferred == waiting:  # nothing was added
+                return None
             inside = {id(r) for r, _, _ in flight}
             new = [
                 (r, 0, r.context)

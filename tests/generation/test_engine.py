@@ -14,9 +14,12 @@ SAMPLE = SamplingParams(temperature=1.0, top_k=7)
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def _alone(model, prompt: list[int], n: int, sampling: SamplingParams, seed: int) -> list[int]:
+def _alone(
+    model, prompt: list[int], n: int, sampling: SamplingParams, seed: int, sample: int = 0
+) -> list[int]:
+    """The tokens of sample `sample` of (prompt, seed), decoded alone."""
     engine = DecodeEngine(model, 1)
-    (row,) = engine.add(prompt, sampling, [row_generator(seed, 0)], max_new_tokens=n)
+    (row,) = engine.add(prompt, sampling, [row_generator(seed, sample)], max_new_tokens=n)
     while engine.active:
         engine.step()
     return row.tokens
@@ -216,13 +219,8 @@ def test_prompts_added_between_the_halves_ride_along_and_decode_as_alone(name: s
     assert dropped.tokens == [] and dropped.finish_reason == "cancelled"
     assert first.tokens == _alone(model, [1, 2, 3], 20, SAMPLE, 1)
     for prompt, n, seed, rows in added:
-        assert rows[0].tokens == _alone(model, prompt, n, SAMPLE, seed)
-        for j, row in enumerate(rows[1:], start=1):
-            other = DecodeEngine(model, 1)
-            (alone,) = other.add(prompt, SAMPLE, [row_generator(seed, j)], max_new_tokens=n)
-            while other.active:
-                other.step()
-            assert row.tokens == alone.tokens
+        for j, row in enumerate(rows):
+            assert row.tokens == _alone(model, prompt, n, SAMPLE, seed, j)
 
 
 def test_deferred_prefill_needs_packed_steps() -> None:
@@ -288,10 +286,5 @@ def test_prompts_joining_a_forward_between_blocks_decode_as_alone(name: str) -> 
     assert set(joins_per_step.values()) == {1}
     assert first.tokens == _alone(model, [1, 2, 3], 24, SAMPLE, 1)
     for prompt, n, seed, rows in added:
-        assert rows[0].tokens == _alone(model, prompt, n, SAMPLE, seed), prompt
-        for j, row in enumerate(rows[1:], start=1):
-            other = DecodeEngine(model, 1)
-            (alone,) = other.add(prompt, SAMPLE, [row_generator(seed, j)], max_new_tokens=n)
-            while other.active:
-                other.step()
-            assert row.tokens == alone.tokens
+        for j, row in enumerate(rows):
+            assert row.tokens == _alone(model, prompt, n, SAMPLE, seed, j), prompt

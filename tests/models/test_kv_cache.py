@@ -63,6 +63,19 @@ def test_copy_row_and_reset_one_row() -> None:
         model(torch.zeros(3, 12, dtype=torch.long), cache=cache)
 
 
+def _assert_as_recomputed(model: GPT, cache, logits: torch.Tensor, order: list[int], seqs) -> None:
+    """Row order[i]'s logits logits[0, i] are its whole sequence's last logits, recomputed, and
+    its cache holds what a fresh prefill of the sequence stores (float64)."""
+    for i, r in enumerate(order):
+        ref, _ = model(seqs[r][None])  # (1, T, V), no cache
+        torch.testing.assert_close(logits[0, i], ref[0, -1], rtol=1e-10, atol=1e-10)
+        alone = model.new_cache(1)
+        model(seqs[r][None], cache=alone)
+        n = len(seqs[r])
+        torch.testing.assert_close(cache.k[:, r, :, :n], alone.k[:, 0, :, :n], rtol=0, atol=1e-12)
+        torch.testing.assert_close(cache.v[:, r, :, :n], alone.v[:, 0, :, :n], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("cfg", CFGS)
 @pytest.mark.parametrize("single_rows", [(0, 1), (2, 0)])  # adjacent (a view) or gathered
 @torch.no_grad()
@@ -88,15 +101,7 @@ def test_packed_step_matches_separate_recompute(cfg: dict, single_rows: tuple[in
     logits, _ = model(idx, cache=step, last_only=True)  # (1, 4, V)
     assert logits.shape == (1, 4, 11)
     assert cache.lengths.tolist() == [len(seqs[r]) for r in range(4)]
-    for i, r in enumerate(order):
-        ref, _ = model(seqs[r][None])  # (1, T, V), no cache
-        torch.testing.assert_close(logits[0, i], ref[0, -1], rtol=1e-10, atol=1e-10)
-        # the row's cache now holds what a fresh prefill of its sequence stores
-        alone = model.new_cache(1)
-        model(seqs[r][None], cache=alone)
-        n = len(seqs[r])
-        torch.testing.assert_close(cache.k[:, r, :, :n], alone.k[:, 0, :, :n], rtol=0, atol=1e-12)
-        torch.testing.assert_close(cache.v[:, r, :, :n], alone.v[:, 0, :, :n], rtol=0, atol=1e-12)
+    _assert_as_recomputed(model, cache, logits, order, seqs)
 
 
 def test_packed_step_refuses_bad_segments() -> None:
@@ -147,11 +152,4 @@ def test_sequences_joining_between_blocks_match_separate_recompute(
     order = rows + list(new)
     assert logits.shape == (1, len(order), 11) and calls == [0, 1, 2]  # asked before each block
     assert cache.lengths.tolist() == [len(seqs[r]) if r in seqs else 0 for r in range(5)]
-    for i, r in enumerate(order):
-        ref, _ = model(seqs[r][None])  # (1, T, V), no cache
-        torch.testing.assert_close(logits[0, i], ref[0, -1], rtol=1e-10, atol=1e-10)
-        alone = model.new_cache(1)
-        model(seqs[r][None], cache=alone)
-        n = len(seqs[r])
-        torch.testing.assert_close(cache.k[:, r, :, :n], alone.k[:, 0, :, :n], rtol=0, atol=1e-12)
-        torch.testing.assert_close(cache.v[:, r, :, :n], alone.v[:, 0, :, :n], rtol=0, atol=1e-12)
+    _assert_as_recomputed(model, cache, logits, order, seqs)

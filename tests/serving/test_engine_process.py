@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from craft.errors import CheckpointError
 from craft.generation import generate
 from craft.sampling import SamplingParams
 from craft.serving.engine_process import EngineError, EngineProcess
 from craft.serving.worker import Job
 from craft.training.checkpoint import load_model
+from tests.security._helpers import fix_complete
 from tests.serving.test_server import Server, write_tiny_export
 
 
@@ -151,21 +158,18 @@ def test_engine_process_ends_with_the_server_and_a_dead_engine_is_a_503(tmp_path
     assert "Traceback" not in server.proc.stderr.read()
 
 
+def _serve_once(checkpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`craft serve` of `checkpoint` on a free port, expected to stop on its own."""
+    env = {**os.environ, "CRAFT_DEBUG": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "craft", "serve", "--checkpoint", str(checkpoint), "--port", "0"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=180, env=env)
+
+
 @pytest.mark.parametrize("fault", ["nan", "renamed", "truncated"])
 def test_a_bad_checkpoint_stops_serve_with_one_line(export: Path, tmp_path: Path, fault) -> None:
     """The server process checks the checkpoint from its headers; what only loading sees (NaN
     weights, a tensor under another name) comes back from the engine process as the same
     one-line error `load_model` gives."""
-    import shutil
-    import sys
-
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from craft.errors import CheckpointError
-    from tests.security._helpers import fix_complete
-
     bad = Path(shutil.copytree(export, tmp_path / "bad"))
     weights = bad / "model.safetensors"
     if fault != "truncated":
@@ -182,14 +186,7 @@ def test_a_bad_checkpoint_stops_serve_with_one_line(export: Path, tmp_path: Path
     fix_complete(bad)
     with pytest.raises(CheckpointError) as expected:
         load_model(bad)
-    env = {**os.environ, "CRAFT_DEBUG": "0", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(
-        [sys.executable, "-m", "craft", "serve", "--checkpoint", str(bad), "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-    )
+    res = _serve_once(bad)
     assert res.returncode == 2 and res.stdout == "", (res.stdout, res.stderr)
     assert res.stderr.strip().splitlines() == [f"error: {expected.value}"]
 
@@ -197,17 +194,9 @@ def test_a_bad_checkpoint_stops_serve_with_one_line(export: Path, tmp_path: Path
 def test_an_absent_cuda_stops_serve_with_one_line(export: Path) -> None:
     """The device is resolved in the engine process; its error still comes back as one line,
     exit code 2."""
-    import sys
-
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    env = {**os.environ, "CRAFT_DEBUG": "0", "OMP_NUM_THREADS": "1"}
-    args = ["serve", "--checkpoint", str(export), "--port", "0", "--device", "cuda"]
-    res = subprocess.run(
-        [sys.executable, "-m", "craft", *args], capture_output=True, text=True, timeout=180, env=env
-    )
+    res = _serve_once(export, "--device", "cuda")
     assert res.returncode == 2 and res.stdout == "", res.stderr
     assert res.stderr.strip().splitlines() == [
         "error: device = 'cuda': CUDA is not available on this machine"
