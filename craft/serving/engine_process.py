@@ -19,7 +19,8 @@ pipe (nothing is pickled after the start):
 
 An engine message carries the events of every job of one decoding step. The server's reader
 thread turns them into `Event`s and hands them to each job's event loop in one call. The engine
-process exits when the server stops it, or when the pipe closes because the server died.
+process exits when the server stops it, or when the pipe closes because the server died; it
+ignores SIGINT and SIGTERM, which reach the server too when sent to the process group.
 """
 
 from __future__ import annotations
@@ -106,7 +107,11 @@ class _Link:
 
 def engine_main(conn: Any, spec: dict[str, Any]) -> None:
     """The engine process: load the model, run a `BatchWorker`, serve the pipe until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
+    # Ctrl-C, or a SIGTERM sent to the whole process group (a service manager, `timeout`),
+    # reaches the server too, which stops us; were we to die first, the server would report
+    # requests failing during an orderly shutdown
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     link = _Link(conn)
     try:
         from craft.generation import resolve_device, resolve_dtype

@@ -156,6 +156,19 @@ def test_engine_process_ends_with_the_server_and_a_dead_engine_is_a_503(tmp_path
         raise
     assert _gone(child)
     assert "Traceback" not in server.proc.stderr.read()
+    # so does a SIGTERM to the group (a service manager): an orderly stop, no failure reported
+    server = Server(_fresh(tmp_path / "d"))
+    (child,) = _children(server.proc.pid)
+    os.kill(child, signal.SIGTERM)
+    os.kill(server.proc.pid, signal.SIGTERM)
+    try:
+        code = server.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        raise
+    assert _gone(child)
+    err = server.proc.stderr.read()
+    assert code == 143 and "engine process exited" not in err and "Traceback" not in err, err
 
 
 def _serve_once(checkpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
