@@ -11,8 +11,10 @@ the same run, alternating so that a change in machine load hits all alike:
   `craft generate --num-samples B` runs after loading (sampling, text decoding, streaming order);
 - "compiled": the same with `compile=True` (`craft generate --compile`): every step runs the
   `torch.compile`d fixed-shape step (attention over the cache up to the longest row under a
-  mask, weights frozen into the graph as constants, on the CPU Inductor's C++ wrapper:
-  `craft.engine.COMPILE_SETTINGS` and `CPU_COMPILE_SETTINGS`). Every call compiles
+  mask, weights frozen into the graph as constants, on the CPU Inductor's C++ wrapper, and
+  for bf16/fp16 Inductor's C++ GEMM template for the weight products instead of oneDNN's:
+  `craft.engine.COMPILE_SETTINGS`, `CPU_COMPILE_SETTINGS` and
+  `CPU_LOW_PRECISION_COMPILE_SETTINGS`). Every call compiles
   anew (an engine compiles its own copy of the step), so its speed is timed after the compile:
   from sample 0's second token (the first compiled forward, compile included, is done) to
   its last, scaled to the same number of steps as the other ways. Its compile time (`compile s`) is
@@ -20,8 +22,11 @@ the same run, alternating so that a change in machine load hits all alike:
   shorten it on a machine that compiled the same graph before); `--no-compiled` skips it;
 - "bare": a loop of `model(x, cache=cache)` over a (B, 1) input, nothing else (no sampling);
 - "floor": a loop of only the weight matrix products of one token step (every 2-d weight but the
-  embeddings, the output layer included, each applied to a (B, C) input): the time it takes to
-  stream the weights through the matrix units, which no decoder of this model can beat.
+  embeddings, the output layer included, each applied to a (B, C) input) with torch's eager
+  matmul (`F.linear`): the time that matmul takes to stream the weights, which no eager decoder
+  of this model can beat. A compiled step whose products run another kernel (the C++ GEMM
+  template in bf16 on a CPU) can come under it: a ratio below 1 means a faster matmul kernel, not
+  a step cheaper than its weight products.
 Expected at char_gpt shape: generate >= 0.9x the bare loop's tokens/s, and generate's time per
 step <= 1.5x the floor's, in fp32 and bf16, at batch 1 and 8. The table says for each of the
 eager and the compiled generate which of the two it meets (the bare loop is always the eager one).

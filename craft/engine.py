@@ -101,9 +101,19 @@ def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtyp
 # further needs a new engine, which compiles anew).
 COMPILE_SETTINGS: dict[str, Any] = {"freezing": True}
 # On the CPU also `cpp_wrapper`: the graph's kernels are called from C++ rather than from a
-# Python wrapper, which takes a millisecond or more off a small model's step (measured in
-# bench/results/decode_speed.md) for a longer compile.
+# Python wrapper, which takes a millisecond or more off a small model's step for a longer compile.
 CPU_COMPILE_SETTINGS: dict[str, Any] = {"cpp_wrapper": True}
+# And for a bf16/fp16 model on the CPU, Inductor's C++ GEMM template for the weight products
+# (`max_autotune` with the "CPP" backend only, so nothing is benchmarked: one choice per product,
+# a product the template cannot take keeps oneDNN's). Its micro-kernels widen bf16/fp16 weights
+# to fp32 in registers; oneDNN's bf16 matmul on a CPU without native bf16 (no AVX512-BF16/AMX)
+# made the compiled step 1.4-1.6x slower at char_gpt shape (over the floor's 1.5x). fp32
+# keeps MKL's pre-packed matmul, which was faster than the template at batch 8. Measured in
+# bench/results/decode_speed.md; the cost is a longer compile (about 20 s at char_gpt shape).
+CPU_LOW_PRECISION_COMPILE_SETTINGS: dict[str, Any] = {
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP",
+}
 
 
 class DecodeEngine:
@@ -572,8 +582,14 @@ class DecodeEngine:
         return self._forward(idx, self.cache.fixed_step(pos, keys))
 
     def _compile_settings(self) -> dict[str, Any]:
-        extra = CPU_COMPILE_SETTINGS if self.device.type == "cpu" else {}
-        return {**COMPILE_SETTINGS, **extra}
+        if self.device.type != "cpu":
+            return dict(COMPILE_SETTINGS)
+        low = self.dtype in (torch.bfloat16, torch.float16)
+        return {
+            **COMPILE_SETTINGS,
+            **CPU_COMPILE_SETTINGS,
+            **(CPU_LOW_PRECISION_COMPILE_SETTINGS if low else {}),
+        }
 
     def _compiled_step(self, tokens: list[int]) -> torch.Tensor:
         """The compiled step for the first n rows (`tokens`); the free rows ride along at position

@@ -9,6 +9,8 @@ compile time is the cost of this test. What cannot compile is an error, never a 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -46,6 +48,44 @@ def test_compiled_step_decodes_as_the_eager_step() -> None:
             p.copy_(torch.randn_like(p))
     want = _decode(DecodeEngine(model, 2))
     assert _decode(DecodeEngine(model, 2, compile=True)) == want
+
+
+def _logits_along(engine: DecodeEngine, prompt: list[int], steps: int) -> list[tuple]:
+    """(context, next-token logits) after the prefill and after each greedy step of one row."""
+    (row,) = engine.add(prompt, GREEDY, [None], max_new_tokens=steps)
+    seen = [(list(row.context), engine.logits[row.slot].clone())]
+    while engine.active:
+        engine.step()
+        if not row.done:
+            seen.append((list(row.context), engine.logits[row.slot].clone()))
+    return seen
+
+
+@pytest.mark.slow
+def test_compiled_bf16_step_is_as_close_to_float64_as_the_eager_one() -> None:
+    """bf16 weight products go through Inductor's C++ GEMM template on the CPU (see
+    `CPU_COMPILE_SETTINGS`), not oneDNN's: every step's logits are compared with a float64 forward
+    of the same bf16-rounded weights over the same context. The compiled step may differ from the
+    eager bf16 step only by rounding: its error stays within twice the eager one's (plus a bf16
+    ulp at the logits' scale)."""
+    model = tiny_gpt(40, block_size=16, n_layer=2, d_model=64, n_head=4, mlp="swiglu")
+    model = model.to(torch.bfloat16).eval()
+    exact = copy.deepcopy(model).to(torch.float64)
+
+    def worst_error(engine: DecodeEngine) -> float:
+        seen = _logits_along(engine, [1, 2, 3], steps=10)
+        assert len(seen) == 10
+        with torch.no_grad():
+            return max(
+                (logits.double() - exact(torch.tensor([ctx]))[0][0, -1]).abs().max().item()
+                for ctx, logits in seen
+            )
+
+    eager = worst_error(DecodeEngine(model, 2))
+    compiled = worst_error(DecodeEngine(model, 2, compile=True))
+    scale = max(v.abs().max().item() for _, v in _logits_along(DecodeEngine(model, 2), [1], 3))
+    assert 0 < eager < 0.05 * scale  # bf16 rounding, far below the logits' scale
+    assert compiled <= 2 * eager + scale * 2**-8, (compiled, eager, scale)
 
 
 def test_a_model_without_a_fixed_shape_step_is_refused() -> None:
