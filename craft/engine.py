@@ -109,7 +109,7 @@ CPU_COMPILE_SETTINGS: dict[str, Any] = {"cpp_wrapper": True}
 # to fp32 in registers; oneDNN's bf16 matmul on a CPU without native bf16 (no AVX512-BF16/AMX)
 # made the compiled step 1.4-1.6x slower at char_gpt shape (over the floor's 1.5x). fp32
 # keeps MKL's pre-packed matmul, which was faster than the template at batch 8. Measured in
-# bench/results/decode_speed.md; the cost is a longer compile (about 20 s at char_gpt shape).
+# bench/results/decode_speed.md; the cost is a longer compile (20-30 s more at char_gpt shape).
 CPU_LOW_PRECISION_COMPILE_SETTINGS: dict[str, Any] = {
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP",
